@@ -1,0 +1,170 @@
+"""The compression settings: one typed dataclass, owned here, read by every other module.
+
+The settings travel to the engine core and the workers inside vLLM's `additional_config` (a plain dict that
+vLLM pickles to every process), under the key `ADDITIONAL_CONFIG_KEY`. The CLI flags in `plugin.py` are
+generated from the fields below, so a new knob is one field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+ADDITIONAL_CONFIG_KEY = "kv_compression"
+
+CompressionMethod = Literal["none", "infokv", "snapkv", "streaming", "random", "entropy"]
+EntropyScore = Literal["product", "sum", "entropy_only"]
+
+METHODS: tuple[str, ...] = get_args(CompressionMethod)
+ENTROPY_SCORES: tuple[str, ...] = get_args(EntropyScore)
+
+# Used when compression is on and neither `budget` nor `budget_ratio` is given.
+DEFAULT_BUDGET_TOKENS = 1024
+
+
+class CompressionConfigError(ValueError):
+    """A compression setting is invalid, or conflicts with another vLLM option."""
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How (and whether) each request's KV cache is compressed.
+
+    Budgets count KV tokens kept per request, per layer and per KV head; sinks and the observation window
+    are part of the budget.
+    """
+
+    method: CompressionMethod = field(
+        default="none",
+        metadata={"help": "Which tokens to evict: 'infokv' fuses attention with entropy; 'snapkv' uses "
+                          "attention only, 'entropy' entropy only, 'streaming' keeps sinks + most recent, "
+                          "'random' is a control. 'none' leaves vLLM unchanged."},
+    )
+    budget: int | None = field(
+        default=None,
+        metadata={"help": f"KV tokens kept per request (default {DEFAULT_BUDGET_TOKENS} when no ratio is set)."},
+    )
+    budget_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Keep this fraction (0 < r <= 1) of each request's logical length instead of a "
+                          "fixed budget."},
+    )
+    prefill_window: int = field(
+        default=32,
+        metadata={"help": "Observation window (last prompt tokens) whose attention scores the prompt; "
+                          "always kept."},
+    )
+    decode_window: int = field(
+        default=8,
+        metadata={"help": "Observation window (most recent generated tokens) used when compressing during "
+                          "decoding; always kept."},
+    )
+    sinks: int = field(default=4, metadata={"help": "First tokens that are never evicted (attention sinks)."})
+    decode_interval: int = field(
+        default=128,
+        metadata={"help": "During decoding, compress back to the budget whenever the kept length reaches "
+                          "budget + this many tokens (the R-KV schedule)."},
+    )
+    alpha: float = field(
+        default=0.3,
+        metadata={"help": "InfoKV fusion weight: score = (1 - alpha) * attention + alpha * entropy."},
+    )
+    entropy_top_k: int = field(
+        default=10,
+        metadata={"help": "Token entropy is computed over the k most probable tokens, normalised by log k."},
+    )
+    entropy_score: EntropyScore = field(
+        default="product",
+        metadata={"help": "How token entropy H and representation evolution R form the entropy signal: "
+                          "'product' H*R, 'sum' H+R, 'entropy_only' H."},
+    )
+    pooling_kernel: int = field(
+        default=7,
+        metadata={"help": "Attention scores are max-pooled along the sequence with this (odd) kernel size."},
+    )
+    memory_pressure: bool = field(
+        default=False,
+        metadata={"help": "When the KV block pool cannot fit the next step, compress running requests "
+                          "(lowest-value KV first) before preempting any."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the 'random' policy."})
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens every compression keeps regardless of score: the sinks and the larger window."""
+        return self.sinks + max(self.prefill_window, self.decode_window)
+
+    def budget_for(self, logical_len: int) -> int:
+        """The number of KV tokens a request of `logical_len` tokens may keep."""
+        if self.budget_ratio is not None:
+            wanted = int(self.budget_ratio * logical_len)
+        else:
+            wanted = self.budget if self.budget is not None else DEFAULT_BUDGET_TOKENS
+        return min(logical_len, max(wanted, self.reserved_tokens + 1))
+
+    def _validate(self) -> None:
+        def fail(option: str, why: str) -> None:
+            raise CompressionConfigError(f"infokv-vllm: invalid {flag_name(option)}: {why}")
+
+        if self.method not in METHODS:
+            fail("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        if self.entropy_score not in ENTROPY_SCORES:
+            fail("entropy_score", f"{self.entropy_score!r} is not one of {', '.join(ENTROPY_SCORES)}")
+        if self.budget is not None and self.budget_ratio is not None:
+            fail("budget", f"give either {flag_name('budget')} or {flag_name('budget_ratio')}, not both")
+        if self.budget is not None and self.budget <= self.reserved_tokens:
+            fail("budget", f"{self.budget} leaves no room to choose tokens: it must exceed sinks + window "
+                           f"= {self.reserved_tokens}")
+        if self.budget_ratio is not None and not 0.0 < self.budget_ratio <= 1.0:
+            fail("budget_ratio", f"{self.budget_ratio} is outside (0, 1]")
+        for name in ("prefill_window", "decode_window", "decode_interval"):
+            if getattr(self, name) < 1:
+                fail(name, f"{getattr(self, name)} must be at least 1")
+        if self.sinks < 0:
+            fail("sinks", f"{self.sinks} must not be negative")
+        if not 0.0 <= self.alpha <= 1.0:
+            fail("alpha", f"{self.alpha} is outside [0, 1]")
+        if self.entropy_top_k < 2:
+            fail("entropy_top_k", f"{self.entropy_top_k} must be at least 2 (entropy over one token is 0)")
+        if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
+            fail("pooling_kernel", f"{self.pooling_kernel} must be an odd number >= 1")
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict[str, Any] | None) -> CompressionConfig:
+        """Read the settings from vLLM's `additional_config`; absent means compression off."""
+        raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if raw is None:
+            return cls()
+        if isinstance(raw, CompressionConfig):
+            return raw
+        if isinstance(raw, str):  # `additional_config={"kv_compression": "snapkv"}`
+            raw = {"method": raw}
+        if not isinstance(raw, dict):
+            raise CompressionConfigError(
+                f"infokv-vllm: additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a dict of settings or a "
+                f"method name, not {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise CompressionConfigError(
+                f"infokv-vllm: unknown setting(s) {unknown} in additional_config[{ADDITIONAL_CONFIG_KEY!r}]; "
+                f"known: {sorted(known)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a setting: `method` is `--kv-compression`, the others `--kv-<name>`."""
+    if field_name == "method":
+        return "--kv-compression"
+    return "--kv-" + field_name.replace("_", "-")

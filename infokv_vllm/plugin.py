@@ -1,0 +1,171 @@
+"""Registration with vLLM and the command-line interface.
+
+`register` is the `vllm.general_plugins` entry point. vLLM calls it in the CLI process, the engine-core
+process and every worker, so it must be idempotent and cheap: it checks the vLLM version and installs the
+patches of `vllm_patches` once per process.
+
+The CLI flags are generated from `CompressionConfig`'s fields and folded into `additional_config`, which is
+the one channel vLLM carries to the engine core and the workers (`EngineArgs.from_cli_args` copies only its
+own dataclass fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import typing
+from typing import Any
+
+from infokv_vllm.config import (
+    ADDITIONAL_CONFIG_KEY,
+    CompressionConfig,
+    CompressionConfigError,
+    flag_name,
+)
+
+logger = logging.getLogger("infokv_vllm")
+
+SUPPORTED_VLLM = ">=0.32,<0.33"
+CLI_GROUP_TITLE = "InfoKV"
+
+_registered = False
+
+
+def vllm_version_supported(version: str) -> bool:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    return Version(version) in SpecifierSet(SUPPORTED_VLLM)
+
+
+def register() -> None:
+    """Entry point of the `vllm.general_plugins` group."""
+    global _registered
+    if _registered:
+        return
+    import vllm
+
+    if not vllm_version_supported(vllm.__version__):
+        logger.error(
+            "infokv-vllm supports vLLM %s but found %s: the plugin is NOT active and --kv-compression is "
+            "unavailable. Install a supported vLLM or a matching infokv-vllm.", SUPPORTED_VLLM,
+            vllm.__version__)
+        return
+    from infokv_vllm import vllm_patches
+
+    vllm_patches.apply()
+    _registered = True
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the `--kv-*` flags in their own help group (`vllm serve --help=infokv` lists them).
+
+    Unset flags stay absent from the namespace (argparse.SUPPRESS), so settings given through
+    `--additional-config` are only overridden by flags the user actually typed.
+    """
+    if any(flag_name("method") in action.option_strings for action in parser._actions):
+        return  # both AsyncEngineArgs and EngineArgs may add the engine flags to one parser
+    group = parser.add_argument_group(CLI_GROUP_TITLE, description=(
+        "Entropy-aware KV-cache compression by the infokv-vllm plugin. Off unless --kv-compression names a "
+        f"method; the settings can also be given as additional_config={{'{ADDITIONAL_CONFIG_KEY}': {{...}}}}."))
+    hints = typing.get_type_hints(CompressionConfig)
+    for field in dataclasses.fields(CompressionConfig):
+        hint = hints[field.name]
+        kwargs: dict[str, Any] = {"dest": _dest(field.name), "default": argparse.SUPPRESS,
+                                  "help": field.metadata["help"]}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        else:
+            kwargs["type"] = next(t for t in (typing.get_args(hint) or (hint,)) if t in (int, float, str))
+            kwargs["metavar"] = field.name.upper()
+        if field.default is not None:
+            kwargs["help"] += f" Default: {field.default}."
+        group.add_argument(flag_name(field.name), **kwargs)
+
+
+def _dest(field_name: str) -> str:
+    return "kv_compression_" + field_name
+
+
+def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Return `additional_config` with the `--kv-*` flags given on the command line merged in.
+
+    Flags win over settings given through `--additional-config`; unset flags leave those untouched.
+    """
+    given = {field.name: getattr(args, _dest(field.name)) for field in dataclasses.fields(CompressionConfig)
+             if hasattr(args, _dest(field.name))}
+    merged = dict(additional_config or {})
+    if given:
+        previous = merged.get(ADDITIONAL_CONFIG_KEY) or {}
+        if isinstance(previous, str):
+            previous = {"method": previous}
+        merged[ADDITIONAL_CONFIG_KEY] = {**previous, **given}
+    return merged
+
+
+# --- engine configuration ---------------------------------------------------------------------------------
+
+def prepare_engine_args(engine_args: Any) -> CompressionConfig:
+    """Adjust `EngineArgs` before vLLM builds its config; refuse options we cannot honour.
+
+    Runs in the process that creates the engine config, before the engine core and workers are spawned, so
+    environment variables set here reach them.
+    """
+    compression = CompressionConfig.from_additional_config(engine_args.additional_config)
+    if not compression.enabled:
+        return compression
+    # Prefix caching would publish pages whose contents we later compact. vLLM enables it by default, so
+    # turn it off unless the user asked for it explicitly, which we refuse with a reason.
+    if engine_args.enable_prefix_caching:
+        raise CompressionConfigError(
+            f"infokv-vllm: --enable-prefix-caching cannot be combined with {flag_name('method')} "
+            f"{compression.method}: compacted KV pages would be shared with other requests. Remove the flag "
+            "(compression turns prefix caching off).")
+    engine_args.enable_prefix_caching = False
+    # Compression hooks into the V1 model runner (vllm/v1/worker/gpu_model_runner.py); Model Runner V2 has
+    # other interfaces. The variable is inherited by the spawned engine core and copied to Ray workers.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return compression
+
+
+def check_engine_config(vllm_config: Any) -> None:
+    """Refuse, at start-up and with the reason, vLLM features that compression cannot work with."""
+    compression = CompressionConfig.from_additional_config(vllm_config.additional_config)
+    if not compression.enabled:
+        return
+    method = f"{flag_name('method')} {compression.method}"
+
+    def refuse(option: str, why: str) -> None:
+        raise CompressionConfigError(f"infokv-vllm: {option} is not supported with {method}: {why}")
+
+    if vllm_config.speculative_config is not None:
+        refuse("speculative decoding (--speculative-config)",
+               "draft tokens are verified against KV that compression may have evicted")
+    if vllm_config.kv_transfer_config is not None:
+        refuse("KV connectors (--kv-transfer-config)",
+               "connectors move pages by logical position, compacted pages no longer follow it")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        refuse("pipeline parallelism (--pipeline-parallel-size > 1)",
+               "compaction is applied per step on all layers of one rank")
+    if vllm_config.cache_config.enable_prefix_caching:
+        refuse("prefix caching (--enable-prefix-caching)", "compacted pages must never be shared")
+    model_config = vllm_config.model_config
+    if model_config.runner_type != "generate":
+        refuse(f"--runner {model_config.runner_type}", "only generative models keep a growing KV cache")
+    if model_config.use_mla:
+        refuse("MLA attention models", "their latent KV has no per-head layout to select from")
+    if model_config.get_sliding_window() is not None:
+        refuse("sliding-window attention models", "vLLM already drops their old KV pages")
+    if model_config.is_hybrid or model_config.is_attention_free:
+        refuse("hybrid or attention-free models", "only full-attention layers are compressed")
+    if compression.budget is not None and compression.budget >= model_config.max_model_len:
+        raise CompressionConfigError(
+            f"infokv-vllm: invalid {flag_name('budget')}: {compression.budget} is not smaller than the context "
+            f"length (max_model_len={model_config.max_model_len}), so no request would ever be compressed. "
+            f"Use a smaller budget or {flag_name('method')} none.")

@@ -1,0 +1,125 @@
+"""The `--kv-*` flags inside vLLM's real argument parsers and engine-config creation (no engine started)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from infokv_vllm.config import ADDITIONAL_CONFIG_KEY, CompressionConfig, CompressionConfigError
+
+pytestmark = pytest.mark.usefixtures("vllm_plugins_loaded")
+
+
+def serve_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.fixture
+def engine_args_from(smollm2_dir):
+    """Parse serve flags for the test model, as `vllm serve` does."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    def parse(flags: list[str]):
+        return AsyncEngineArgs.from_cli_args(serve_parser().parse_args(["--model", str(smollm2_dir), *flags]))
+
+    return parse
+
+
+def test_flags_fold_into_additional_config(engine_args_from):
+    args = engine_args_from(["--kv-compression", "infokv", "--kv-budget", "128",
+                             "--kv-alpha", "0.5", "--kv-memory-pressure"])
+    assert args.additional_config[ADDITIONAL_CONFIG_KEY] == {
+        "method": "infokv", "budget": 128, "alpha": 0.5, "memory_pressure": True}
+    config = CompressionConfig.from_additional_config(args.additional_config)
+    assert config.budget == 128 and config.decode_interval == 128
+
+
+def test_flags_override_additional_config_json_and_keep_the_rest(engine_args_from):
+    settings = {ADDITIONAL_CONFIG_KEY: {"method": "snapkv", "sinks": 8}, "someone_else": 1}
+    args = engine_args_from(["--additional-config", json.dumps(settings),
+                             "--kv-compression", "streaming"])
+    assert args.additional_config == {ADDITIONAL_CONFIG_KEY: {"method": "streaming", "sinks": 8},
+                                      "someone_else": 1}
+
+
+def test_no_flags_leave_additional_config_untouched(engine_args_from):
+    assert ADDITIONAL_CONFIG_KEY not in engine_args_from([]).additional_config
+
+
+def test_unknown_method_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        serve_parser().parse_args(["--model", "m", "--kv-compression", "bogus"])
+    assert exit_info.value.code != 0
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_flags_have_their_own_help_group():
+    groups = {group.title: group for group in serve_parser()._action_groups}
+    flags = {flag for action in groups["InfoKV"]._group_actions for flag in action.option_strings}
+    assert {"--kv-compression", "--kv-budget", "--kv-budget-ratio", "--kv-prefill-window",
+            "--kv-decode-window", "--kv-sinks", "--kv-alpha", "--kv-entropy-top-k",
+            "--kv-decode-interval", "--kv-memory-pressure"} <= flags
+
+
+def test_bench_throughput_parser_has_the_flags():
+    from vllm.benchmarks.throughput import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    assert parser.parse_args(["--kv-compression", "snapkv"]).kv_compression_method == "snapkv"
+
+
+# --- engine config: what start-up accepts and refuses ---------------------------------------------------
+
+def engine_config(smollm2_dir, **overrides):
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = dict(model=str(smollm2_dir), dtype="float32", max_model_len=2048)
+    kwargs.update(overrides)
+    return EngineArgs(**kwargs).create_engine_config()
+
+
+def test_compression_turns_prefix_caching_off_and_selects_the_v1_runner(smollm2_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    config = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "infokv",
+                                                                                   "budget": 128}})
+    assert config.cache_config.enable_prefix_caching is False
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
+def test_method_none_changes_nothing(smollm2_dir, monkeypatch):
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    plain = engine_config(smollm2_dir)
+    off = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "none"}})
+    assert off.cache_config.enable_prefix_caching == plain.cache_config.enable_prefix_caching
+    assert off.scheduler_config.scheduler_cls == plain.scheduler_config.scheduler_cls
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"enable_prefix_caching": True}, "--enable-prefix-caching cannot be combined"),
+        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+        ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}}, "KV connectors"),
+        ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
+                                 "prompt_lookup_max": 2}}, "speculative decoding"),
+    ],
+)
+def test_incompatible_vllm_options_fail_at_start_up(smollm2_dir, overrides, message):
+    settings = {ADDITIONAL_CONFIG_KEY: {"method": "infokv", "budget": 128}}
+    with pytest.raises(Exception) as error:
+        engine_config(smollm2_dir, additional_config=settings, **overrides)
+    assert message in str(error.value), str(error.value)
+
+
+def test_budget_not_below_context_length_fails(smollm2_dir):
+    with pytest.raises(CompressionConfigError, match=r"--kv-budget: 4096 is not smaller than the context length"):
+        engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "snapkv",
+                                                                              "budget": 4096}})

@@ -1,0 +1,59 @@
+"""Guards for every patch into vLLM: if vLLM moves or changes one of these, fail here, loudly."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from importlib.metadata import entry_points
+
+import pytest
+
+from infokv_vllm import plugin
+
+
+def test_entry_point_is_discoverable():
+    found = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert found.get("infokv") == "infokv_vllm.plugin:register"
+
+
+def test_installed_vllm_is_supported():
+    import vllm
+
+    assert plugin.vllm_version_supported(vllm.__version__), vllm.__version__
+
+
+def test_patch_targets_have_the_shape_we_wrap():
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    raw = EngineArgs.__dict__
+    assert isinstance(raw["add_cli_args"], staticmethod)
+    assert isinstance(raw["from_cli_args"], classmethod)
+    assert list(inspect.signature(raw["add_cli_args"].__func__).parameters) == ["parser"]
+    assert list(inspect.signature(raw["from_cli_args"].__func__).parameters) == ["cls", "args"]
+    assert "create_engine_config" in raw
+    # Our wrappers on EngineArgs reach the async variant only if it does not override them.
+    assert "from_cli_args" not in AsyncEngineArgs.__dict__
+    assert "create_engine_config" not in AsyncEngineArgs.__dict__
+    # vLLM loads general plugins before building the engine flags, so the CLI wrapper is in place in time.
+    assert "load_general_plugins()" in inspect.getsource(AsyncEngineArgs.add_cli_args)
+
+
+@pytest.mark.usefixtures("vllm_plugins_loaded")
+def test_registration_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+
+    before = EngineArgs.create_engine_config
+    plugin._registered = False  # as in a fresh process that already imported the patched class
+    plugin.register()
+    assert EngineArgs.create_engine_config is before
+
+
+def test_unsupported_vllm_version_refuses_to_register(monkeypatch, caplog):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    monkeypatch.setattr(plugin, "_registered", False)
+    with caplog.at_level(logging.ERROR, logger="infokv_vllm"):
+        plugin.register()
+    assert plugin._registered is False
+    assert "supports vLLM >=0.32,<0.33 but found 0.40.1" in caplog.text
