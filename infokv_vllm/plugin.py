@@ -28,6 +28,8 @@ from infokv_vllm.config import (
 logger = logging.getLogger("infokv_vllm")
 
 SUPPORTED_VLLM = ">=0.32,<0.33"
+SCHEDULER_CLS = "infokv_vllm.kv.scheduler.CompressingScheduler"
+WORKER_CLS = "infokv_vllm.kv.worker.CompressingCPUWorker"
 CLI_GROUP_TITLE = "InfoKV"
 
 _registered = False
@@ -54,8 +56,10 @@ def register() -> None:
             vllm.__version__)
         return
     from infokv_vllm import vllm_patches
+    from infokv_vllm.kv.block_manager import register_kv_cache_spec
 
     vllm_patches.apply()
+    register_kv_cache_spec()
     _registered = True
 
 
@@ -128,6 +132,18 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
             f"{compression.method}: compacted KV pages would be shared with other requests. Remove the flag "
             "(compression turns prefix caching off).")
     engine_args.enable_prefix_caching = False
+    for option, ours in (("scheduler_cls", SCHEDULER_CLS), ("worker_cls", WORKER_CLS)):
+        theirs = getattr(engine_args, option)
+        if theirs not in (None, "auto", ours):
+            raise CompressionConfigError(
+                f"infokv-vllm: --{option.replace('_', '-')} {theirs} cannot be combined with {flag_name('method')} "
+                f"{compression.method}: compression brings its own {option} ({ours}).")
+        setattr(engine_args, option, ours)
+    if engine_args.async_scheduling:
+        raise CompressionConfigError(
+            f"infokv-vllm: --async-scheduling is not supported with {flag_name('method')} {compression.method} "
+            "yet: compaction decisions are made on the synchronous schedule.")
+    engine_args.async_scheduling = False
     # Compression hooks into the V1 model runner (vllm/v1/worker/gpu_model_runner.py); Model Runner V2 has
     # other interfaces. The variable is inherited by the spawned engine core and copied to Ray workers.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
@@ -155,6 +171,21 @@ def check_engine_config(vllm_config: Any) -> None:
                "compaction is applied per step on all layers of one rank")
     if vllm_config.cache_config.enable_prefix_caching:
         refuse("prefix caching (--enable-prefix-caching)", "compacted pages must never be shared")
+    from vllm.platforms import current_platform
+
+    from infokv_vllm.scoring import policy_classes
+
+    if compression.method not in policy_classes():
+        raise CompressionConfigError(
+            f"infokv-vllm: {method} is not implemented in this version yet; available now: "
+            f"{', '.join(sorted(policy_classes()))}.")
+    if not current_platform.is_cpu():
+        refuse(f"the {current_platform.device_name} platform",
+               "this version compresses on vLLM's CPU platform only; the GPU attention backend is not "
+               "implemented yet")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}",
+               "compaction moves full-precision KV pages only")
     model_config = vllm_config.model_config
     if model_config.runner_type != "generate":
         refuse(f"--runner {model_config.runner_type}", "only generative models keep a growing KV cache")

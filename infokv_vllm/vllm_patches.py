@@ -7,7 +7,9 @@ fails loudly instead of silently running without compression. The supported rang
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from infokv_vllm import plugin
@@ -64,3 +66,21 @@ def apply() -> None:
         return wrapper
 
     _wrap(EngineArgs, "create_engine_config", create_engine_config)
+
+
+@contextlib.contextmanager
+def cpu_model_runner_class(runner_cls: type) -> Iterator[None]:
+    """While active, vLLM's CPU worker builds `runner_cls` as its model runner.
+
+    vllm.v1.worker.cpu_worker.CPUWorker.init_device constructs the V1 runner through the module-global name
+    `CPUModelRunner` (and sets up threads, memory and distributed state around it, which we must not copy), so
+    the name is swapped for the duration of that call only.
+    """
+    from vllm.v1.worker import cpu_worker
+
+    original = cpu_worker.CPUModelRunner
+    cpu_worker.CPUModelRunner = runner_cls
+    try:
+        yield
+    finally:
+        cpu_worker.CPUModelRunner = original

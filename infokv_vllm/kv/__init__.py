@@ -1,0 +1,1 @@
+"""Paged KV eviction: the block manager and scheduler extensions, and the compaction the workers apply."""

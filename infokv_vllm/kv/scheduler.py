@@ -1,0 +1,114 @@
+"""The scheduler extension: decides when, and to what length, each running request is compressed.
+
+Compression is decided here, before vLLM allocates the step's slots, so the tail pages a compaction frees serve
+this very step. The decision travels to every worker on the `SchedulerOutput` (`kv_compactions`); the workers
+choose *which* tokens with the active scoring policy and move them before the step's forward. Every rank gets
+the same decisions, so tensor parallelism needs no protocol of its own.
+
+Schedules (method doc, "Schedules"):
+- prefill: once the prompt is processed, a request longer than its budget is compressed to it;
+- decode (R-KV): whenever the kept length reaches budget + decode_interval, it is compressed back to budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from infokv_vllm.config import CompressionConfig
+from infokv_vllm.kv.block_manager import CompactingAttentionManager
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """One decision for one request, applied by every worker before the step's forward."""
+
+    request_id: str
+    logical_len: int  # tokens whose KV exists (num_computed_tokens); positions keep counting from here
+    physical_len: int  # slots the request holds before compaction
+    kept_len: int  # slots after compaction
+    window: int  # most recent tokens that are always kept (the observation window)
+
+
+@dataclass
+class CompressionRecord:
+    """What compression did to one request, for logs and metrics."""
+
+    events: int = 0
+    tokens_evicted: int = 0
+    blocks_freed: int = 0
+
+
+@dataclass
+class CompressionTotals(CompressionRecord):
+    """Totals over every request this scheduler compressed."""
+
+    requests: set[str] = field(default_factory=set)
+
+
+class CompressingScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compression = CompressionConfig.from_additional_config(self.vllm_config.additional_config)
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        if len(managers) != 1 or not isinstance(managers[0], CompactingAttentionManager):
+            raise RuntimeError(
+                "infokv-vllm: compression needs exactly one KV cache group managed by CompactingAttentionManager, "
+                f"found {[type(m).__name__ for m in managers]}; the model runner did not report "
+                "CompressedAttentionSpec layers")
+        self.manager: CompactingAttentionManager = managers[0]
+        self.records: dict[str, CompressionRecord] = {}
+        self.totals = CompressionTotals()
+        self._prompt_compressed: set[str] = set()
+
+    def schedule(self, *args, **kwargs) -> SchedulerOutput:
+        compactions = [c for request in self.running if (c := self._decide(request)) is not None]
+        for compaction in compactions:
+            self._apply(compaction)
+        output = super().schedule(*args, **kwargs)
+        # A request preempted later in this same schedule() lost all its blocks; nothing is left to move.
+        output.kv_compactions = [c for c in compactions if c.request_id not in output.preempted_req_ids]
+        return output
+
+    def _decide(self, request: Request) -> Compaction | None:
+        logical = request.num_computed_tokens
+        if logical < request.num_prompt_tokens:
+            # Still prefilling (again, after a preemption): the prompt schedule applies once it is done.
+            self._prompt_compressed.discard(request.request_id)
+            return None
+        physical = self.manager.physical_len(request.request_id, logical)
+        budget = self.compression.budget_for(logical)
+        if request.request_id not in self._prompt_compressed:
+            self._prompt_compressed.add(request.request_id)
+            if physical > budget:
+                return Compaction(request.request_id, logical, physical, budget, self.compression.prefill_window)
+        elif physical >= budget + self.compression.decode_interval:
+            return Compaction(request.request_id, logical, physical, budget, self.compression.decode_window)
+        return None
+
+    def _apply(self, compaction: Compaction) -> None:
+        freed = self.manager.compact(compaction.request_id, compaction.physical_len, compaction.kept_len)
+        evicted = compaction.physical_len - compaction.kept_len
+        record = self.records.setdefault(compaction.request_id, CompressionRecord())
+        for tally in (record, self.totals):
+            tally.events += 1
+            tally.tokens_evicted += evicted
+            tally.blocks_freed += freed
+        self.totals.requests.add(compaction.request_id)
+        logger.debug("infokv: request %s compressed %d -> %d KV tokens (logical %d), %d blocks freed",
+                     compaction.request_id, compaction.physical_len, compaction.kept_len,
+                     compaction.logical_len, freed)
+
+    def _free_request(self, request: Request, *args, **kwargs):
+        self._prompt_compressed.discard(request.request_id)
+        record = self.records.pop(request.request_id, None)
+        if record is not None:
+            logger.debug("infokv: request %s finished after %d compressions: %d tokens evicted, %d blocks "
+                         "freed", request.request_id, record.events, record.tokens_evicted, record.blocks_freed)
+        return super()._free_request(request, *args, **kwargs)

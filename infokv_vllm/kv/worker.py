@@ -1,0 +1,16 @@
+"""The worker vLLM starts when compression is on (`parallel_config.worker_cls`): vLLM's CPU worker with the
+compressing model runner in place of its own."""
+
+from __future__ import annotations
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from infokv_vllm import vllm_patches
+from infokv_vllm.kv.model_runner import CompressingCPUModelRunner
+
+
+class CompressingCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        with vllm_patches.cpu_model_runner_class(CompressingCPUModelRunner):
+            super().init_device()
+        assert isinstance(self.model_runner, CompressingCPUModelRunner), type(self.model_runner)

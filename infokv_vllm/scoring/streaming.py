@@ -1,0 +1,15 @@
+"""StreamingLLM: keep the attention sinks and the most recent tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
+
+
+class StreamingPolicy(ScoringPolicy):
+    name = "streaming"
+
+    def scores(self, request: SelectionInput) -> torch.Tensor:
+        recency = torch.arange(request.kept_len, dtype=torch.float32, device=request.device)
+        return recency.expand(request.num_layers, request.num_kv_heads, request.kept_len)
