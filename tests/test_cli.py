@@ -87,7 +87,7 @@ def engine_config(smollm2_dir, **overrides):
 
 def test_compression_turns_prefix_caching_off_and_selects_the_v1_runner(smollm2_dir, monkeypatch):
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    config = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "infokv",
+    config = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "streaming",
                                                                                    "budget": 128}})
     assert config.cache_config.enable_prefix_caching is False
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
@@ -110,10 +110,14 @@ def test_method_none_changes_nothing(smollm2_dir, monkeypatch):
         ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}}, "KV connectors"),
         ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
                                  "prompt_lookup_max": 2}}, "speculative decoding"),
+        ({"scheduler_cls": "my.Scheduler"}, "--scheduler-cls my.Scheduler cannot be combined"),
+        ({"worker_cls": "my.Worker"}, "--worker-cls my.Worker cannot be combined"),
+        ({"async_scheduling": True}, "--async-scheduling is not supported"),
+        ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8 is not supported"),
     ],
 )
 def test_incompatible_vllm_options_fail_at_start_up(smollm2_dir, overrides, message):
-    settings = {ADDITIONAL_CONFIG_KEY: {"method": "infokv", "budget": 128}}
+    settings = {ADDITIONAL_CONFIG_KEY: {"method": "streaming", "budget": 128}}
     with pytest.raises(Exception) as error:
         engine_config(smollm2_dir, additional_config=settings, **overrides)
     assert message in str(error.value), str(error.value)
@@ -121,5 +125,10 @@ def test_incompatible_vllm_options_fail_at_start_up(smollm2_dir, overrides, mess
 
 def test_budget_not_below_context_length_fails(smollm2_dir):
     with pytest.raises(CompressionConfigError, match=r"--kv-budget: 4096 is not smaller than the context length"):
-        engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "snapkv",
+        engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "streaming",
                                                                               "budget": 4096}})
+
+
+def test_methods_not_implemented_yet_are_refused(smollm2_dir):
+    with pytest.raises(CompressionConfigError, match="--kv-compression snapkv is not implemented in this version"):
+        engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "snapkv"}})

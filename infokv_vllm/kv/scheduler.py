@@ -7,7 +7,10 @@ the same decisions, so tensor parallelism needs no protocol of its own.
 
 Schedules (method doc, "Schedules"):
 - prefill: once the prompt is processed, a request longer than its budget is compressed to it;
-- decode (R-KV): whenever the kept length reaches budget + decode_interval, it is compressed back to budget.
+- decode (R-KV): whenever the kept length reaches budget + decode_interval, it is compressed back to budget;
+- memory pressure (opt-in): when the running requests' next tokens need more blocks than the pool has free,
+  requests are compressed to their budget, those holding the most slots above it first, before vLLM would
+  preempt anyone.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
@@ -71,6 +75,8 @@ class CompressingScheduler(Scheduler):
         compactions = [c for request in self.running if (c := self._decide(request)) is not None]
         for compaction in compactions:
             self._apply(compaction)
+        if self.compression.memory_pressure:
+            compactions += self._relieve_memory_pressure({c.request_id for c in compactions})
         output = super().schedule(*args, **kwargs)
         # A request preempted later in this same schedule() lost all its blocks; nothing is left to move.
         output.kv_compactions = [c for c in compactions if c.request_id not in output.preempted_req_ids]
@@ -92,7 +98,39 @@ class CompressingScheduler(Scheduler):
             return Compaction(request.request_id, logical, physical, budget, self.compression.decode_window)
         return None
 
-    def _apply(self, compaction: Compaction) -> None:
+    def _relieve_memory_pressure(self, already_compacted: set[str]) -> list[Compaction]:
+        compactions = []
+        free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        shortfall = sum(map(self._blocks_for_next_step, self.running)) - free_blocks
+        candidates = []
+        for request in self.running:
+            logical = request.num_computed_tokens
+            if request.request_id in already_compacted or logical < request.num_prompt_tokens:
+                continue
+            excess = self.manager.physical_len(request.request_id, logical) - self.compression.budget_for(logical)
+            if excess > 0:
+                candidates.append((excess, request))
+        for _, request in sorted(candidates, key=lambda item: -item[0]):
+            if shortfall <= 0:
+                break
+            logical = request.num_computed_tokens
+            physical = self.manager.physical_len(request.request_id, logical)
+            compaction = Compaction(request.request_id, logical, physical, self.compression.budget_for(logical),
+                                    self.compression.decode_window)
+            shortfall -= self._apply(compaction)
+            compactions.append(compaction)
+        return compactions
+
+    def _blocks_for_next_step(self, request: Request) -> int:
+        """Blocks the request still needs for the tokens it would compute next (at most one full chunk)."""
+        logical = request.num_computed_tokens
+        pending = request.num_tokens_with_spec + request.num_output_placeholders - logical
+        pending = min(pending, self.scheduler_config.max_num_batched_tokens)
+        needed = cdiv(self.manager.physical_len(request.request_id, logical) + pending, self.manager.block_size)
+        return max(0, needed - len(self.manager.req_to_blocks[request.request_id]))
+
+    def _apply(self, compaction: Compaction) -> int:
+        """Compact in the block manager now; the workers move the KV before the step's forward. Returns #freed."""
         freed = self.manager.compact(compaction.request_id, compaction.physical_len, compaction.kept_len)
         evicted = compaction.physical_len - compaction.kept_len
         record = self.records.setdefault(compaction.request_id, CompressionRecord())
@@ -104,6 +142,7 @@ class CompressingScheduler(Scheduler):
         logger.debug("infokv: request %s compressed %d -> %d KV tokens (logical %d), %d blocks freed",
                      compaction.request_id, compaction.physical_len, compaction.kept_len,
                      compaction.logical_len, freed)
+        return freed
 
     def _free_request(self, request: Request, *args, **kwargs):
         self._prompt_compressed.discard(request.request_id)

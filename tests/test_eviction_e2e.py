@@ -1,0 +1,125 @@
+"""The eviction core inside real vLLM (CPU) with the SmolLM2 model: budgets, freed pages, pressure, isolation."""
+
+from __future__ import annotations
+
+import pytest
+from vllm import SamplingParams
+from vllm.utils.math_utils import cdiv
+
+from tests.engine import BLOCK_SIZE, count_preemptions, in_process_llm, run_to_completion, scheduler_of
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = {
+    "story": "Once upon a time, in a small village by the sea,",
+    "recipe": "Here is my grandmother's recipe for apple pie:",
+    "physics": "The three laws of motion formulated by Newton are",
+    "travel": "The best way to spend a week in Japan is",
+}
+GREEDY = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+BUDGET, INTERVAL = 64, 32
+STREAMING = {"method": "streaming", "budget": BUDGET, "decode_interval": INTERVAL}
+SMALL_POOL = 24  # blocks of 32 tokens: four 250-token requests need 32 without compression
+
+
+def free_blocks(llm) -> int:
+    return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+@pytest.fixture(scope="module")
+def vanilla_small_pool(smollm2_dir):
+    with in_process_llm(smollm2_dir, num_gpu_blocks_override=SMALL_POOL) as llm:
+        preemptions = count_preemptions(llm)
+        outputs = run_to_completion(llm, PROMPTS, GREEDY)
+        yield outputs, preemptions[0]
+
+
+def test_budget_above_length_gives_vanilla_outputs(smollm2_dir, vanilla_small_pool):
+    vanilla, _ = vanilla_small_pool
+    with in_process_llm(smollm2_dir, {"method": "streaming", "budget": 500},
+                        num_gpu_blocks_override=SMALL_POOL) as llm:
+        assert run_to_completion(llm, PROMPTS, GREEDY) == vanilla
+        assert scheduler_of(llm).totals.events == 0
+
+
+def test_vanilla_must_preempt_on_the_small_pool(vanilla_small_pool):
+    assert vanilla_small_pool[1] > 0
+
+
+@pytest.fixture(scope="module")
+def streaming_engine(smollm2_dir):
+    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=SMALL_POOL) as llm:
+        yield llm
+
+
+def test_pages_held_stay_within_budget_and_are_reused(streaming_engine):
+    llm = streaming_engine
+    scheduler = scheduler_of(llm)
+    initial_free = free_blocks(llm)
+    peak_held = []
+    lowest_free = [initial_free]
+
+    def watch():
+        held = [len(blocks) for blocks in scheduler.manager.req_to_blocks.values()]
+        peak_held.append(max(held, default=0))
+        lowest_free[0] = min(lowest_free[0], free_blocks(llm))
+
+    preemptions = count_preemptions(llm)
+    before = scheduler.totals.blocks_freed
+    outputs = run_to_completion(llm, PROMPTS, GREEDY, after_step=watch)
+    assert all(len(tokens) == 200 for tokens in outputs.values())
+    assert max(peak_held) <= cdiv(BUDGET + INTERVAL, BLOCK_SIZE) + 1
+    # Four requests of ~210 tokens would hold 28 blocks; they ran side by side in a pool of 24 without
+    # preemption, so freed pages were handed to other requests.
+    assert preemptions[0] == 0
+    assert scheduler.totals.blocks_freed - before >= len(PROMPTS) * 3
+    assert lowest_free[0] < initial_free
+    assert free_blocks(llm) == initial_free
+
+
+def test_outputs_do_not_depend_on_other_requests(streaming_engine):
+    together = run_to_completion(streaming_engine, PROMPTS, GREEDY)
+    for request_id, prompt in PROMPTS.items():
+        alone = run_to_completion(streaming_engine, {request_id: prompt}, GREEDY)
+        assert alone[request_id] == together[request_id], request_id
+
+
+def test_abort_mid_generation_returns_every_page(streaming_engine):
+    llm = streaming_engine
+    initial_free = free_blocks(llm)
+    engine = llm.llm_engine
+    for request_id, prompt in PROMPTS.items():
+        engine.add_request(request_id, prompt, GREEDY)
+    events_before = scheduler_of(llm).totals.events
+    while scheduler_of(llm).totals.events < events_before + 2 * len(PROMPTS):
+        engine.step()
+    engine.abort_request(list(PROMPTS)[:2])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert free_blocks(llm) == initial_free
+    assert not scheduler_of(llm).manager.evicted
+
+
+def test_preemption_after_compression_keeps_the_pool_consistent(smollm2_dir):
+    many = {f"{name}-{copy}": prompt for copy in range(3) for name, prompt in PROMPTS.items()}
+    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=SMALL_POOL) as llm:
+        initial_free = free_blocks(llm)
+        preemptions = count_preemptions(llm)
+        outputs = run_to_completion(llm, many, GREEDY)
+        assert preemptions[0] > 0 and scheduler_of(llm).totals.events > 0
+        assert sorted(outputs) == sorted(many) and all(len(t) == 200 for t in outputs.values())
+        assert free_blocks(llm) == initial_free
+        assert not scheduler_of(llm).manager.evicted
+
+
+def test_memory_pressure_mode_compresses_instead_of_preempting(smollm2_dir, vanilla_small_pool):
+    # The decode schedule alone would never fire (interval beyond the context): only pressure compresses.
+    pressure = {"method": "streaming", "budget": BUDGET, "decode_interval": 1000, "memory_pressure": True}
+    with in_process_llm(smollm2_dir, pressure, num_gpu_blocks_override=SMALL_POOL) as llm:
+        initial_free = free_blocks(llm)
+        preemptions = count_preemptions(llm)
+        outputs = run_to_completion(llm, PROMPTS, GREEDY)
+        assert vanilla_small_pool[1] > 0 and preemptions[0] == 0
+        assert scheduler_of(llm).totals.events > 0
+        assert all(len(tokens) == 200 for tokens in outputs.values())
+        assert free_blocks(llm) == initial_free
