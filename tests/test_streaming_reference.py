@@ -1,0 +1,67 @@
+"""The compressed KV that vLLM attends to is the one the method prescribes: a transformers reference.
+
+transformers runs the same model with the same StreamingLLM schedule applied to its own KV cache (sinks + most
+recent, compressed at the same steps, RoPE positions logical). Greedy tokens must match vLLM's: a wrong slot, a
+stale page or a shifted position would change them within a few tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from tests.engine import in_process_llm, run_to_completion
+
+pytestmark = pytest.mark.e2e
+
+BUDGET, INTERVAL, SINKS, NEW_TOKENS = 64, 32, 4, 120
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+          "combined movable metal type, oil-based ink and a screw press in the city of Mainz. Before that, books "
+          "in Europe were copied by hand, mostly by monks working in the scriptoria of monasteries, and a single "
+          "Bible could take a scribe more than a year. Printed books spread quickly: by 1500 presses operated in "
+          "more than two hundred cities, and")
+
+
+def streaming_reference(model, prompt_ids: list[int]) -> list[int]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    logical = len(prompt_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+    generated, prompt_done = [], False
+    while len(generated) < NEW_TOKENS:
+        generated.append(int(logits.argmax()))
+        physical = cache.get_seq_length()
+        # The scheduler's rule (kv/scheduler.py): once after the prompt, then at budget + interval.
+        if (not prompt_done and physical > BUDGET) or (prompt_done and physical >= BUDGET + INTERVAL):
+            keep = torch.cat([torch.arange(SINKS), torch.arange(physical - (BUDGET - SINKS), physical)])
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+        prompt_done = True
+        physical = cache.get_seq_length()
+        with torch.no_grad():
+            logits = model(torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True,
+                           position_ids=torch.tensor([[logical]]), cache_position=torch.tensor([physical])
+                           ).logits[0, -1]
+        logical += 1
+    return generated
+
+
+def test_vllm_streaming_matches_transformers_with_the_same_evictions(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt_ids = AutoTokenizer.from_pretrained(smollm2_dir)(PROMPT)["input_ids"]
+    assert len(prompt_ids) > BUDGET  # the prompt itself is compressed too
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    compression = {"method": "streaming", "budget": BUDGET, "decode_interval": INTERVAL, "sinks": SINKS}
+    with in_process_llm(smollm2_dir, compression) as llm:
+        vllm_tokens = run_to_completion(llm, {"doc": TokensPrompt(prompt_token_ids=prompt_ids)}, params)["doc"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    reference = streaming_reference(model, prompt_ids)
+    full = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                          min_new_tokens=NEW_TOKENS)[0, len(prompt_ids):].tolist()
+    assert full != reference, "the schedule must change the output, or this test proves nothing"
+    assert vllm_tokens == reference
