@@ -62,3 +62,8 @@ def count_preemptions(llm) -> list[int]:
 
     scheduler._preempt_request = counting
     return count
+
+
+def model_runner_of(llm):
+    """The worker's model runner (in this process: the engine runs the uni-process executor)."""
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner

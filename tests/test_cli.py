@@ -129,6 +129,3 @@ def test_budget_not_below_context_length_fails(smollm2_dir):
                                                                               "budget": 4096}})
 
 
-def test_methods_not_implemented_yet_are_refused(smollm2_dir):
-    with pytest.raises(CompressionConfigError, match="--kv-compression snapkv is not implemented in this version"):
-        engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "snapkv"}})

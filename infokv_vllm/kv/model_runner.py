@@ -1,4 +1,5 @@
-"""The model-runner extension: applies the scheduler's compactions and runs attention on the kept length.
+"""The model-runner extension: applies the scheduler's compactions, runs attention on the kept length, and
+records the per-slot signals the scoring policy needs.
 
 Per request the runner tracks `evicted` (logical tokens minus physical slots). Positions, RoPE, sampling and
 stop checks keep using logical lengths; only the attention view changes: the KV length (`seq_lens`) and the
@@ -12,16 +13,26 @@ import logging
 
 import numpy as np
 import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
+from infokv_vllm.attention.window import ObservationWindow, observation_window
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.kv.block_manager import CompressedAttentionSpec
 from infokv_vllm.kv.compaction import PagedKVCompactor, probe_cpu_page_layout
 from infokv_vllm.kv.scheduler import Compaction
+from infokv_vllm.kv.slot_signals import SlotSignals
 from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
+from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
+from infokv_vllm.scoring.entropy import topk_entropy
+from infokv_vllm.scoring.representation import representation_evolution
 
 logger = logging.getLogger(__name__)
+
+# Prompt logits are computed this many positions at a time: never prompt_len x vocab at once.
+ENTROPY_CHUNK_TOKENS = 256
 
 
 class CompressingCPUModelRunner(CPUModelRunner):
@@ -29,8 +40,15 @@ class CompressingCPUModelRunner(CPUModelRunner):
         super().__init__(*args, **kwargs)
         self.compression = CompressionConfig.from_additional_config(self.vllm_config.additional_config)
         self.evicted: dict[str, int] = {}
-        self._compactor: PagedKVCompactor | None = None
         self._policy = make_policy(self.compression) if self.compression.enabled else None
+        self._compactor: PagedKVCompactor | None = None
+        self._signals: SlotSignals | None = None
+        self._pending_entropy: dict[str, float] = {}  # entropy of the distribution the next token comes from
+        self._step_slots: torch.Tensor | None = None  # physical slot of each token of the current step
+        self._window_starts: dict[str, int] = {}  # from the scheduler: where each observation window starts
+        self._window: ObservationWindow | None = None  # the current step's, if any request is in its window
+
+    # --- set-up ---------------------------------------------------------------------------------------
 
     def get_kv_cache_spec(self):
         specs = super().get_kv_cache_spec()
@@ -44,21 +62,71 @@ class CompressingCPUModelRunner(CPUModelRunner):
             specs[name] = CompressedAttentionSpec(**fields)
         return specs
 
-    def _kv_compactor(self) -> PagedKVCompactor:
-        if self._compactor is None:
-            (group,) = self.kv_cache_config.kv_cache_groups
-            layers = [self.compilation_config.static_forward_context[name] for name in group.layer_names]
-            spec = group.kv_cache_spec
-            token_index = probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, layers[0].isa)
-            self._compactor = PagedKVCompactor([layer.kv_cache for layer in layers], token_index)
-        return self._compactor
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        if not self.compression.enabled:
+            return
+        (group,) = self.kv_cache_config.kv_cache_groups
+        layers = [self.compilation_config.static_forward_context[name] for name in group.layer_names]
+        self._layer_names = list(group.layer_names)
+        spec = group.kv_cache_spec
+        token_index = probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, layers[0].isa)
+        self._compactor = PagedKVCompactor([layer.kv_cache for layer in layers], token_index)
+        if self._policy.signals:
+            self._signals = SlotSignals(self._policy.signals, len(layers), layers[0].kv_cache.shape[0],
+                                        spec.num_kv_heads, spec.block_size)
+        if REPRESENTATION in self._policy.signals:
+            self._hook_decoder_layers()
+
+    def _hook_decoder_layers(self) -> None:
+        """Record 1 - cos(h_l, h_{l+1}) per token and layer from each decoder layer's residual stream."""
+        index_of = {extract_layer_index(name): i for i, name in enumerate(self._layer_names)}
+        for module_name, module in self.get_model().named_modules():
+            if not hasattr(module, "self_attn") or not module_name.split(".")[-1].isdigit():
+                continue  # decoder layers are the numbered modules that own an attention block
+            layer = index_of.get(extract_layer_index(module_name))
+            if layer is None:
+                continue
+            module.register_forward_pre_hook(self._record_layer_input, with_kwargs=True)
+            module.register_forward_hook(self._make_layer_output_hook(layer), with_kwargs=True)
+
+    def _record_layer_input(self, module, args, kwargs):
+        hidden, residual = _layer_stream(args, kwargs)
+        # vLLM's fused add-RMSNorm updates its inputs in place: take the residual stream before it runs.
+        module._infokv_input = hidden if residual is None else hidden + residual
+
+    def _make_layer_output_hook(self, layer: int):
+        def record(module, args, kwargs, output):
+            layer_input = module.__dict__.pop("_infokv_input")
+            if self._step_slots is None:
+                return
+            hidden, residual = output
+            count = len(self._step_slots)
+            evolution = representation_evolution(layer_input[:count], (hidden + residual)[:count])
+            self._signals.write(REPRESENTATION, self._step_slots, evolution, layer=layer)
+        return record
+
+    # --- the step ---------------------------------------------------------------------------------------
 
     def execute_model(self, scheduler_output, *args, **kwargs):
-        if self.compression.enabled:
-            self._forget_restarted_requests(scheduler_output)
-            for compaction in getattr(scheduler_output, "kv_compactions", ()):
-                self._compact(compaction)
-        return super().execute_model(scheduler_output, *args, **kwargs)
+        if not self.compression.enabled:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        self._forget_restarted_requests(scheduler_output)
+        if self._signals is not None and ATTENTION in self._signals.planes:
+            self._signals.zero_blocks(ATTENTION, _new_block_ids(scheduler_output))
+        for compaction in getattr(scheduler_output, "kv_compactions", ()):
+            self._compact(compaction)
+        self._window_starts = getattr(scheduler_output, "kv_window_starts", {})
+        self._window = None
+        result = super().execute_model(scheduler_output, *args, **kwargs)
+        if self._signals is not None and ENTROPY in self._signals.planes and self._step_slots is not None:
+            self._record_entropy()
+        self._step_slots = None
+        return result
+
+    def _model_forward(self, *args, **kwargs):
+        with observation_window(self._window):
+            return super()._model_forward(*args, **kwargs)
 
     def _forget_restarted_requests(self, scheduler_output) -> None:
         """New, resumed (after preemption: recomputed in full) and finished requests hold no evicted slots."""
@@ -66,20 +134,27 @@ class CompressingCPUModelRunner(CPUModelRunner):
         for request_id in (*scheduler_output.finished_req_ids, *cached.resumed_req_ids,
                            *(new.req_id for new in scheduler_output.scheduled_new_reqs)):
             self.evicted.pop(request_id, None)
+            self._pending_entropy.pop(request_id, None)
 
     def _compact(self, compaction: Compaction) -> None:
-        compactor = self._kv_compactor()
         state = self.requests[compaction.request_id]
         (block_ids,) = state.block_ids
         assert self.evicted.get(compaction.request_id, 0) == compaction.logical_len - compaction.physical_len, (
             "worker and scheduler disagree on evicted tokens", compaction)
+        compactor = self._compactor
+        signals = self._signals.gather(block_ids, compaction.physical_len) if self._signals else {}
         scores = self._policy.scores(SelectionInput(
             request_id=compaction.request_id, num_layers=compactor.num_layers,
-            num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len, device=torch.device("cpu")))
+            num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len, sinks=self.compression.sinks,
+            window=compaction.window, device=torch.device("cpu"), signals=signals))
         keep = select_tokens(scores, compaction.kept_len, self.compression.sinks, compaction.window)
         compactor.compact(block_ids, keep)
+        if self._signals is not None:
+            self._signals.compact(block_ids, keep)
         # Mirror the scheduler's block list: the tail blocks are already back in its pool.
-        del block_ids[-(-compaction.kept_len // compactor.block_size):]
+        del block_ids[cdiv(compaction.kept_len, compactor.block_size):]
+        if self._signals is not None and ATTENTION in self._signals.planes:
+            self._signals.zero_blocks(ATTENTION, block_ids)  # the next observation window starts afresh
         row = self.input_batch.req_id_to_index.get(compaction.request_id)
         if row is not None:
             self.input_batch.block_table.add_row(state.block_ids, row)
@@ -87,15 +162,77 @@ class CompressingCPUModelRunner(CPUModelRunner):
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        if not self.compression.enabled:
+            return result
         num_reqs = self.input_batch.num_reqs
+        num_tokens = int(num_scheduled_tokens.sum())
         evicted = np.array([self.evicted.get(r, 0) for r in self.input_batch.req_ids[:num_reqs]], dtype=np.int64)
         if evicted.any():
             # Attention reads `kept` slots and writes new tokens after them; positions stay logical.
             self.seq_lens[:num_reqs] -= torch.from_numpy(evicted).to(self.seq_lens.dtype)
             self.optimistic_seq_lens_cpu[:num_reqs] -= torch.from_numpy(evicted).to(
                 self.optimistic_seq_lens_cpu.dtype)
-            num_tokens = int(num_scheduled_tokens.sum())
             per_token = torch.from_numpy(np.repeat(evicted, num_scheduled_tokens))
             self.input_batch.block_table.compute_slot_mapping(
                 num_reqs, self.query_start_loc.gpu[: num_reqs + 1], self.positions[:num_tokens] - per_token)
+        if self._signals is not None:
+            self._step_slots = self.input_batch.block_table[0].slot_mapping.gpu[:num_tokens].clone()
+            self._window = self._observation_window(num_reqs)
         return result
+
+    def _observation_window(self, num_reqs: int) -> ObservationWindow | None:
+        if not self._window_starts:
+            return None
+        starts = self.query_start_loc.cpu[: num_reqs + 1]
+        query_tokens = {}
+        for row, request_id in enumerate(self.input_batch.req_ids[:num_reqs]):
+            start = self._window_starts.get(request_id)
+            if start is None:
+                continue
+            tokens = torch.arange(int(starts[row]), int(starts[row + 1]))
+            tokens = tokens[self.positions[tokens] >= start]
+            if len(tokens):
+                query_tokens[row] = tokens
+        if not query_tokens:
+            return None
+        accumulators = dict(zip(self._layer_names, self._signals.planes[ATTENTION]))
+        head_size = self._compactor.token_index.shape[1] // 2
+        return ObservationWindow(query_tokens, accumulators, self._compactor.token_index[:, :head_size])
+
+    def _record_entropy(self) -> None:
+        """Token i's entropy is that of the distribution it was drawn from: the logits at position i - 1.
+
+        The step's hidden states give the entropies for the next position of each of its tokens; the first
+        token of the step takes the value carried over from the request's previous step (0 for a prompt's first
+        token, a sink).
+        """
+        hidden = self.execute_model_state.hidden_states
+        count = len(self._step_slots)
+        entropies = torch.cat([
+            topk_entropy(self.model.compute_logits(hidden[start:start + ENTROPY_CHUNK_TOKENS]),
+                         self.compression.entropy_top_k)
+            for start in range(0, count, ENTROPY_CHUNK_TOKENS)])
+        starts = self.query_start_loc.cpu[: self.input_batch.num_reqs + 1].tolist()
+        token_entropy = torch.empty(count)
+        for row, request_id in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
+            first, end = starts[row], starts[row + 1]
+            if first == end:
+                continue
+            token_entropy[first] = self._pending_entropy.get(request_id, 0.0)
+            token_entropy[first + 1:end] = entropies[first:end - 1]
+            self._pending_entropy[request_id] = float(entropies[end - 1])
+        self._signals.write(ENTROPY, self._step_slots, token_entropy)
+
+
+def _layer_stream(args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden_states, residual) of a vLLM decoder layer call: forward(positions, hidden_states, residual)."""
+    values = list(args) + [kwargs[name] for name in ("positions", "hidden_states", "residual") if name in kwargs]
+    return values[1], values[2]
+
+
+def _new_block_ids(scheduler_output) -> list[int]:
+    ids = [block for new in scheduler_output.scheduled_new_reqs for block in new.block_ids[0]]
+    for blocks in scheduler_output.scheduled_cached_reqs.new_block_ids:
+        if blocks is not None:
+            ids.extend(blocks[0])
+    return ids

@@ -25,6 +25,8 @@ from vllm.v1.request import Request
 
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.kv.block_manager import CompactingAttentionManager
+from infokv_vllm.scoring import make_policy
+from infokv_vllm.scoring.base import ATTENTION
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class CompressingScheduler(Scheduler):
                 f"found {[type(m).__name__ for m in managers]}; the model runner did not report "
                 "CompressedAttentionSpec layers")
         self.manager: CompactingAttentionManager = managers[0]
+        self._scores_attention = ATTENTION in make_policy(self.compression).signals
         self.records: dict[str, CompressionRecord] = {}
         self.totals = CompressionTotals()
         self._prompt_compressed: set[str] = set()
@@ -80,7 +83,28 @@ class CompressingScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         # A request preempted later in this same schedule() lost all its blocks; nothing is left to move.
         output.kv_compactions = [c for c in compactions if c.request_id not in output.preempted_req_ids]
+        output.kv_window_starts = self._window_starts(output) if self._scores_attention else {}
         return output
+
+    def _window_starts(self, output: SchedulerOutput) -> dict[str, int]:
+        """For requests whose tokens this step fall in the next compaction's observation window: the logical
+        position where that window starts (the workers score only queries from there on)."""
+        starts = {}
+        for request_id, num_tokens in output.num_scheduled_tokens.items():
+            request = self.requests[request_id]
+            end = request.num_computed_tokens  # already advanced past this step's tokens
+            if request_id not in self._prompt_compressed:
+                prompt = request.num_prompt_tokens
+                if prompt <= self.compression.budget_for(prompt):
+                    continue
+                start = prompt - self.compression.prefill_window
+            else:
+                logical = end - num_tokens
+                trigger = self.compression.budget_for(logical) + self.compression.decode_interval
+                start = trigger - self.compression.decode_window + self.manager.evicted.get(request_id, 0)
+            if end > start:
+                starts[request_id] = start
+        return starts
 
     def _decide(self, request: Request) -> Compaction | None:
         logical = request.num_computed_tokens

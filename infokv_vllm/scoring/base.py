@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+
+# Per-slot signals a policy may ask for; the model runner records only those its policy names.
+ATTENTION, ENTROPY, REPRESENTATION = "attention", "entropy", "representation"
 
 from infokv_vllm.config import CompressionConfig
 
@@ -19,13 +22,25 @@ class SelectionInput:
     num_layers: int
     num_kv_heads: int
     kept_len: int  # physical tokens currently cached (indices 0..kept_len-1, in logical order)
+    sinks: int
+    window: int
     device: torch.device
+    # [num_layers, num_kv_heads, kept_len] per signal in `ScoringPolicy.signals`
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def candidates(self) -> torch.Tensor:
+        """Mask [kept_len] of the tokens that compete for the budget (neither sinks nor window)."""
+        mask = torch.ones(self.kept_len, dtype=torch.bool, device=self.device)
+        mask[: self.sinks] = False
+        mask[self.kept_len - self.window:] = False
+        return mask
 
 
 class ScoringPolicy(ABC):
     """Scores every cached token of a request per (layer, KV head); higher means more worth keeping."""
 
     name: ClassVar[str]
+    signals: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
@@ -37,10 +52,13 @@ class ScoringPolicy(ABC):
 
 def policy_classes() -> dict[str, type[ScoringPolicy]]:
     """Every implemented policy by its `--kv-compression` name."""
+    from infokv_vllm.scoring.infokv import EntropyPolicy, InfoKVPolicy
     from infokv_vllm.scoring.random import RandomPolicy
+    from infokv_vllm.scoring.snapkv import SnapKVPolicy
     from infokv_vllm.scoring.streaming import StreamingPolicy
 
-    return {cls.name: cls for cls in (StreamingPolicy, RandomPolicy)}
+    policies = (InfoKVPolicy, EntropyPolicy, SnapKVPolicy, StreamingPolicy, RandomPolicy)
+    return {cls.name: cls for cls in policies}
 
 
 def make_policy(config: CompressionConfig) -> ScoringPolicy:

@@ -1,0 +1,50 @@
+"""Per-slot scoring signals, stored like the KV pages so they move with their tokens during compaction.
+
+One float32 plane [blocks, kv_heads, block_size] per layer and signal. After per-(layer, head) compaction a slot
+holds different tokens in different layers and heads, so even per-token signals (entropy) are kept per plane.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infokv_vllm.kernels.compaction import compact_pages_torch, row_token_index
+
+
+class SlotSignals:
+    def __init__(self, names: frozenset[str], num_layers: int, num_blocks: int, num_kv_heads: int,
+                 block_size: int) -> None:
+        self.block_size = block_size
+        self.planes = {name: [torch.zeros(num_blocks, num_kv_heads, block_size) for _ in range(num_layers)]
+                       for name in sorted(names)}
+        self._slot_index = row_token_index(block_size, 1)
+
+    def _locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return slots // self.block_size, slots % self.block_size
+
+    def write(self, name: str, slots: torch.Tensor, values: torch.Tensor, layer: int | None = None) -> None:
+        """values [tokens] at global slot ids [tokens], in one layer or (layer=None) all layers, every head."""
+        blocks, offsets = self._locate(slots.long())
+        planes = self.planes[name] if layer is None else [self.planes[name][layer]]
+        for plane in planes:
+            plane[blocks, :, offsets] = values[:, None].to(plane.dtype)
+
+    def zero_blocks(self, name: str, block_ids: list[int]) -> None:
+        if block_ids:
+            for plane in self.planes[name]:
+                plane[block_ids] = 0.0
+
+    def gather(self, block_ids: list[int], length: int) -> dict[str, torch.Tensor]:
+        """Each signal for a request's first `length` slots: [layers, kv_heads, length]."""
+        table = torch.tensor(block_ids, dtype=torch.long)
+        slots = torch.arange(length)
+        blocks, offsets = table[slots // self.block_size], slots % self.block_size
+        return {name: torch.stack([plane[blocks, :, offsets].T for plane in planes])
+                for name, planes in self.planes.items()}
+
+    def compact(self, block_ids: list[int], keep: torch.Tensor) -> None:
+        block_table = torch.tensor([block_ids], dtype=torch.int32)
+        n_keep = torch.tensor([keep.shape[-1]], dtype=torch.int32)
+        for planes in self.planes.values():
+            for plane, layer_keep in zip(planes, keep):
+                compact_pages_torch(plane, self._slot_index, block_table, layer_keep[None], n_keep)

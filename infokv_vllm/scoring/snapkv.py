@@ -1,0 +1,16 @@
+"""SnapKV / H2O-style: keep the tokens the observation window attends to most."""
+
+from __future__ import annotations
+
+import torch
+
+from infokv_vllm.scoring.attention import pool_scores
+from infokv_vllm.scoring.base import ATTENTION, ScoringPolicy, SelectionInput
+
+
+class SnapKVPolicy(ScoringPolicy):
+    name = "snapkv"
+    signals = frozenset({ATTENTION})
+
+    def scores(self, request: SelectionInput) -> torch.Tensor:
+        return pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)

@@ -1,0 +1,141 @@
+"""Scoring signals and policies on hand-built cases where the right answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from infokv_vllm.config import CompressionConfig
+from infokv_vllm.scoring import SelectionInput, make_policy, policy_classes, select_tokens
+from infokv_vllm.scoring.attention import pool_scores, window_attention_mass
+from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
+from infokv_vllm.scoring.entropy import topk_entropy
+from infokv_vllm.scoring.representation import representation_evolution
+
+LAYERS, HEADS, LENGTH, SINKS, WINDOW, KEEP = 2, 3, 40, 4, 8, 16
+
+
+def selection_input(**signals) -> SelectionInput:
+    return SelectionInput(request_id="r", num_layers=LAYERS, num_kv_heads=HEADS, kept_len=LENGTH, sinks=SINKS,
+                          window=WINDOW, device=torch.device("cpu"), signals=signals)
+
+
+def kept(method: str, request: SelectionInput, **settings) -> torch.Tensor:
+    config = CompressionConfig(method=method, sinks=SINKS, pooling_kernel=1, **settings)
+    return select_tokens(make_policy(config).scores(request), KEEP, SINKS, WINDOW)
+
+
+def flat(value: float) -> torch.Tensor:
+    return torch.full((LAYERS, HEADS, LENGTH), value)
+
+
+def test_every_method_has_a_policy():
+    from infokv_vllm.config import METHODS
+
+    assert set(policy_classes()) == set(METHODS) - {"none"}
+
+
+def test_streaming_keeps_exactly_sinks_and_most_recent():
+    indices = kept("streaming", selection_input())
+    expected = torch.cat([torch.arange(SINKS), torch.arange(LENGTH - (KEEP - SINKS), LENGTH)])
+    assert torch.equal(indices, expected.expand(LAYERS, HEADS, KEEP))
+
+
+def test_selection_keeps_sinks_and_window_with_equal_counts():
+    indices = kept("random", selection_input())
+    assert indices.shape == (LAYERS, HEADS, KEEP)
+    assert (indices.diff(dim=-1) > 0).all()
+    for required in [*range(SINKS), *range(LENGTH - WINDOW, LENGTH)]:
+        assert (indices == required).any(dim=-1).all()
+
+
+def test_random_is_reproducible_per_request():
+    request = selection_input()
+    assert torch.equal(kept("random", request), kept("random", request))
+
+
+def test_snapkv_keeps_the_token_that_receives_all_attention():
+    attention = flat(0.0)
+    attention[1, 2, 20] = 5.0
+    attention[0, :, 11] = 5.0
+    indices = kept("snapkv", selection_input(**{ATTENTION: attention}))
+    assert (indices[1, 2] == 20).any() and (indices[0] == 11).any(dim=-1).all()
+
+
+def test_entropy_policy_keeps_the_high_entropy_token():
+    entropy, evolution = flat(0.1), flat(1.0)
+    entropy[:, :, 17] = 0.9
+    indices = kept("entropy", selection_input(**{ENTROPY: entropy, REPRESENTATION: evolution}))
+    assert (indices == 17).any(dim=-1).all()
+
+
+def test_infokv_fuses_both_signals():
+    attention, entropy, evolution = flat(0.01), flat(0.01), flat(1.0)
+    attention[:, :, 10] = 1.0  # the attention favourite
+    entropy[:, :, 25] = 1.0  # the uncertain token
+    request = selection_input(**{ATTENTION: attention, ENTROPY: entropy, REPRESENTATION: evolution})
+    only_attention = kept("infokv", request, alpha=0.0)
+    only_entropy = kept("infokv", request, alpha=1.0)
+    fused = kept("infokv", request, alpha=0.3)
+    assert (only_attention == 10).any(dim=-1).all() and (only_entropy == 25).any(dim=-1).all()
+    assert (fused == 10).any(dim=-1).all() and (fused == 25).any(dim=-1).all()
+
+
+def test_representation_evolution_weights_entropy_per_layer():
+    entropy, evolution = flat(0.5), flat(0.1)
+    evolution[0, :, 12] = 0.9  # layer 0 rewrites token 12, layer 1 rewrites token 30
+    evolution[1, :, 30] = 0.9
+    indices = kept("entropy", selection_input(**{ENTROPY: entropy, REPRESENTATION: evolution}))
+    assert (indices[0] == 12).any(dim=-1).all() and (indices[1] == 30).any(dim=-1).all()
+
+
+def test_policies_ask_only_for_the_signals_they_use():
+    def signals(method, **settings):
+        return make_policy(CompressionConfig(method=method, **settings)).signals
+
+    assert signals("streaming") == signals("random") == frozenset()
+    assert signals("snapkv") == {ATTENTION}
+    assert signals("infokv") == {ATTENTION, ENTROPY, REPRESENTATION}
+    assert signals("infokv", entropy_score="entropy_only") == {ATTENTION, ENTROPY}
+    assert signals("entropy") == {ENTROPY, REPRESENTATION}
+
+
+def test_topk_entropy_bounds():
+    uniform = torch.zeros(1, 100)
+    assert topk_entropy(uniform, 10).item() == pytest.approx(1.0)
+    certain = torch.full((1, 100), -50.0)
+    certain[0, 3] = 50.0
+    assert topk_entropy(certain, 10).item() == pytest.approx(0.0, abs=1e-6)
+    two_way = torch.full((1, 100), -1e4)
+    two_way[0, :2] = 0.0
+    assert topk_entropy(two_way, 4).item() == pytest.approx(math.log(2) / math.log(4))
+
+
+def test_representation_evolution():
+    h = torch.randn(5, 16)
+    assert torch.allclose(representation_evolution(h, 3 * h), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(representation_evolution(h, -h), torch.full((5,), 2.0), atol=1e-6)
+
+
+def test_window_attention_mass_matches_a_per_head_loop():
+    torch.manual_seed(0)
+    q_heads, kv_heads, dim, length = 6, 2, 8, 12
+    queries, keys = torch.randn(3, q_heads, dim), torch.randn(kv_heads, length, dim)
+    positions = torch.tensor([9, 10, 11])
+    expected = torch.zeros(kv_heads, length)
+    for t in range(3):
+        for head in range(q_heads):
+            kv = head // (q_heads // kv_heads)
+            logits = keys[kv, : positions[t] + 1] @ queries[t, head] * 0.5
+            expected[kv, : positions[t] + 1] += logits.softmax(-1)
+    mass = window_attention_mass(queries, keys, positions, 0.5)
+    torch.testing.assert_close(mass, expected, rtol=1e-5, atol=1e-6)
+    assert mass.sum().item() == pytest.approx(3 * q_heads, rel=1e-5)
+
+
+def test_pooling_spreads_peaks_to_neighbours():
+    scores = torch.zeros(1, 1, 10)
+    scores[0, 0, 5] = 1.0
+    assert pool_scores(scores, 3)[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]

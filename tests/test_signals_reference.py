@@ -1,0 +1,85 @@
+"""The signals vLLM records for scoring equal a straightforward transformers computation on the same prompt:
+window attention (SnapKV-style), top-k token entropy and representation evolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
+from infokv_vllm.scoring.entropy import topk_entropy
+from tests.engine import in_process_llm, model_runner_of, run_to_completion
+
+pytestmark = pytest.mark.e2e
+
+WINDOW, TOP_K = 16, 10
+PROMPT = ("A lighthouse keeper named Ada kept a logbook of every ship that passed her island. On Monday she saw "
+          "a fishing boat called Marigold, on Tuesday a cargo ship named Orion, and on Wednesday a small yacht "
+          "whose sails were painted blue. The question is: which ship passed on Tuesday? Answer:")
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2_dir) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)(PROMPT)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def vllm_signals(smollm2_dir, prompt_ids) -> dict[str, torch.Tensor]:
+    """The signals the InfoKV policy receives when vLLM compresses the prompt."""
+    compression = {"method": "infokv", "budget": len(prompt_ids) - 20, "prefill_window": WINDOW,
+                   "decode_window": 8, "entropy_top_k": TOP_K}
+    captured = []
+    with in_process_llm(smollm2_dir, compression) as llm:
+        policy = model_runner_of(llm)._policy
+        original = policy.scores
+
+        def capture(request):
+            captured.append({name: signal.clone() for name, signal in request.signals.items()})
+            return original(request)
+
+        policy.scores = capture
+        run_to_completion(llm, {"q": TokensPrompt(prompt_token_ids=prompt_ids)},
+                          SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(captured) == 1, "the prompt is compressed exactly once"
+    return captured[0]
+
+
+@pytest.fixture(scope="module")
+def transformers_outputs(smollm2_dir, prompt_ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        outputs = model(torch.tensor([prompt_ids]), output_attentions=True, output_hidden_states=True)
+    return model.config, outputs
+
+
+def test_window_attention_matches_transformers(vllm_signals, transformers_outputs):
+    config, outputs = transformers_outputs
+    reference = []
+    for weights in outputs.attentions:  # [1, q_heads, T, T]
+        window = weights[0, :, -WINDOW:, :].sum(dim=1)  # summed over the window's queries: [q_heads, T]
+        reference.append(window.view(config.num_key_value_heads, -1, window.shape[-1]).sum(dim=1))
+    torch.testing.assert_close(vllm_signals[ATTENTION], torch.stack(reference), rtol=1e-3, atol=1e-4)
+
+
+def test_token_entropy_matches_transformers(vllm_signals, transformers_outputs):
+    _, outputs = transformers_outputs
+    per_position = topk_entropy(outputs.logits[0], TOP_K)  # entropy of the distribution of the *next* token
+    expected = torch.cat([torch.zeros(1), per_position[:-1]])
+    ours = vllm_signals[ENTROPY]
+    assert (ours == ours[:1, :1]).all(), "token entropy is the same in every layer and head"
+    torch.testing.assert_close(ours[0, 0], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_representation_evolution_matches_transformers(vllm_signals, transformers_outputs):
+    _, outputs = transformers_outputs
+    states = outputs.hidden_states  # input of each decoder layer; the last one is after the final norm
+    expected = torch.stack([1 - torch.nn.functional.cosine_similarity(states[layer][0], states[layer + 1][0], dim=-1)
+                            for layer in range(len(states) - 2)])
+    ours = vllm_signals[REPRESENTATION][: len(expected), 0]
+    torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-4)
