@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from vllm import SamplingParams
 from vllm.utils.math_utils import cdiv
 
-from tests.engine import BLOCK_SIZE, count_preemptions, in_process_llm, run_to_completion, scheduler_of
+from tests.engine import (
+    BLOCK_SIZE,
+    count_preemptions,
+    in_process_llm,
+    model_runner_of,
+    run_to_completion,
+    scheduler_of,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -122,4 +130,43 @@ def test_memory_pressure_mode_compresses_instead_of_preempting(smollm2_dir, vani
         assert vanilla_small_pool[1] > 0 and preemptions[0] == 0
         assert scheduler_of(llm).totals.events > 0
         assert all(len(tokens) == 200 for tokens in outputs.values())
+        assert free_blocks(llm) == initial_free
+
+
+def record_signals(llm) -> list[tuple[str, int, dict]]:
+    """Instrument the worker's policy: every compaction's (request id, kept length, signals)."""
+    policy = model_runner_of(llm)._policy
+    original, log = policy.scores, []
+
+    def recording(request):
+        log.append((request.request_id, request.kept_len, {k: v.clone() for k, v in request.signals.items()}))
+        return original(request)
+
+    policy.scores = recording
+    return log
+
+
+@pytest.mark.parametrize("method", ["infokv", "snapkv"])
+def test_scored_policies_keep_signals_per_request(smollm2_dir, method):
+    """A request's signals (window attention, entropy carried between steps, layer evolution) are the same
+    whether it runs in a batch or alone: nothing leaks between requests. Outputs are not compared: scores of
+    different batch shapes differ in the last float bits, which may flip a tie at the budget's edge."""
+    settings = {"method": method, "budget": BUDGET, "decode_interval": INTERVAL, "prefill_window": 16}
+    two = dict(list(PROMPTS.items())[:2])
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    with in_process_llm(smollm2_dir, settings, num_gpu_blocks_override=SMALL_POOL) as llm:
+        initial_free = free_blocks(llm)
+        log = record_signals(llm)
+        run_to_completion(llm, two, params)
+        together = list(log)
+        for request_id, prompt in two.items():
+            log.clear()
+            run_to_completion(llm, {request_id: prompt}, params)
+            batched = [entry for entry in together if entry[0].startswith(request_id)]
+            assert len(batched) >= 2 and len(batched) == len(log)
+            for (_, kept_batched, signals_batched), (_, kept_alone, signals_alone) in zip(batched, log):
+                assert kept_batched == kept_alone
+                for name, alone in signals_alone.items():
+                    torch.testing.assert_close(signals_batched[name], alone, rtol=1e-4,
+                                               atol=1e-4 * float(alone.abs().max()))
         assert free_blocks(llm) == initial_free

@@ -17,7 +17,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 @pytest.fixture(scope="module")
 def compressing_server(smollm2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    with vllm_server(smollm2_dir, ["--kv-compression", "streaming", "--kv-budget", "128"], log) as url:
+    with vllm_server(smollm2_dir, ["--kv-compression", "infokv", "--kv-budget", "128"], log) as url:
         yield url
 
 
@@ -46,7 +46,7 @@ def test_streaming_chat_completion(client, smollm2_dir):
     ("flags", "message"),
     [
         (["--kv-compression", "bogus"], "argument --kv-compression: invalid choice: 'bogus'"),
-        (["--kv-compression", "streaming", "--kv-budget", "100000"],
+        (["--kv-compression", "infokv", "--kv-budget", "100000"],
          "invalid --kv-budget: 100000 is not smaller than the context length"),
     ],
 )
