@@ -144,6 +144,14 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
             f"infokv-vllm: --async-scheduling is not supported with {flag_name('method')} {compression.method} "
             "yet: compaction decisions are made on the synchronous schedule.")
     engine_args.async_scheduling = False
+    from infokv_vllm.scoring import make_policy
+    from infokv_vllm.scoring.base import REPRESENTATION
+
+    if REPRESENTATION in make_policy(compression).signals and not engine_args.enforce_eager:
+        # The representation signal comes from hooks on the decoder layers; torch.compile would trace them away.
+        logger.info("infokv-vllm: %s %s reads each decoder layer's residual stream through module hooks, so the "
+                    "model runs eagerly (--enforce-eager).", flag_name("method"), compression.method)
+        engine_args.enforce_eager = True
     # Compression hooks into the V1 model runner (vllm/v1/worker/gpu_model_runner.py); Model Runner V2 has
     # other interfaces. The variable is inherited by the spawned engine core and copied to Ray workers.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
@@ -173,12 +181,6 @@ def check_engine_config(vllm_config: Any) -> None:
         refuse("prefix caching (--enable-prefix-caching)", "compacted pages must never be shared")
     from vllm.platforms import current_platform
 
-    from infokv_vllm.scoring import policy_classes
-
-    if compression.method not in policy_classes():
-        raise CompressionConfigError(
-            f"infokv-vllm: {method} is not implemented in this version yet; available now: "
-            f"{', '.join(sorted(policy_classes()))}.")
     if not current_platform.is_cpu():
         refuse(f"the {current_platform.device_name} platform",
                "this version compresses on vLLM's CPU platform only; the GPU attention backend is not "

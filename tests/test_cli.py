@@ -129,3 +129,10 @@ def test_budget_not_below_context_length_fails(smollm2_dir):
                                                                               "budget": 4096}})
 
 
+
+
+@pytest.mark.parametrize(("method", "eager"), [("infokv", True), ("entropy", True), ("snapkv", False),
+                                               ("streaming", False)])
+def test_layer_hooks_run_eagerly(smollm2_dir, method, eager):
+    config = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": method}})
+    assert config.model_config.enforce_eager is eager

@@ -10,7 +10,7 @@ from vllm.inputs import TokensPrompt
 
 from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.scoring.entropy import topk_entropy
-from tests.engine import in_process_llm, model_runner_of, run_to_completion
+from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion
 
 pytestmark = pytest.mark.e2e
 
@@ -27,13 +27,16 @@ def prompt_ids(smollm2_dir) -> list[int]:
     return AutoTokenizer.from_pretrained(smollm2_dir)(PROMPT)["input_ids"]
 
 
-@pytest.fixture(scope="module")
-def vllm_signals(smollm2_dir, prompt_ids) -> dict[str, torch.Tensor]:
-    """The signals the InfoKV policy receives when vLLM compresses the prompt."""
+@pytest.fixture(scope="module", params=[None, 24], ids=["one-chunk", "chunked-prefill"])
+def vllm_signals(request, smollm2_dir, prompt_ids) -> dict[str, torch.Tensor]:
+    """The signals the InfoKV policy receives when vLLM compresses the prompt, prefilled in one step or in
+    24-token chunks (the window and the carried-over entropy then cross chunk boundaries)."""
+    chunking = {} if request.param is None else {"max_num_batched_tokens": request.param,
+                                                 "enable_chunked_prefill": True}
     compression = {"method": "infokv", "budget": len(prompt_ids) - 20, "prefill_window": WINDOW,
                    "decode_window": 8, "entropy_top_k": TOP_K}
     captured = []
-    with in_process_llm(smollm2_dir, compression) as llm:
+    with in_process_llm(smollm2_dir, compression, **chunking) as llm:
         policy = model_runner_of(llm)._policy
         original = policy.scores
 

@@ -12,7 +12,7 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from tests.engine import in_process_llm, run_to_completion
+from infokv_vllm.local_engine import in_process_llm, run_to_completion
 
 pytestmark = pytest.mark.e2e
 

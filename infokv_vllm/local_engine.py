@@ -1,4 +1,5 @@
-"""A real vLLM engine in the test process (engine core in-process), so tests can watch its scheduler."""
+"""A real vLLM engine in this process (engine core and worker in-process), so tests and benchmarks can watch
+its scheduler and model runner."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def in_process_llm(model: Path, compression: dict | None = None, **overrides) ->
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    kwargs = dict(dtype="float32", gpu_memory_utilization=0.5, max_model_len=512, enforce_eager=True,
+    # A quarter of the NUMA node: room for a second engine or a transformers model beside this one.
+    kwargs = dict(dtype="float32", gpu_memory_utilization=0.25, max_model_len=512, enforce_eager=True,
                   block_size=BLOCK_SIZE, seed=0)
     kwargs.update(overrides)
     llm = LLM(str(model), additional_config={ADDITIONAL_CONFIG_KEY: compression} if compression else {},

@@ -1,0 +1,121 @@
+"""Throughput of vanilla vLLM and of the plugin, side by side in one run, on long-output workloads.
+
+Two pool sizes: `bound` (the KV block pool is too small for the batch, so vanilla vLLM must queue or preempt)
+and `unbound` (the pool fits everything: what compression costs when it cannot help). Every configuration runs
+the same requests (greedy, fixed output length) in a fresh engine in this process; the table reports output
+tokens/s and its ratio to vanilla on the same pool, peak running requests, preemptions and pages freed.
+
+    .venv/bin/python benchmarks/throughput.py            # the full run (minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/throughput.py --smoke    # seconds; what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+TOPICS = ["the history of tea", "how bridges are built", "the life of honeybees", "a journey to Mars",
+          "the rules of chess", "why the sky is blue", "the invention of paper", "a storm at sea"]
+
+
+@dataclass
+class RunResult:
+    pool: str
+    method: str
+    pool_blocks: int
+    output_tokens: int
+    seconds: float
+    output_tokens_per_s: float
+    peak_running: int
+    preemptions: int
+    compression_events: int
+    blocks_freed: int
+
+
+def run(model: Path, method: str, pool: str, pool_blocks: int, num_requests: int, output_len: int,
+        budget: int, interval: int) -> RunResult:
+    from vllm import SamplingParams
+
+    from infokv_vllm.local_engine import BLOCK_SIZE, count_preemptions, in_process_llm, scheduler_of
+
+    compression = None if method == "none" else {"method": method, "budget": budget, "decode_interval": interval}
+    prompts = {f"r{i}": f"Write a long essay about {TOPICS[i % len(TOPICS)]}." for i in range(num_requests)}
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    # vLLM refuses a pool smaller than one max-length request (block 0 is reserved), so the pool caps the context.
+    max_model_len = min(1024, (pool_blocks - 1) * BLOCK_SIZE)
+    with in_process_llm(model, compression, num_gpu_blocks_override=pool_blocks, max_model_len=max_model_len,
+                        max_num_seqs=num_requests) as llm:
+        scheduler = scheduler_of(llm)
+        preemptions = count_preemptions(llm)
+        engine = llm.llm_engine
+        for request_id, prompt in prompts.items():
+            engine.add_request(request_id, prompt, params)
+        peak_running, produced = 0, 0
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    produced += len(output.outputs[0].token_ids)
+            peak_running = max(peak_running, len(scheduler.running))
+        seconds = time.perf_counter() - start
+        totals = getattr(scheduler, "totals", None)
+        return RunResult(pool, method, pool_blocks, produced, round(seconds, 2), round(produced / seconds, 2),
+                         peak_running, preemptions[0], totals.events if totals else 0,
+                         totals.blocks_freed if totals else 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    parser.add_argument("--methods", default="none,streaming,infokv")
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--output-len", type=int, default=192)
+    parser.add_argument("--budget", type=int, default=64)
+    parser.add_argument("--interval", type=int, default=32)
+    parser.add_argument("--bound-blocks", type=int, default=32, help="pool size (32-token blocks) of 'bound'")
+    parser.add_argument("--unbound-blocks", type=int, default=256)
+    args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.output_len, args.bound_blocks, args.unbound_blocks = 2, 112, 8, 32
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    import vllm
+
+    from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
+
+    model = ensure_model()
+    results = [run(model, method, pool, blocks, args.requests, args.output_len, args.budget, args.interval)
+               for pool, blocks in (("bound", args.bound_blocks), ("unbound", args.unbound_blocks))
+               for method in args.methods.split(",")]
+    vanilla = {r.pool: r.output_tokens_per_s for r in results if r.method == "none"}
+    header = f"{'pool':8} {'method':10} {'blocks':>6} {'tok/s':>8} {'vs none':>8} {'peak run':>8} " \
+             f"{'preempt':>8} {'events':>7} {'freed':>6}"
+    print(header)
+    for r in results:
+        ratio = f"{r.output_tokens_per_s / vanilla[r.pool]:.2f}x" if r.pool in vanilla else "-"
+        print(f"{r.pool:8} {r.method:10} {r.pool_blocks:>6} {r.output_tokens_per_s:>8.2f} {ratio:>8} "
+              f"{r.peak_running:>8} {r.preemptions:>8} {r.compression_events:>7} {r.blocks_freed:>6}")
+    report = {
+        "benchmark": "throughput", "smoke": args.smoke,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "model": MODEL_NAME, "dtype": "float32", "block_size": 32,
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+        "workload": {"requests": args.requests, "output_len": args.output_len, "budget": args.budget,
+                     "decode_interval": args.interval},
+        "results": [asdict(r) for r in results],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "throughput-smoke.json" if args.smoke else "throughput.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
