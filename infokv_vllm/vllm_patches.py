@@ -84,3 +84,29 @@ def cpu_model_runner_class(runner_cls: type) -> Iterator[None]:
         yield
     finally:
         cpu_worker.CPUModelRunner = original
+
+
+@contextlib.contextmanager
+def cpu_attention_backend(class_path: str) -> Iterator[None]:
+    """While active, models built in this process use the attention backend at `class_path` on CPU.
+
+    vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls always answers `CPU_ATTN`, whose class path vLLM's
+    registry lets us override (`register_backend`); but vllm.v1.attention.selector._cached_get_attn_backend
+    caches the resolved class per process, so the cache is cleared on entry and on exit. Other engines in the
+    same process (tests, benchmarks) keep vLLM's own backend.
+    """
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    member = AttentionBackendEnum.CPU_ATTN
+    previous = member.get_path() if member.is_overridden() else None
+    register_backend(member, class_path)
+    selector._cached_get_attn_backend.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            member.clear_override()
+        else:
+            register_backend(member, previous)
+        selector._cached_get_attn_backend.cache_clear()

@@ -57,3 +57,30 @@ def test_unsupported_vllm_version_refuses_to_register(monkeypatch, caplog):
         plugin.register()
     assert plugin._registered is False
     assert "supports vLLM >=0.32,<0.33 but found 0.40.1" in caplog.text
+
+
+def test_cpu_worker_builds_its_runner_through_the_module_name_we_swap():
+    from vllm.v1.worker import cpu_worker
+
+    from infokv_vllm.vllm_patches import cpu_model_runner_class
+
+    assert "CPUModelRunner(self.vllm_config" in inspect.getsource(cpu_worker.CPUWorker.init_device)
+    original = cpu_worker.CPUModelRunner
+    with cpu_model_runner_class(int):
+        assert cpu_worker.CPUModelRunner is int
+    assert cpu_worker.CPUModelRunner is original
+
+
+def test_cpu_attention_backend_override_is_scoped():
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from infokv_vllm.attention.cpu import ScoringCPUAttentionBackend
+    from infokv_vllm.vllm_patches import cpu_attention_backend
+
+    assert hasattr(selector._cached_get_attn_backend, "cache_clear")
+    default = AttentionBackendEnum.CPU_ATTN.get_path()
+    path = f"{ScoringCPUAttentionBackend.__module__}.{ScoringCPUAttentionBackend.__qualname__}"
+    with cpu_attention_backend(path):
+        assert AttentionBackendEnum.CPU_ATTN.get_class() is ScoringCPUAttentionBackend
+    assert AttentionBackendEnum.CPU_ATTN.get_path() == default

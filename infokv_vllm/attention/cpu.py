@@ -1,7 +1,8 @@
 """vLLM's CPU attention plus the attention signal, computed with torch for the window's queries.
 
-vLLM's CPU platform always selects its `CPU_ATTN` backend; the worker points that name at this class when a
-policy needs attention scores (`register_backend` override), so the output is vLLM's own kernel's.
+vLLM's CPU platform always selects its `CPU_ATTN` backend; while the worker builds the model it points that name
+at this class when the policy needs attention scores (`vllm_patches.cpu_attention_backend`), so the output is
+vLLM's own kernel's.
 """
 
 from __future__ import annotations
@@ -27,13 +28,6 @@ class ScoringCPUAttentionBackend(CPUAttentionBackend):
     def get_impl_cls() -> type[ScoringCPUAttentionImpl]:
         return ScoringCPUAttentionImpl
 
-
-def install() -> None:
-    """Make vLLM's CPU platform build this backend (it always asks for `CPU_ATTN`). Call before the model is
-    built, in the worker process only."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.{ScoringCPUAttentionBackend.__name__}")
 
 
 def accumulate_window_attention(window: ObservationWindow, layer_name: str, query: torch.Tensor,

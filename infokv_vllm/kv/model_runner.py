@@ -18,6 +18,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
+from infokv_vllm.attention.cpu import ScoringCPUAttentionImpl
 from infokv_vllm.attention.window import ObservationWindow, observation_window
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.kv.block_manager import CompressedAttentionSpec
@@ -72,6 +73,10 @@ class CompressingCPUModelRunner(CPUModelRunner):
         spec = group.kv_cache_spec
         token_index = probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, layers[0].isa)
         self._compactor = PagedKVCompactor([layer.kv_cache for layer in layers], token_index)
+        if ATTENTION in self._policy.signals and not all(
+                isinstance(layer.impl, ScoringCPUAttentionImpl) for layer in layers):
+            raise RuntimeError("infokv-vllm: the attention layers were built without the scoring backend; the "
+                               "attention signal would silently stay zero")
         if self._policy.signals:
             self._signals = SlotSignals(self._policy.signals, len(layers), layers[0].kv_cache.shape[0],
                                         spec.num_kv_heads, spec.block_size)
