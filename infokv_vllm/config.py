@@ -15,9 +15,11 @@ ADDITIONAL_CONFIG_KEY = "kv_compression"
 
 CompressionMethod = Literal["none", "infokv", "snapkv", "streaming", "random", "entropy"]
 EntropyScore = Literal["product", "sum", "entropy_only"]
+Kernels = Literal["auto", "torch", "triton"]
 
 METHODS: tuple[str, ...] = get_args(CompressionMethod)
 ENTROPY_SCORES: tuple[str, ...] = get_args(EntropyScore)
+KERNELS: tuple[str, ...] = get_args(Kernels)
 
 # Used when compression is on and neither `budget` nor `budget_ratio` is given.
 DEFAULT_BUDGET_TOKENS = 1024
@@ -89,6 +91,11 @@ class CompressionConfig:
                           "(lowest-value KV first) before preempting any."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' policy."})
+    kernels: Kernels = field(
+        default="auto",
+        metadata={"help": "Scoring and compaction kernels: 'triton' (the GPU path; on CPU only under Triton's "
+                          "interpreter, TRITON_INTERPRET=1, for testing), 'torch', or 'auto' (torch on CPU)."},
+    )
 
     def __post_init__(self) -> None:
         self._validate()
@@ -116,6 +123,8 @@ class CompressionConfig:
 
         if self.method not in METHODS:
             fail("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        if self.kernels not in KERNELS:
+            fail("kernels", f"{self.kernels!r} is not one of {', '.join(KERNELS)}")
         if self.entropy_score not in ENTROPY_SCORES:
             fail("entropy_score", f"{self.entropy_score!r} is not one of {', '.join(ENTROPY_SCORES)}")
         if self.budget is not None and self.budget_ratio is not None:

@@ -181,6 +181,10 @@ def check_engine_config(vllm_config: Any) -> None:
         refuse("prefix caching (--enable-prefix-caching)", "compacted pages must never be shared")
     from vllm.platforms import current_platform
 
+    if compression.kernels == "triton" and current_platform.is_cpu() and os.environ.get("TRITON_INTERPRET") != "1":
+        refuse(f"{flag_name('kernels')} triton on CPU",
+               "Triton has no CPU backend here; the kernels run on CPU only under its interpreter "
+               "(TRITON_INTERPRET=1), which is for testing")
     if not current_platform.is_cpu():
         refuse(f"the {current_platform.device_name} platform",
                "this version compresses on vLLM's CPU platform only; the GPU attention backend is not "

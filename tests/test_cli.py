@@ -136,3 +136,10 @@ def test_budget_not_below_context_length_fails(smollm2_dir):
 def test_layer_hooks_run_eagerly(smollm2_dir, method, eager):
     config = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": method}})
     assert config.model_config.enforce_eager is eager
+
+
+def test_triton_kernels_on_cpu_need_the_interpreter(smollm2_dir, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(CompressionConfigError, match="--kv-kernels triton on CPU is not supported"):
+        engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "snapkv",
+                                                                              "kernels": "triton"}})

@@ -56,3 +56,16 @@ def test_bad_flags_stop_the_server_with_a_clear_message(smollm2_dir, flags, mess
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+
+
+def test_vllm_bench_throughput_takes_the_flags(smollm2_dir):
+    """`vllm bench throughput` builds its engine from the same flags (offline, random prompts)."""
+    command = [*vllm_cli(), "bench", "throughput", "--model", str(smollm2_dir), "--dataset-name", "random",
+               "--random-input-len", "48", "--random-output-len", "96", "--num-prompts", "4",
+               "--block-size", "32", "--kv-compression", "infokv", "--kv-budget", "40",
+               "--kv-decode-interval", "16", "--kv-prefill-window", "16", *CPU_SERVE_FLAGS]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Throughput:" in result.stdout
+    assert "infokv_vllm.kv.scheduler.CompressingScheduler" in result.stdout + result.stderr

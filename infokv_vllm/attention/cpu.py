@@ -11,6 +11,7 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from infokv_vllm.attention.window import ObservationWindow, active_window
+from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
 from infokv_vllm.scoring.attention import window_attention_mass
 
 
@@ -33,15 +34,30 @@ class ScoringCPUAttentionBackend(CPUAttentionBackend):
 def accumulate_window_attention(window: ObservationWindow, layer_name: str, query: torch.Tensor,
                                 kv_cache: torch.Tensor, attn_metadata, scale: float) -> None:
     accumulator = window.accumulators[layer_name]
+    starts = attn_metadata.query_start_loc
+    rows = list(window.query_tokens)
+    tokens = torch.cat([window.query_tokens[row] for row in rows])
+    # The queries of a request are the last tokens of its kept sequence: each attends up to its own slot.
+    positions = torch.cat([
+        attn_metadata.seq_lens[row] - (starts[row + 1] - starts[row]) + (window.query_tokens[row] - starts[row])
+        for row in rows])
+    if window.use_triton:
+        requests = torch.cat([torch.full((len(window.query_tokens[row]),), row) for row in rows])
+        key_plane, _ = window.layout.planes(kv_cache)
+        accumulate_window_attention_triton(query[tokens], key_plane, attn_metadata.block_table.to(torch.int32),
+                                           accumulator, requests.to(torch.int32), positions.to(torch.int32),
+                                           attn_metadata.seq_lens.to(torch.int32), scale)
+        return
     num_blocks, kv_heads, block_size = accumulator.shape
     pages = kv_cache.view(num_blocks, kv_heads, -1)
-    starts = attn_metadata.query_start_loc
-    for row, tokens in window.query_tokens.items():
+    offset = 0
+    for row in rows:
+        count = len(window.query_tokens[row])
         length = int(attn_metadata.seq_lens[row])
-        num_queries = int(starts[row + 1] - starts[row])
         slots = torch.arange(length)
         blocks = attn_metadata.block_table[row, slots // block_size].long()
-        keys = pages[blocks[:, None], :, window.key_index[slots % block_size]]  # [S, D, kv_heads]
-        positions = length - num_queries + (tokens - starts[row])
-        mass = window_attention_mass(query[tokens], keys.permute(2, 0, 1), positions, scale)
+        keys = pages[blocks[:, None], :, window.layout.key_index[slots % block_size]]  # [S, D, kv_heads]
+        mass = window_attention_mass(query[tokens[offset:offset + count]], keys.permute(2, 0, 1),
+                                     positions[offset:offset + count].long(), scale)
         accumulator[blocks, :, slots % block_size] += mass.T
+        offset += count

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
+from infokv_vllm.kv.compaction import PageLayout
+
 
 @dataclass(frozen=True)
 class ObservationWindow:
     query_tokens: dict[int, torch.Tensor]  # batch row -> indices (into the step's query tokens) to score with
     accumulators: dict[str, torch.Tensor]  # attention layer name -> [blocks, kv_heads, block_size] float32
-    key_index: torch.Tensor  # [block_size, head_size]: page elements holding each slot's key
+    layout: PageLayout  # where each slot's key sits in a page
+    use_triton: bool  # the Triton kernel (GPU path) rather than torch
 
 
 _active: ObservationWindow | None = None

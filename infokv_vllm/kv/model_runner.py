@@ -71,15 +71,16 @@ class CompressingCPUModelRunner(CPUModelRunner):
         layers = [self.compilation_config.static_forward_context[name] for name in group.layer_names]
         self._layer_names = list(group.layer_names)
         spec = group.kv_cache_spec
-        token_index = probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, layers[0].isa)
-        self._compactor = PagedKVCompactor([layer.kv_cache for layer in layers], token_index)
+        layout = probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, layers[0].isa)
+        self._use_triton = self.compression.kernels == "triton"
+        self._compactor = PagedKVCompactor([layer.kv_cache for layer in layers], layout, self._use_triton)
         if ATTENTION in self._policy.signals and not all(
                 isinstance(layer.impl, ScoringCPUAttentionImpl) for layer in layers):
             raise RuntimeError("infokv-vllm: the attention layers were built without the scoring backend; the "
                                "attention signal would silently stay zero")
         if self._policy.signals:
             self._signals = SlotSignals(self._policy.signals, len(layers), layers[0].kv_cache.shape[0],
-                                        spec.num_kv_heads, spec.block_size)
+                                        spec.num_kv_heads, spec.block_size, self._use_triton)
         if REPRESENTATION in self._policy.signals:
             self._hook_decoder_layers()
 
@@ -201,8 +202,7 @@ class CompressingCPUModelRunner(CPUModelRunner):
         if not query_tokens:
             return None
         accumulators = dict(zip(self._layer_names, self._signals.planes[ATTENTION]))
-        head_size = self._compactor.token_index.shape[1] // 2
-        return ObservationWindow(query_tokens, accumulators, self._compactor.token_index[:, :head_size])
+        return ObservationWindow(query_tokens, accumulators, self._compactor.layout, self._use_triton)
 
     def _record_entropy(self) -> None:
         """Token i's entropy is that of the distribution it was drawn from: the logits at position i - 1.

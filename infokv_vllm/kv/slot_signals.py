@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from infokv_vllm.kernels.compaction import compact_pages_torch, row_token_index
+from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_triton, row_token_index
 
 
 class SlotSignals:
     def __init__(self, names: frozenset[str], num_layers: int, num_blocks: int, num_kv_heads: int,
-                 block_size: int) -> None:
+                 block_size: int, use_triton: bool) -> None:
         self.block_size = block_size
+        self.use_triton = use_triton
         self.planes = {name: [torch.zeros(num_blocks, num_kv_heads, block_size) for _ in range(num_layers)]
                        for name in sorted(names)}
         self._slot_index = row_token_index(block_size, 1)
@@ -46,5 +47,8 @@ class SlotSignals:
         block_table = torch.tensor([block_ids], dtype=torch.int32)
         n_keep = torch.tensor([keep.shape[-1]], dtype=torch.int32)
         for planes in self.planes.values():
-            for plane, layer_keep in zip(planes, keep):
-                compact_pages_torch(plane, self._slot_index, block_table, layer_keep[None], n_keep)
+            for plane, layer_keep in zip(planes, keep.to(torch.int32)):
+                if self.use_triton:
+                    compact_plane_triton(plane[..., None], block_table, layer_keep[None], n_keep)
+                else:
+                    compact_pages_torch(plane, self._slot_index, block_table, layer_keep[None], n_keep)
