@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +71,26 @@ def run(model: Path, method: str, pool: str, pool_blocks: int, num_requests: int
                          totals.blocks_freed if totals else 0)
 
 
+def summarise(results: list[RunResult], configs: list[tuple[str, int, str]]) -> list[dict]:
+    """Per configuration: median tokens/s with its coefficient of variation across repeats, the ratio of the
+    medians to vanilla on the same pool, and the counters of the first repeat (they do not vary)."""
+    rows = []
+    for pool, blocks, method in configs:
+        runs = [r for r in results if (r.pool, r.method) == (pool, method)]
+        speeds = [r.output_tokens_per_s for r in runs]
+        mean = statistics.fmean(speeds)
+        rows.append({**asdict(runs[0]), "output_tokens_per_s": statistics.median(speeds),
+                     "cv": statistics.pstdev(speeds) / mean if mean else 0.0})
+    vanilla = {row["pool"]: row["output_tokens_per_s"] for row in rows if row["method"] == "none"}
+    for row in rows:
+        row["vs_none"] = row["output_tokens_per_s"] / vanilla[row["pool"]] if row["pool"] in vanilla else None
+    return rows
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
@@ -80,9 +101,10 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=32)
     parser.add_argument("--bound-blocks", type=int, default=32, help="pool size (32-token blocks) of 'bound'")
     parser.add_argument("--unbound-blocks", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations (interleaved)")
     args = parser.parse_args()
     if args.smoke:
-        args.requests, args.output_len, args.bound_blocks, args.unbound_blocks = 2, 112, 8, 32
+        args.requests, args.output_len, args.bound_blocks, args.unbound_blocks, args.repeats = 2, 112, 8, 32, 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
@@ -91,17 +113,19 @@ def main() -> None:
     from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
 
     model = ensure_model()
-    results = [run(model, method, pool, blocks, args.requests, args.output_len, args.budget, args.interval)
-               for pool, blocks in (("bound", args.bound_blocks), ("unbound", args.unbound_blocks))
+    configs = [(pool, blocks, method) for pool, blocks in (("bound", args.bound_blocks),
+                                                           ("unbound", args.unbound_blocks))
                for method in args.methods.split(",")]
-    vanilla = {r.pool: r.output_tokens_per_s for r in results if r.method == "none"}
-    header = f"{'pool':8} {'method':10} {'blocks':>6} {'tok/s':>8} {'vs none':>8} {'peak run':>8} " \
-             f"{'preempt':>8} {'events':>7} {'freed':>6}"
-    print(header)
-    for r in results:
-        ratio = f"{r.output_tokens_per_s / vanilla[r.pool]:.2f}x" if r.pool in vanilla else "-"
-        print(f"{r.pool:8} {r.method:10} {r.pool_blocks:>6} {r.output_tokens_per_s:>8.2f} {ratio:>8} "
-              f"{r.peak_running:>8} {r.preemptions:>8} {r.compression_events:>7} {r.blocks_freed:>6}")
+    # Rounds over every configuration, so slow drifts of the machine hit all of them alike.
+    results = [run(model, method, pool, blocks, args.requests, args.output_len, args.budget, args.interval)
+               for _ in range(args.repeats) for pool, blocks, method in configs]
+    summary = summarise(results, configs)
+    print(f"{'pool':8} {'method':10} {'blocks':>6} {'tok/s':>8} {'cv':>6} {'vs none':>8} {'peak run':>8} "
+          f"{'preempt':>8} {'events':>7} {'freed':>6}")
+    for row in summary:
+        print(f"{row['pool']:8} {row['method']:10} {row['pool_blocks']:>6} {row['output_tokens_per_s']:>8.2f} "
+              f"{row['cv']:>6.1%} {_ratio(row['vs_none']):>8} {row['peak_running']:>8} {row['preemptions']:>8} "
+              f"{row['compression_events']:>7} {row['blocks_freed']:>6}")
     report = {
         "benchmark": "throughput", "smoke": args.smoke,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -109,7 +133,9 @@ def main() -> None:
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
         "workload": {"requests": args.requests, "output_len": args.output_len, "budget": args.budget,
                      "decode_interval": args.interval},
-        "results": [asdict(r) for r in results],
+        "repeats": args.repeats,
+        "summary": summary,
+        "runs": [asdict(r) for r in results],
     }
     RESULTS.mkdir(exist_ok=True)
     name = "throughput-smoke.json" if args.smoke else "throughput.json"

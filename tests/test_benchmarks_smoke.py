@@ -18,7 +18,7 @@ def test_throughput_smoke():
     subprocess.run([sys.executable, str(BENCHMARKS / "throughput.py"), "--smoke"], check=True, timeout=600,
                    capture_output=True)
     report = json.loads((BENCHMARKS / "results" / "throughput-smoke.json").read_text())
-    runs = {(r["pool"], r["method"]): r for r in report["results"]}
+    runs = {(r["pool"], r["method"]): r for r in report["summary"]}
     assert set(runs) == {(pool, method) for pool in ("bound", "unbound")
                          for method in ("none", "streaming", "infokv")}
     assert all(r["output_tokens"] == 2 * 112 for r in runs.values())

@@ -72,7 +72,7 @@ class CompressingScheduler(Scheduler):
         self._scores_attention = ATTENTION in make_policy(self.compression).signals
         self.records: dict[str, CompressionRecord] = {}
         self.totals = CompressionTotals()
-        self._prompt_compressed: set[str] = set()
+        self._past_prompt: set[str] = set()  # requests whose prompt-compression point has been evaluated
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         compactions = [c for request in self.running if (c := self._decide(request)) is not None]
@@ -93,7 +93,7 @@ class CompressingScheduler(Scheduler):
         for request_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.requests[request_id]
             end = request.num_computed_tokens  # already advanced past this step's tokens
-            if request_id not in self._prompt_compressed:
+            if request_id not in self._past_prompt:
                 prompt = request.num_prompt_tokens
                 if prompt <= self.compression.budget_for(prompt):
                     continue
@@ -110,12 +110,12 @@ class CompressingScheduler(Scheduler):
         logical = request.num_computed_tokens
         if logical < request.num_prompt_tokens:
             # Still prefilling (again, after a preemption): the prompt schedule applies once it is done.
-            self._prompt_compressed.discard(request.request_id)
+            self._past_prompt.discard(request.request_id)
             return None
         physical = self.manager.physical_len(request.request_id, logical)
         budget = self.compression.budget_for(logical)
-        if request.request_id not in self._prompt_compressed:
-            self._prompt_compressed.add(request.request_id)
+        if request.request_id not in self._past_prompt:
+            self._past_prompt.add(request.request_id)
             if physical > budget:
                 return Compaction(request.request_id, logical, physical, budget, self.compression.prefill_window)
         elif physical >= budget + self.compression.decode_interval:
@@ -169,7 +169,7 @@ class CompressingScheduler(Scheduler):
         return freed
 
     def _free_request(self, request: Request, *args, **kwargs):
-        self._prompt_compressed.discard(request.request_id)
+        self._past_prompt.discard(request.request_id)
         record = self.records.pop(request.request_id, None)
         if record is not None:
             logger.debug("infokv: request %s finished after %d compressions: %d tokens evicted, %d blocks "
