@@ -142,7 +142,8 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
     if engine_args.async_scheduling:
         raise CompressionConfigError(
             f"infokv-vllm: --async-scheduling is not supported with {flag_name('method')} {compression.method} "
-            "yet: compaction decisions are made on the synchronous schedule.")
+            "yet: compaction runs on vLLM's synchronous schedule (the CPU platform always schedules "
+            "synchronously; the asynchronous variant belongs with the GPU path).")
     engine_args.async_scheduling = False
     from infokv_vllm.scoring import make_policy
     from infokv_vllm.scoring.base import REPRESENTATION

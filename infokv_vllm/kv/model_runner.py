@@ -209,20 +209,25 @@ class CompressingCPUModelRunner(CPUModelRunner):
 
         The step's hidden states give the entropies for the next position of each of its tokens; the first
         token of the step takes the value carried over from the request's previous step (0 for a prompt's first
-        token, a sink).
+        token, a sink). The last token of each request already has the logits vLLM samples from; only the
+        positions before it (prefill chunks) need extra logits, computed a bounded number at a time.
         """
-        hidden = self.execute_model_state.hidden_states
+        state = self.execute_model_state
         count = len(self._step_slots)
-        entropies = torch.cat([
-            topk_entropy(self.model.compute_logits(hidden[start:start + ENTROPY_CHUNK_TOKENS]),
-                         self.compression.entropy_top_k)
-            for start in range(0, count, ENTROPY_CHUNK_TOKENS)])
-        starts = self.query_start_loc.cpu[: self.input_batch.num_reqs + 1].tolist()
+        num_reqs = self.input_batch.num_reqs
+        starts = self.query_start_loc.cpu[: num_reqs + 1].tolist()
+        entropies = torch.empty(count)
+        last = torch.tensor(starts[1:]) - 1
+        entropies[last] = topk_entropy(state.logits[:num_reqs], self.compression.entropy_top_k).cpu()
+        inner = torch.ones(count, dtype=torch.bool)
+        inner[last] = False
+        inner = inner.nonzero().flatten()
+        for chunk in inner.split(ENTROPY_CHUNK_TOKENS):
+            logits = self.model.compute_logits(state.hidden_states[chunk])
+            entropies[chunk] = topk_entropy(logits, self.compression.entropy_top_k).cpu()
         token_entropy = torch.empty(count)
-        for row, request_id in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
+        for row, request_id in enumerate(self.input_batch.req_ids[:num_reqs]):
             first, end = starts[row], starts[row + 1]
-            if first == end:
-                continue
             token_entropy[first] = self._pending_entropy.get(request_id, 0.0)
             token_entropy[first + 1:end] = entropies[first:end - 1]
             self._pending_entropy[request_id] = float(entropies[end - 1])
