@@ -19,8 +19,9 @@ def in_process_llm(model: Path, compression: dict | None = None, **overrides) ->
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    # A quarter of the NUMA node: room for a second engine or a transformers model beside this one.
-    kwargs = dict(dtype="float32", gpu_memory_utilization=0.25, max_model_len=512, enforce_eager=True,
+    # A fixed KV size (11k tokens of SmolLM2 in float32) rather than a share of the NUMA node, which vLLM refuses
+    # when other processes hold memory; it leaves room for a transformers model beside the engine.
+    kwargs = dict(dtype="float32", kv_cache_memory_bytes=512 * 2**20, max_model_len=512, enforce_eager=True,
                   block_size=BLOCK_SIZE, seed=0)
     kwargs.update(overrides)
     llm = LLM(str(model), additional_config={ADDITIONAL_CONFIG_KEY: compression} if compression else {},
