@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.server import CPU_SERVE_FLAGS, vllm_cli, vllm_server
+from infokv_vllm.local_server import CPU_SERVE_FLAGS, vllm_cli, vllm_server
 
 pytestmark = pytest.mark.e2e
 

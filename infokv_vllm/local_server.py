@@ -1,4 +1,4 @@
-"""Start a real `vllm serve` on loopback for end-to-end tests and benchmarks."""
+"""Start a real `vllm serve` on loopback, for end-to-end tests and benchmarks."""
 
 from __future__ import annotations
 

@@ -1,0 +1,183 @@
+"""Forward Influence: how much removing a set of cached tokens shifts the model's predictions, by distance.
+
+The analysis behind InfoKV (method doc, "Forward Influence"): prefill a document to position P, remove an
+equal-size token set S from every layer's KV cache, chosen by attention (the SnapKV window score), by token
+entropy (top-k, the prediction each token was drawn from) or at random (sinks and the observation window are
+protected, as in compression), then run the document's true continuation with its true positions and report
+KL(p_full || p_minus_S) of the next-token distributions, averaged in distance bins after P. The paper's finding:
+attention-selected sets dominate the near bins, entropy-selected sets the far bins.
+
+Documents are the model's own sampled answers to long-writing prompts (long decoding, as in reasoning traces).
+It runs SmolLM2 in transformers directly (no vLLM), in float32 on CPU.
+
+    .venv/bin/python benchmarks/forward_influence.py            # 3 documents, P=1024, 1280 continuation tokens
+    .venv/bin/python benchmarks/forward_influence.py --smoke    # seconds-long check that the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+BINS = ((0, 64), (64, 256), (256, 1024), (1024, 4096))
+SELECTIONS = ("attention", "entropy", "random")
+PROMPTS = ["Write a long, detailed story about a clockmaker who builds a clock that can stop time. Describe every "
+           "character, place and invention in detail.",
+           "Explain in great detail, step by step, how the internet works, from electrical signals in cables to "
+           "web pages in a browser. Give many concrete examples and numbers.",
+           "Write a long travel diary of a month-long journey through five different countries, with dates, "
+           "places, people met, prices and meals."]
+
+
+def sample_document(model, tokenizer, prompt: str, length: int, seed: int) -> torch.Tensor:
+    """A chat prompt and the model's sampled answer, `length` tokens in all (no end-of-sequence)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=length - ids.shape[1],
+                             min_new_tokens=length - ids.shape[1], suppress_tokens=[tokenizer.eos_token_id])
+    return out[0, :length]
+
+
+def removal_sets(attentions, logits: torch.Tensor, prefix: torch.Tensor, size: int, window: int, sinks: int,
+                 top_k: int, seed: int) -> dict[str, torch.Tensor]:
+    """Equal-size token sets among the candidates [sinks, P - window): the most attended by the last `window`
+    queries (summed over layers and heads), the highest top-k entropy, and a random draw."""
+    from infokv_vllm.scoring.entropy import topk_entropy
+
+    length = prefix.shape[0]
+    attention = sum(layer[0, :, -window:, :].sum(dim=(0, 1)) for layer in attentions)
+    entropy = torch.cat([torch.zeros(1), topk_entropy(logits[:-1], top_k)])  # entropy of token i's prediction
+    candidates = torch.arange(sinks, length - window)
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "attention": candidates[attention[candidates].topk(size).indices],
+        "entropy": candidates[entropy[candidates].topk(size).indices],
+        "random": candidates[torch.randperm(len(candidates), generator=generator)[:size]],
+    }
+
+
+def continuation_logits(model, cache, continuation: torch.Tensor, logical_start: int,
+                        removed: torch.Tensor | None) -> torch.Tensor:
+    """Logits over the continuation with `removed` dropped from every layer's cache; RoPE positions stay true."""
+    cache = copy.deepcopy(cache)
+    if removed is not None:
+        keep = torch.ones(cache.get_seq_length(), dtype=torch.bool)
+        keep[removed] = False
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+    physical = cache.get_seq_length()
+    count = continuation.shape[0]
+    with torch.no_grad():
+        return model(continuation[None], past_key_values=cache, use_cache=True,
+                     position_ids=torch.arange(logical_start, logical_start + count)[None],
+                     cache_position=torch.arange(physical, physical + count)).logits[0]
+
+
+def kl_per_position(full: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:
+    log_p, log_q = full.log_softmax(-1), reduced.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def analyse(model, document: torch.Tensor, prefix_len: int, size: int, window: int, sinks: int, top_k: int,
+            seed: int) -> dict[str, torch.Tensor]:
+    from transformers import DynamicCache
+
+    prefix, continuation = document[:prefix_len], document[prefix_len:]
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(prefix[None], past_key_values=cache, use_cache=True, output_attentions=True)
+    sets = removal_sets(out.attentions, out.logits[0], prefix, size, window, sinks, top_k, seed)
+    del out
+    full = continuation_logits(model, cache, continuation, prefix_len, None)
+    return {name: kl_per_position(full, continuation_logits(model, cache, continuation, prefix_len, removed))
+            for name, removed in sets.items()}
+
+
+def bin_means(kl: torch.Tensor) -> list[float | None]:
+    return [kl[lo:hi].mean().item() if kl.shape[0] > lo else None for lo, hi in BINS]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    parser.add_argument("--documents", type=int, default=3)
+    parser.add_argument("--prefix", type=int, default=1024, help="P: tokens prefilled before the removal")
+    parser.add_argument("--continuation", type=int, default=1280, help="future positions scored after P")
+    parser.add_argument("--removed", type=float, default=0.1, help="size of each removed set, share of P")
+    parser.add_argument("--window", type=int, default=32, help="observation window (protected, scores attention)")
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.smoke:
+        args.documents, args.prefix, args.continuation = 1, 96, 80
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model_dir = ensure_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Eager attention: the attention selection needs the probabilities.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    size = int(args.removed * args.prefix)
+    per_document = []
+    for index in range(args.documents):
+        document = sample_document(model, tokenizer, PROMPTS[index % len(PROMPTS)],
+                                   args.prefix + args.continuation, args.seed + index)
+        kls = analyse(model, document, args.prefix, size, args.window, args.sinks, args.top_k, args.seed + index)
+        per_document.append({name: bin_means(kl) for name, kl in kls.items()})
+        print(f"document {index}: " + ", ".join(f"{name} {kl.mean():.4f}" for name, kl in kls.items()), flush=True)
+
+    def average(name: str, column: int) -> float | None:
+        values = [doc[name][column] for doc in per_document if doc[name][column] is not None]
+        return sum(values) / len(values) if values else None
+
+    table = {name: [average(name, column) for column in range(len(BINS))] for name in SELECTIONS}
+    labels = [f"[{lo},{hi})" for lo, hi in BINS]
+    print(f"\nmean KL(full || minus S) by distance after P={args.prefix}, |S|={size} tokens, "
+          f"{args.documents} documents")
+    print(f"{'removed set':12}" + "".join(f"{label:>13}" for label in labels))
+    for name in SELECTIONS:
+        print(f"{name:12}" + "".join("-".rjust(13) if v is None else f"{v:13.5f}" for v in table[name]))
+    filled = [column for column in range(len(BINS)) if table["attention"][column] is not None]
+    near, far = filled[0], filled[-1]
+    reproduces = (table["attention"][near] > table["entropy"][near]
+                  and table["entropy"][far] > table["attention"][far])
+    verdict = {
+        "near_bin": labels[near], "far_bin": labels[far],
+        "attention_over_entropy_near": table["attention"][near] / table["entropy"][near],
+        "entropy_over_attention_far": table["entropy"][far] / table["attention"][far],
+        "paper_finding_reproduces": reproduces,
+    }
+    print(f"attention/entropy KL in {labels[near]}: {verdict['attention_over_entropy_near']:.2f}; "
+          f"entropy/attention KL in {labels[far]}: {verdict['entropy_over_attention_far']:.2f}; "
+          f"near/far finding {'reproduces' if reproduces else 'does not reproduce'} on {MODEL_NAME}")
+    report = {
+        "benchmark": "forward_influence", "smoke": args.smoke,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "model": MODEL_NAME, "dtype": "float32",
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k != "smoke"}, "removed_tokens": size,
+        "bins": labels, "mean_kl": table, "per_document": per_document, "verdict": verdict,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "forward_influence-smoke.json" if args.smoke else "forward_influence.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Answer quality per KV budget, measured the way a vLLM user would: against a real `vllm serve` through the
+OpenAI completions API (as lm-eval's `local-completions` does), one server per (policy, budget).
+
+Suites
+- passkey: a five-digit pass key hidden at a random depth of a generated haystack; the score is the share of
+  greedy answers that contain it. The haystack length is where SmolLM2-135M-Instruct with the full cache still
+  retrieves reliably (about 540 tokens: 0.88 in calibration; ~1k tokens: 0.6, ~2k: 0.3), so a drop is the
+  compression's doing. Compression happens once, after the prompt.
+- fidelity: long greedy generations compared with the full-cache run of the same prompt: the share of the trace
+  generated before the first token that differs, positionwise token agreement, and the mean KL(full || compressed)
+  of the next-token distributions over the shared prefix (where both runs saw the same context). KL uses the
+  top-20 logprobs the server returns: a token missing from the compressed run's top 20 is given that run's 20th
+  logprob, so the KL is approximate. Compression happens after the prompt and on the R-KV decode schedule.
+
+    .venv/bin/python benchmarks/quality.py            # the full grid (about an hour on 2 CPU cores)
+    .venv/bin/python benchmarks/quality.py --smoke    # seconds-long check that the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+POLICIES = ("infokv", "snapkv", "streaming", "random")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+ESSAYS = ["Explain step by step how a refrigerator keeps food cold, and why it needs electricity.",
+          "Tell the story of a young sailor who discovers an island that is not on any map.",
+          "Describe the water cycle in detail, from the ocean to the clouds and back.",
+          "Write a letter to a friend describing a visit to an old library full of strange books.",
+          "Explain how a city decides where to build a new bridge, and who is involved.",
+          "Describe a day in the life of a beekeeper in the mountains."]
+TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget as the user gives it: a ratio of each request's length or an absolute token count."""
+
+    label: str
+    flags: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        if text.endswith("%"):
+            return cls(text, ("--kv-budget-ratio", str(float(text[:-1]) / 100)))
+        return cls(text, ("--kv-budget", str(int(text))))
+
+
+@dataclass
+class PasskeyResult:
+    policy: str
+    budget: str
+    accuracy: float
+    prompt_tokens: float  # mean
+
+
+@dataclass
+class FidelityResult:
+    policy: str
+    budget: str
+    prefix_match: float  # share of the trace generated before the first differing token (mean over prompts)
+    token_agreement: float  # positionwise
+    mean_kl: float  # over shared prefixes, nats
+    generated_tokens: int
+
+
+def passkey_prompts(count: int, filler_repeats: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(count):
+        key = str(rng.randint(10000, 99999))
+        before = int(filler_repeats * rng.random())
+        prompts.append((
+            "There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+            f"memorize it.\n\n{FILLER * before}The pass key is {key}. Remember it. {key} is the pass key. "
+            f"{FILLER * (filler_repeats - before)}\n\nWhat is the pass key? The pass key is", key))
+    return prompts
+
+
+def run_passkey(client, model: str, prompts: list[tuple[str, str]]) -> tuple[float, float]:
+    def ask(prompt: str):
+        return client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(ask, [prompt for prompt, _ in prompts]))
+    hits = [key in reply.choices[0].text for reply, (_, key) in zip(replies, prompts)]
+    return sum(hits) / len(hits), sum(r.usage.prompt_tokens for r in replies) / len(replies)
+
+
+def run_traces(client, model: str, prompts: list[str], new_tokens: int) -> list[list[tuple[str, dict]]]:
+    """Per prompt, the greedy trace as (token, {candidate: logprob}) pairs."""
+    def generate(prompt: str):
+        reply = client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
+                                          logprobs=TOP_LOGPROBS, extra_body={"ignore_eos": True})
+        logprobs = reply.choices[0].logprobs
+        return list(zip(logprobs.tokens, logprobs.top_logprobs))
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(generate, prompts))
+
+
+def kl_top(full: dict[str, float], compressed: dict[str, float]) -> float:
+    floor = min(compressed.values())
+    return sum(math.exp(lp) * (lp - compressed.get(token, floor)) for token, lp in full.items())
+
+
+def compare_traces(reference: list[list[tuple[str, dict]]], traces: list[list[tuple[str, dict]]]
+                   ) -> tuple[float, float, float]:
+    prefix, agreement, kls = [], [], []
+    for ref, run in zip(reference, traces):
+        same = [a[0] == b[0] for a, b in zip(ref, run)]
+        shared = same.index(False) if False in same else len(same)
+        prefix.append(shared / len(ref))
+        agreement.append(sum(same) / len(ref))
+        # The position where the tokens first differ still had the same context in both runs.
+        kls += [kl_top(ref[i][1], run[i][1]) for i in range(min(shared + 1, len(ref)))]
+    return sum(prefix) / len(prefix), sum(agreement) / len(agreement), sum(kls) / len(kls)
+
+
+def essay_prompts(tokenizer, count: int) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": ESSAYS[i % len(ESSAYS)]}],
+                                          tokenize=False, add_generation_prompt=True) for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--budgets", default="10%,25%,50%,64,128,256",
+                        help="ratios of each request's length (with %%) or absolute KV tokens")
+    parser.add_argument("--passkey-prompts", type=int, default=12)
+    parser.add_argument("--filler-repeats", type=int, default=20, help="haystack size (~22 tokens each)")
+    parser.add_argument("--traces", type=int, default=4)
+    parser.add_argument("--trace-tokens", type=int, default=384)
+    parser.add_argument("--decode-interval", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.smoke:
+        args.policies, args.budgets, args.passkey_prompts, args.traces, args.trace_tokens = "infokv", "50%", 2, 1, 16
+        args.filler_repeats = 4
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import torch
+    import vllm
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    from infokv_vllm.local_server import vllm_server
+    from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
+
+    model = ensure_model()
+    passkeys = passkey_prompts(args.passkey_prompts, args.filler_repeats, args.seed)
+    essays = essay_prompts(AutoTokenizer.from_pretrained(model), args.traces)
+    configs = [("none", None)] + [(policy, Budget.parse(budget)) for policy in args.policies.split(",")
+                                  for budget in args.budgets.split(",")]
+    passkey_results, fidelity_results, reference = [], [], None
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as logs:
+        for policy, budget in configs:
+            flags = ["--max-num-seqs", str(max(len(passkeys), len(essays)))]
+            if budget is not None:
+                flags += ["--kv-compression", policy, *budget.flags, "--kv-decode-interval",
+                          str(args.decode_interval)]
+            label = budget.label if budget else "full"
+            with vllm_server(model, flags, Path(logs) / f"{policy}-{label}.log") as url:
+                client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=1800)
+                accuracy, prompt_tokens = run_passkey(client, str(model), passkeys)
+                traces = run_traces(client, str(model), essays, args.trace_tokens)
+            reference = reference or traces
+            passkey_results.append(PasskeyResult(policy, label, accuracy, prompt_tokens))
+            fidelity_results.append(FidelityResult(policy, label, *compare_traces(reference, traces),
+                                                   args.trace_tokens))
+            print(f"[{time.perf_counter() - started:6.0f}s] {policy:9} {label:>5}: passkey {accuracy:.2f}, "
+                  f"prefix match {fidelity_results[-1].prefix_match:.2f}, KL {fidelity_results[-1].mean_kl:.4f}",
+                  flush=True)
+
+    print(f"\npasskey retrieval (~{passkey_results[0].prompt_tokens:.0f} prompt tokens, "
+          f"{args.passkey_prompts} prompts)")
+    print(f"{'policy':10} {'budget':>6} {'accuracy':>9}")
+    for row in passkey_results:
+        print(f"{row.policy:10} {row.budget:>6} {row.accuracy:>9.2f}")
+    print(f"\ndecode fidelity vs full cache ({args.traces} prompts x {args.trace_tokens} greedy tokens)")
+    print(f"{'policy':10} {'budget':>6} {'prefix':>7} {'agree':>7} {'mean KL':>9}")
+    for row in fidelity_results:
+        print(f"{row.policy:10} {row.budget:>6} {row.prefix_match:>7.2f} {row.token_agreement:>7.2f} "
+              f"{row.mean_kl:>9.4f}")
+    report = {
+        "benchmark": "quality", "smoke": args.smoke,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "model": MODEL_NAME, "dtype": "float32",
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k != "smoke"},
+        "passkey": [asdict(r) for r in passkey_results],
+        "fidelity": [asdict(r) for r in fidelity_results],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    name = "quality-smoke.json" if args.smoke else "quality.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
