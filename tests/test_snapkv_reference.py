@@ -1,0 +1,97 @@
+"""SnapKV inside vLLM keeps the tokens a transformers implementation of the same policy keeps.
+
+transformers prefills each pass-key prompt, scores the cache with the window attention it reports
+(`output_attentions`), selects per (layer, KV head) with the policy's own code, drops the rest and decodes with
+logical RoPE positions. vLLM runs the prompts as one batch. The kept sets must agree (up to the few near-ties
+that float rounding may flip: the signals agree to 1e-3, see test_signals_reference) and, where they are
+identical, so must the greedy answers. A signal summed over the wrong queries or heads, or one request's scores
+leaking into another's, would change a large share of the kept set; a slot moved to the wrong place, the answer.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from infokv_vllm.config import CompressionConfig
+from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion
+from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
+from infokv_vllm.scoring.base import ATTENTION
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from quality import passkey_prompts  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+NEW_TOKENS = 10
+CONFIG = CompressionConfig(method="snapkv", budget=96, prefill_window=16, sinks=4)
+
+
+def snapkv_reference(model, prompt_ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The kept token indices [layers, kv_heads, budget] and the greedy continuation."""
+    from transformers import DynamicCache
+
+    config = model.config
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True, output_attentions=True)
+    length = len(prompt_ids)
+    window = CONFIG.prefill_window
+    attention = torch.stack([
+        weights[0, :, -window:, :].sum(dim=1).view(config.num_key_value_heads, -1, length).sum(dim=1)
+        for weights in out.attentions])  # [layers, kv_heads, length]
+    request = SelectionInput("ref", len(out.attentions), config.num_key_value_heads, length, CONFIG.sinks, window,
+                             torch.device("cpu"), {ATTENTION: attention})
+    keep = select_tokens(make_policy(CONFIG).scores(request), CONFIG.budget, CONFIG.sinks, window)
+    for layer, layer_keep in zip(cache.layers, keep):
+        index = layer_keep[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+    generated = [int(out.logits[0, -1].argmax())]
+    logical, physical = length, CONFIG.budget
+    while len(generated) < NEW_TOKENS:
+        with torch.no_grad():
+            logits = model(torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True,
+                           position_ids=torch.tensor([[logical]]), cache_position=torch.tensor([physical])
+                           ).logits[0, -1]
+        generated.append(int(logits.argmax()))
+        logical, physical = logical + 1, physical + 1
+    return keep, generated
+
+
+def test_vllm_snapkv_matches_transformers_on_a_batch(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = {f"p{i}": tokenizer(prompt)["input_ids"] for i, (prompt, _) in enumerate(passkey_prompts(3, 6, 1))}
+    assert all(len(ids) > CONFIG.budget + 40 for ids in prompts.values())  # a real share is evicted
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    kept = {}
+    with in_process_llm(smollm2_dir, CONFIG.to_dict()) as llm:
+        policy = model_runner_of(llm)._policy
+        original = policy.scores
+
+        def record_kept_set(request):  # vLLM suffixes request ids: "p0" -> "p0-1a2b3c4d"
+            scores = original(request)
+            kept[request.request_id.rsplit("-", 1)[0]] = select_tokens(scores, CONFIG.budget, CONFIG.sinks, request.window)
+            return scores
+
+        policy.scores = record_kept_set
+        answers = run_to_completion(llm, {rid: TokensPrompt(prompt_token_ids=ids) for rid, ids in prompts.items()},
+                                    params)
+    assert set(kept) == set(prompts), "every prompt is compressed once"
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="eager")
+    identical = 0
+    for rid, ids in prompts.items():
+        reference_kept, reference_answer = snapkv_reference(model.eval(), ids)
+        per_row = [len(set(a.tolist()) & set(b.tolist())) / CONFIG.budget
+                   for a, b in zip(kept[rid].flatten(0, 1), reference_kept.flatten(0, 1))]
+        assert min(per_row) >= 0.95 and sum(per_row) / len(per_row) >= 0.99, (rid, min(per_row))
+        if torch.equal(kept[rid], reference_kept):
+            identical += 1
+            assert answers[rid] == reference_answer, rid
+    assert identical >= 1, "no request kept exactly the reference set: the answer check never ran"
