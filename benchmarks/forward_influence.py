@@ -7,8 +7,8 @@ protected, as in compression), then run the document's true continuation with it
 KL(p_full || p_minus_S) of the next-token distributions, averaged in distance bins after P. The paper's finding:
 attention-selected sets dominate the near bins, entropy-selected sets the far bins.
 
-Documents are the model's own sampled answers to long-writing prompts (long decoding, as in reasoning traces).
-It runs SmolLM2 in transformers directly (no vLLM), in float32 on CPU.
+Documents are the model's own sampled answers to long-writing prompts (long decoding, as in reasoning traces),
+sampled with vLLM; the analysis runs SmolLM2 in transformers directly, in float32 on CPU.
 
     .venv/bin/python benchmarks/forward_influence.py            # 3 documents, P=1024, 1280 continuation tokens
     .venv/bin/python benchmarks/forward_influence.py --smoke    # seconds-long check that the script runs
@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
 BINS = ((0, 64), (64, 256), (256, 1024), (1024, 4096))
 SELECTIONS = ("attention", "entropy", "random")
 PROMPTS = ["Write a long, detailed story about a clockmaker who builds a clock that can stop time. Describe every "
@@ -36,15 +33,23 @@ PROMPTS = ["Write a long, detailed story about a clockmaker who builds a clock t
            "places, people met, prices and meals."]
 
 
-def sample_document(model, tokenizer, prompt: str, length: int, seed: int) -> torch.Tensor:
-    """A chat prompt and the model's sampled answer, `length` tokens in all (no end-of-sequence)."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(ids, do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=length - ids.shape[1],
-                             min_new_tokens=length - ids.shape[1], suppress_tokens=[tokenizer.eos_token_id])
-    return out[0, :length]
+def sample_documents(model_dir: Path, tokenizer, count: int, length: int, seed: int) -> list[torch.Tensor]:
+    """Chat prompts and the model's sampled answers, `length` tokens each (no end-of-sequence). Sampled with vLLM
+    (in this process, then shut down): transformers' generate runs at a few tokens/s on 2 CPU cores."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from infokv_vllm.local_engine import in_process_llm
+
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for i in range(count)]
+    with in_process_llm(model_dir, max_model_len=length + 16) as llm:
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in prompts],
+            [SamplingParams(temperature=0.8, top_p=0.95, seed=seed + i, max_tokens=length - len(ids),
+                            min_tokens=length - len(ids), ignore_eos=True) for i, ids in enumerate(prompts)])
+    return [torch.tensor(ids + list(out.outputs[0].token_ids)) for ids, out in zip(prompts, outputs)]
 
 
 def removal_sets(attentions, logits: torch.Tensor, prefix: torch.Tensor, size: int, window: int, sinks: int,
@@ -93,8 +98,12 @@ def analyse(model, document: torch.Tensor, prefix_len: int, size: int, window: i
 
     prefix, continuation = document[:prefix_len], document[prefix_len:]
     cache = DynamicCache()
-    with torch.no_grad():
-        out = model(prefix[None], past_key_values=cache, use_cache=True, output_attentions=True)
+    model.set_attn_implementation("eager")  # only eager attention reports its probabilities
+    try:
+        with torch.no_grad():
+            out = model(prefix[None], past_key_values=cache, use_cache=True, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
     sets = removal_sets(out.attentions, out.logits[0], prefix, size, window, sinks, top_k, seed)
     del out
     full = continuation_logits(model, cache, continuation, prefix_len, None)
@@ -107,6 +116,8 @@ def bin_means(kl: torch.Tensor) -> list[float | None]:
 
 
 def main() -> None:
+    from report import write_report  # beside this script (benchmarks run as files)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--documents", type=int, default=3)
@@ -122,21 +133,18 @@ def main() -> None:
         args.documents, args.prefix, args.continuation = 1, 96, 80
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
 
-    torch.set_num_threads(os.cpu_count() or 1)
     model_dir = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # Eager attention: the attention selection needs the probabilities.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     size = int(args.removed * args.prefix)
     per_document = []
-    for index in range(args.documents):
-        document = sample_document(model, tokenizer, PROMPTS[index % len(PROMPTS)],
-                                   args.prefix + args.continuation, args.seed + index)
+    documents = sample_documents(model_dir, tokenizer, args.documents, args.prefix + args.continuation, args.seed)
+    torch.set_num_threads(os.cpu_count() or 1)  # vLLM lowered it for serving
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    for index, document in enumerate(documents):
         kls = analyse(model, document, args.prefix, size, args.window, args.sinks, args.top_k, args.seed + index)
         per_document.append({name: bin_means(kl) for name, kl in kls.items()})
         print(f"document {index}: " + ", ".join(f"{name} {kl.mean():.4f}" for name, kl in kls.items()), flush=True)
@@ -165,18 +173,9 @@ def main() -> None:
     print(f"attention/entropy KL in {labels[near]}: {verdict['attention_over_entropy_near']:.2f}; "
           f"entropy/attention KL in {labels[far]}: {verdict['entropy_over_attention_far']:.2f}; "
           f"near/far finding {'reproduces' if reproduces else 'does not reproduce'} on {MODEL_NAME}")
-    report = {
-        "benchmark": "forward_influence", "smoke": args.smoke,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "model": MODEL_NAME, "dtype": "float32",
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
-        "settings": {k: v for k, v in vars(args).items() if k != "smoke"}, "removed_tokens": size,
-        "bins": labels, "mean_kl": table, "per_document": per_document, "verdict": verdict,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    name = "forward_influence-smoke.json" if args.smoke else "forward_influence.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    write_report("forward_influence", args.smoke, model=MODEL_NAME, dtype="float32",
+                 settings={k: v for k, v in vars(args).items() if k != "smoke"}, removed_tokens=size, bins=labels,
+                 mean_kl=table, per_document=per_document, verdict=verdict)
 
 
 if __name__ == "__main__":

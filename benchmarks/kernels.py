@@ -13,15 +13,11 @@ runs and matches its torch reference, at tiny sizes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
 # Dense peak bandwidth of the GPUs this project is measured on (vendor data sheets, SXM parts).
 HBM_PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -132,6 +128,8 @@ def _bandwidth(result: KernelResult, unique_bytes: int) -> None:
 
 
 def main() -> None:
+    from report import write_report  # beside this script (benchmarks run as files)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, no timing")
     args = parser.parse_args()
@@ -158,18 +156,8 @@ def main() -> None:
                   + f"{r.bytes_per_s / 1e9:>7.0f} " + (f"{r.hbm_fraction:>5.0%}" if r.hbm_fraction else ""))
         print(f"{r.kernel:17} {s['requests']:>4} {s['seq_len']:>5} {s['window']:>4} {s['kept']:>5} "
               f"{r.max_abs_error:>9.2e} {timing}")
-    report = {
-        "benchmark": "kernels", "smoke": args.smoke,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "gpu": torch.cuda.get_device_name() if on_gpu else None},
-        "dtype": str(dtype).removeprefix("torch."), "triton_interpreter": not on_gpu,
-        "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
-        "results": [asdict(r) for r in results],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    name = "kernels-smoke.json" if args.smoke else "kernels.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    write_report("kernels", args.smoke, dtype=str(dtype).removeprefix("torch."), triton_interpreter=not on_gpu,
+                 results=[asdict(r) for r in results])
 
 
 if __name__ == "__main__":

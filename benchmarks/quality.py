@@ -19,10 +19,8 @@ Suites
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import random
 import tempfile
 import time
@@ -30,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 POLICIES = ("infokv", "snapkv", "streaming", "random")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 ESSAYS = ["Explain step by step how a refrigerator keeps food cold, and why it needs electricity.",
@@ -133,6 +130,8 @@ def essay_prompts(tokenizer, count: int) -> list[str]:
 
 
 def main() -> None:
+    from report import write_report  # beside this script (benchmarks run as files)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--policies", default=",".join(POLICIES))
@@ -150,8 +149,6 @@ def main() -> None:
         args.filler_repeats = 4
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import torch
-    import vllm
     from openai import OpenAI
     from transformers import AutoTokenizer
 
@@ -194,19 +191,9 @@ def main() -> None:
     for row in fidelity_results:
         print(f"{row.policy:10} {row.budget:>6} {row.prefix_match:>7.2f} {row.token_agreement:>7.2f} "
               f"{row.mean_kl:>9.4f}")
-    report = {
-        "benchmark": "quality", "smoke": args.smoke,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "model": MODEL_NAME, "dtype": "float32",
-        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
-        "settings": {k: v for k, v in vars(args).items() if k != "smoke"},
-        "passkey": [asdict(r) for r in passkey_results],
-        "fidelity": [asdict(r) for r in fidelity_results],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    name = "quality-smoke.json" if args.smoke else "quality.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    write_report("quality", args.smoke, model=MODEL_NAME, dtype="float32",
+                 settings={k: v for k, v in vars(args).items() if k != "smoke"},
+                 passkey=[asdict(r) for r in passkey_results], fidelity=[asdict(r) for r in fidelity_results])
 
 
 if __name__ == "__main__":

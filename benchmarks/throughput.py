@@ -12,15 +12,12 @@ tokens/s and its ratio to vanilla on the same pool, peak running requests, preem
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
 TOPICS = ["the history of tea", "how bridges are built", "the life of honeybees", "a journey to Mars",
           "the rules of chess", "why the sky is blue", "the invention of paper", "a storm at sea"]
 
@@ -92,6 +89,8 @@ def _ratio(value: float | None) -> str:
 
 
 def main() -> None:
+    from report import write_report  # beside this script (benchmarks run as files)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     parser.add_argument("--methods", default="none,streaming,infokv")
@@ -107,8 +106,6 @@ def main() -> None:
         args.requests, args.output_len, args.bound_blocks, args.unbound_blocks, args.repeats = 2, 112, 8, 32, 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import torch
-    import vllm
 
     from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
 
@@ -126,21 +123,10 @@ def main() -> None:
         print(f"{row['pool']:8} {row['method']:10} {row['pool_blocks']:>6} {row['output_tokens_per_s']:>8.2f} "
               f"{row['cv']:>6.1%} {_ratio(row['vs_none']):>8} {row['peak_running']:>8} {row['preemptions']:>8} "
               f"{row['compression_events']:>7} {row['blocks_freed']:>6}")
-    report = {
-        "benchmark": "throughput", "smoke": args.smoke,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "model": MODEL_NAME, "dtype": "float32", "block_size": 32,
-        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
-        "workload": {"requests": args.requests, "output_len": args.output_len, "budget": args.budget,
-                     "decode_interval": args.interval},
-        "repeats": args.repeats,
-        "summary": summary,
-        "runs": [asdict(r) for r in results],
-    }
-    RESULTS.mkdir(exist_ok=True)
-    name = "throughput-smoke.json" if args.smoke else "throughput.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    write_report("throughput", args.smoke, model=MODEL_NAME, dtype="float32", block_size=32,
+                 workload={"requests": args.requests, "output_len": args.output_len, "budget": args.budget,
+                           "decode_interval": args.interval},
+                 repeats=args.repeats, summary=summary, runs=[asdict(r) for r in results])
 
 
 if __name__ == "__main__":

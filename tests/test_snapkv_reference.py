@@ -10,21 +10,17 @@ leaking into another's, would change a large share of the kept set; a slot moved
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
+from benchmarks.quality import passkey_prompts
+
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion
 from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
 from infokv_vllm.scoring.base import ATTENTION
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
-from quality import passkey_prompts  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

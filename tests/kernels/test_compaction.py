@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_triton, row_token_index
+from tests.kernels.paged import shuffled_block_table
 
 
 def compact_plane_torch(plane, block_table, keep, n_keep):
@@ -21,14 +22,7 @@ def random_paged_batch(seed: int, num_heads: int = 3, block_size: int = 16, widt
     """Requests with ragged lengths on shuffled blocks of one pool, and per-head ascending keep lists."""
     generator = torch.Generator().manual_seed(seed)
     lengths = [37, 16, 100, 1, 64]
-    blocks_per_request = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(blocks_per_request) + 5  # spare blocks owned by nobody
-    order = torch.randperm(num_blocks, generator=generator)
-    table = torch.zeros(len(lengths), max(blocks_per_request), dtype=torch.int32)
-    used = 0
-    for req, count in enumerate(blocks_per_request):
-        table[req, :count] = order[used:used + count]
-        used += count
+    table, num_blocks = shuffled_block_table(lengths, block_size, 5, generator)
     n_keep = torch.tensor([min(n, c) for n, c in zip(lengths, [20, 16, 33, 1, 64])], dtype=torch.int32)
     keep = torch.zeros(len(lengths), num_heads, int(n_keep.max()), dtype=torch.int32)
     for req, length in enumerate(lengths):

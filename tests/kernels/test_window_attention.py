@@ -7,6 +7,7 @@ import torch
 
 from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
 from infokv_vllm.scoring.attention import window_attention_mass
+from tests.kernels.paged import shuffled_block_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -16,14 +17,7 @@ def paged_case(seed: int, q_heads: int, kv_heads: int, head_dim: int = 32, block
     generator = torch.Generator().manual_seed(seed)
     seq_lens = [37, 5, 70]
     window = [3, 1, 8]  # window queries per request, the last ones of the sequence (a chunk's tail)
-    blocks_needed = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_needed) + 3
-    order = torch.randperm(num_blocks, generator=generator)
-    table = torch.zeros(len(seq_lens), max(blocks_needed), dtype=torch.int32)
-    used = 0
-    for req, count in enumerate(blocks_needed):
-        table[req, :count] = order[used:used + count]
-        used += count
+    table, num_blocks = shuffled_block_table(seq_lens, block_size, 3, generator)
     keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator)
     requests = torch.cat([torch.full((w,), r) for r, w in enumerate(window)]).int()
     positions = torch.cat([torch.arange(n - w, n) for n, w in zip(seq_lens, window)]).int()

@@ -1,0 +1,35 @@
+"""The JSON every benchmark writes under benchmarks/results/: its numbers plus the machine and library versions
+they were measured with. Smoke runs write `<name>-smoke.json`, which git ignores."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _versions() -> dict[str, str | None]:
+    found = {}
+    for package in ("vllm", "torch", "triton", "transformers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def write_report(benchmark: str, smoke: bool, **fields) -> Path:
+    import torch
+
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    report = {"benchmark": benchmark, "smoke": smoke, "machine": machine, "versions": _versions(), **fields}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / (f"{benchmark}-smoke.json" if smoke else f"{benchmark}.json")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
