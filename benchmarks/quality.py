@@ -12,7 +12,7 @@ Suites
   top-20 logprobs the server returns: a token missing from the compressed run's top 20 is given that run's 20th
   logprob, so the KL is approximate. Compression happens after the prompt and on the R-KV decode schedule.
 
-    .venv/bin/python benchmarks/quality.py            # the full grid (about an hour on 2 CPU cores)
+    .venv/bin/python benchmarks/quality.py            # the full grid (about 35 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/quality.py --smoke    # seconds-long check that the script runs
 """
 
