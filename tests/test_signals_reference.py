@@ -61,13 +61,20 @@ def transformers_outputs(smollm2_dir, prompt_ids):
     return model.config, outputs
 
 
+def window_attention_per_kv_head(attentions, window: int, num_kv_heads: int) -> torch.Tensor:
+    """[layers, kv_heads, T]: from transformers' attention probabilities ([1, q_heads, T, T] per layer), the mass
+    the last `window` queries give each token, summed over those queries and the query heads of each KV head."""
+    reference = []
+    for weights in attentions:
+        mass = weights[0, :, -window:, :].sum(dim=1)  # [q_heads, T]
+        reference.append(mass.view(num_kv_heads, -1, mass.shape[-1]).sum(dim=1))
+    return torch.stack(reference)
+
+
 def test_window_attention_matches_transformers(vllm_signals, transformers_outputs):
     config, outputs = transformers_outputs
-    reference = []
-    for weights in outputs.attentions:  # [1, q_heads, T, T]
-        window = weights[0, :, -WINDOW:, :].sum(dim=1)  # summed over the window's queries: [q_heads, T]
-        reference.append(window.view(config.num_key_value_heads, -1, window.shape[-1]).sum(dim=1))
-    torch.testing.assert_close(vllm_signals[ATTENTION], torch.stack(reference), rtol=1e-3, atol=1e-4)
+    reference = window_attention_per_kv_head(outputs.attentions, WINDOW, config.num_key_value_heads)
+    torch.testing.assert_close(vllm_signals[ATTENTION], reference, rtol=1e-3, atol=1e-4)
 
 
 def test_token_entropy_matches_transformers(vllm_signals, transformers_outputs):

@@ -21,6 +21,7 @@ from infokv_vllm.config import CompressionConfig
 from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion
 from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
 from infokv_vllm.scoring.base import ATTENTION
+from tests.test_signals_reference import window_attention_per_kv_head
 
 pytestmark = pytest.mark.e2e
 
@@ -38,9 +39,7 @@ def snapkv_reference(model, prompt_ids: list[int]) -> tuple[torch.Tensor, list[i
         out = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True, output_attentions=True)
     length = len(prompt_ids)
     window = CONFIG.prefill_window
-    attention = torch.stack([
-        weights[0, :, -window:, :].sum(dim=1).view(config.num_key_value_heads, -1, length).sum(dim=1)
-        for weights in out.attentions])  # [layers, kv_heads, length]
+    attention = window_attention_per_kv_head(out.attentions, window, config.num_key_value_heads)
     request = SelectionInput("ref", len(out.attentions), config.num_key_value_heads, length, CONFIG.sinks, window,
                              torch.device("cpu"), {ATTENTION: attention})
     keep = select_tokens(make_policy(CONFIG).scores(request), CONFIG.budget, CONFIG.sinks, window)
