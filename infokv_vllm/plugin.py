@@ -58,9 +58,21 @@ def register() -> None:
     from infokv_vllm import vllm_patches
     from infokv_vllm.kv.block_manager import register_kv_cache_spec
 
+    _log_like_vllm()
     vllm_patches.apply()
     register_kv_cache_spec()
     _registered = True
+
+
+def _log_like_vllm() -> None:
+    """Send our log records where vLLM sends its own, at its level (VLLM_LOGGING_LEVEL): vLLM configures only its
+    `vllm` logger, so without this our debug line per compression event would never appear."""
+    vllm_logger = logging.getLogger("vllm")
+    for handler in vllm_logger.handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+    if vllm_logger.handlers:
+        logger.setLevel(vllm_logger.level)
 
 
 # --- CLI ------------------------------------------------------------------------------------------------

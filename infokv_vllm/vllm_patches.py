@@ -67,6 +67,16 @@ def apply() -> None:
 
     _wrap(EngineArgs, "create_engine_config", create_engine_config)
 
+    # vllm.v1.engine.EngineCoreOutputs.scheduler_stats: the frontend's msgspec decoder builds the per-step
+    # SchedulerStats from this annotation and drops every field it does not declare, so the compression counters
+    # would never reach the stat loggers. Declaring our subclass (a superset) lets them through. Plugins are
+    # registered before vLLM builds its decoders, and msgspec reads the annotation when a decoder is built.
+    from vllm.v1.engine import EngineCoreOutputs
+
+    from infokv_vllm.metrics import CompressionSchedulerStats
+
+    EngineCoreOutputs.__annotations__["scheduler_stats"] = CompressionSchedulerStats | None
+
 
 @contextlib.contextmanager
 def cpu_model_runner_class(runner_cls: type) -> Iterator[None]:

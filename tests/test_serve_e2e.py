@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
 from infokv_vllm.local_server import CPU_SERVE_FLAGS, vllm_cli, vllm_server
+from infokv_vllm.metrics import METRIC_PREFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -15,9 +19,14 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 @pytest.fixture(scope="module")
-def compressing_server(smollm2_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    with vllm_server(smollm2_dir, ["--kv-compression", "infokv", "--kv-budget", "128"], log) as url:
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+
+
+@pytest.fixture(scope="module")
+def compressing_server(smollm2_dir, server_log):
+    with vllm_server(smollm2_dir, ["--kv-compression", "infokv", "--kv-budget", "128"], server_log,
+                     env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as url:
         yield url
 
 
@@ -26,6 +35,16 @@ def client(compressing_server):
     from openai import OpenAI
 
     return OpenAI(base_url=compressing_server + "/v1", api_key="unused")
+
+
+def compression_metrics(url: str) -> dict[str, float]:
+    """Our samples on vLLM's /metrics (one engine, so one sample per metric)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name.startswith(METRIC_PREFIX)}
 
 
 def test_chat_completion(client, smollm2_dir):
@@ -40,6 +59,31 @@ def test_streaming_chat_completion(client, smollm2_dir):
                                             temperature=0, stream=True)
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert len(pieces) > 3 and "Paris" in "".join(pieces)
+
+
+def test_metrics_and_debug_log_report_compression(client, compressing_server, server_log, smollm2_dir):
+    prompt = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 35  # ~600 tokens
+    before = compression_metrics(compressing_server)
+    stream = client.completions.create(model=str(smollm2_dir), prompt=prompt, max_tokens=24, temperature=0,
+                                       stream=True)
+    for received, _ in enumerate(stream):
+        if received == 8:  # mid-stream: the request holds its budget plus what it generated since
+            running = compression_metrics(compressing_server)
+    assert 0.1 < running[f"{METRIC_PREFIX}kv_compression_ratio"] < 0.5, running
+
+    deadline = time.monotonic() + 30
+    while (after := compression_metrics(compressing_server)) == running and time.monotonic() < deadline:
+        time.sleep(0.5)  # the frontend records the engine's last stats of the request after replying
+
+    def grew(name: str) -> float:
+        return after[f"{METRIC_PREFIX}{name}_total"] - before.get(f"{METRIC_PREFIX}{name}_total", 0.0)
+
+    assert grew("compression_events") == 1, after
+    assert 600 - 128 <= grew("tokens_evicted") < 700 - 128, after
+    assert grew("kv_blocks_freed") >= 1
+    assert grew("scoring_seconds") > 0 and grew("compaction_seconds") > 0
+    assert after[f"{METRIC_PREFIX}kv_compression_ratio"] == 1.0, "no request is running any more"
+    assert "infokv: request" in server_log.read_text() and "compressed" in server_log.read_text()
 
 
 @pytest.mark.parametrize(

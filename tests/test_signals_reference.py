@@ -3,14 +3,16 @@ window attention (SnapKV-style), top-k token entropy and representation evolutio
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
+from infokv_vllm.kv.messages import TokenEntropies
+from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.scoring.entropy import topk_entropy
-from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion
 
 pytestmark = pytest.mark.e2e
 
@@ -27,12 +29,12 @@ def prompt_ids(smollm2_dir) -> list[int]:
     return AutoTokenizer.from_pretrained(smollm2_dir)(PROMPT)["input_ids"]
 
 
-@pytest.fixture(scope="module", params=[None, 24], ids=["one-chunk", "chunked-prefill"])
-def vllm_signals(request, smollm2_dir, prompt_ids) -> dict[str, torch.Tensor]:
+def prompt_compression_signals(smollm2_dir, prompt_ids, chunk_tokens: int | None,
+                               prepare=lambda llm: None) -> dict[str, torch.Tensor]:
     """The signals the InfoKV policy receives when vLLM compresses the prompt, prefilled in one step or in
-    24-token chunks (the window and the carried-over entropy then cross chunk boundaries)."""
-    chunking = {} if request.param is None else {"max_num_batched_tokens": request.param,
-                                                 "enable_chunked_prefill": True}
+    chunks of `chunk_tokens`; `prepare(llm)` may instrument the engine first."""
+    chunking = {} if chunk_tokens is None else {"max_num_batched_tokens": chunk_tokens,
+                                                "enable_chunked_prefill": True}
     compression = {"method": "infokv", "budget": len(prompt_ids) - 20, "prefill_window": WINDOW,
                    "decode_window": 8, "entropy_top_k": TOP_K}
     captured = []
@@ -45,10 +47,17 @@ def vllm_signals(request, smollm2_dir, prompt_ids) -> dict[str, torch.Tensor]:
             return original(request)
 
         policy.scores = capture
+        prepare(llm)
         run_to_completion(llm, {"q": TokensPrompt(prompt_token_ids=prompt_ids)},
                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(captured) == 1, "the prompt is compressed exactly once"
     return captured[0]
+
+
+@pytest.fixture(scope="module", params=[None, 24], ids=["one-chunk", "chunked-prefill"])
+def vllm_signals(request, smollm2_dir, prompt_ids) -> dict[str, torch.Tensor]:
+    """In 24-token chunks the window and the entropies sent back through the scheduler cross chunk boundaries."""
+    return prompt_compression_signals(smollm2_dir, prompt_ids, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +102,27 @@ def test_representation_evolution_matches_transformers(vllm_signals, transformer
                             for layer in range(len(states) - 2)])
     ours = vllm_signals[REPRESENTATION][: len(expected), 0]
     torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_workers_score_with_the_entropies_the_scheduler_sends(smollm2_dir, prompt_ids):
+    """Under tensor parallelism every rank must score with the same entropies: the workers take them from the
+    scheduler's output, not from their own computation. Replace what the scheduler sends with a marker (the
+    token's position) and find exactly the marker in the signal the policy scores with."""
+
+    def send_markers(llm):
+        scheduler = scheduler_of(llm)
+        schedule = scheduler.schedule
+
+        def schedule_with_markers(*args, **kwargs):
+            output = schedule(*args, **kwargs)
+            output.kv_entropies = {
+                request_id: TokenEntropies(sent.first_position, np.arange(
+                    sent.first_position, sent.first_position + len(sent.values), dtype=np.float32))
+                for request_id, sent in output.kv_entropies.items()}
+            return output
+
+        scheduler.schedule = schedule_with_markers
+
+    signals = prompt_compression_signals(smollm2_dir, prompt_ids, 24, send_markers)
+    positions = torch.arange(len(prompt_ids), dtype=torch.float32)
+    assert torch.equal(signals[ENTROPY][0, 0], positions), "position 0 is a sink: 0"

@@ -11,9 +11,17 @@ import pytest
 from infokv_vllm import plugin
 
 
-def test_entry_point_is_discoverable():
+def test_entry_points_are_discoverable():
     found = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert found.get("infokv") == "infokv_vllm.plugin:register"
+    from vllm.plugins import STAT_LOGGER_PLUGINS_GROUP
+    from vllm.v1.metrics.loggers import load_stat_logger_plugin_factories
+
+    from infokv_vllm.metrics import CompressionStatLogger
+
+    assert {ep.name: ep.value for ep in entry_points(group=STAT_LOGGER_PLUGINS_GROUP)}.get("infokv") == (
+        "infokv_vllm.metrics:CompressionStatLogger")
+    assert CompressionStatLogger in load_stat_logger_plugin_factories()
 
 
 def test_installed_vllm_is_supported():
@@ -84,3 +92,20 @@ def test_cpu_attention_backend_override_is_scoped():
     with cpu_attention_backend(path):
         assert AttentionBackendEnum.CPU_ATTN.get_class() is ScoringCPUAttentionBackend
     assert AttentionBackendEnum.CPU_ATTN.get_path() == default
+
+
+@pytest.mark.usefixtures("vllm_plugins_loaded")
+def test_compression_stats_survive_the_engine_to_frontend_trip():
+    """vLLM's own encoder and decoder for engine-core outputs, as the engine core and the frontend use them."""
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
+
+    sent = CompressionSchedulerStats.extend(SchedulerStats(num_running_reqs=3),
+                                            CompressionStats(events=2, tokens_evicted=96, seconds_scoring=0.5))
+    received = MsgpackDecoder(EngineCoreOutputs).decode(
+        MsgpackEncoder().encode(EngineCoreOutputs(outputs=[], scheduler_stats=sent))).scheduler_stats
+    assert received.num_running_reqs == 3
+    assert received.compression == sent.compression

@@ -9,13 +9,14 @@ slots new tokens are written to (`slot_mapping`) are shifted down by `evicted`.
 from __future__ import annotations
 
 import dataclasses
-import logging
+import time
 
 import numpy as np
 import torch
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from infokv_vllm.attention.cpu import ScoringCPUAttentionImpl
@@ -23,14 +24,12 @@ from infokv_vllm.attention.window import ObservationWindow, observation_window
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.kv.block_manager import CompressedAttentionSpec
 from infokv_vllm.kv.compaction import PagedKVCompactor, probe_cpu_page_layout
-from infokv_vllm.kv.scheduler import Compaction
+from infokv_vllm.kv.messages import Compaction, TokenEntropies, WorkerReport
 from infokv_vllm.kv.slot_signals import SlotSignals
 from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
 from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.scoring.entropy import topk_entropy
 from infokv_vllm.scoring.representation import representation_evolution
-
-logger = logging.getLogger(__name__)
 
 # Prompt logits are computed this many positions at a time: never prompt_len x vocab at once.
 ENTROPY_CHUNK_TOKENS = 256
@@ -44,7 +43,8 @@ class CompressingCPUModelRunner(CPUModelRunner):
         self._policy = make_policy(self.compression) if self.compression.enabled else None
         self._compactor: PagedKVCompactor | None = None
         self._signals: SlotSignals | None = None
-        self._pending_entropy: dict[str, float] = {}  # entropy of the distribution the next token comes from
+        self._next_token_entropy: dict[str, float] = {}  # for the first token each request computes this step
+        self._report = WorkerReport()  # until it leaves with the step's ModelRunnerOutput
         self._step_slots: torch.Tensor | None = None  # physical slot of each token of the current step
         self._window_starts: dict[str, int] = {}  # from the scheduler: where each observation window starts
         self._window: ObservationWindow | None = None  # the current step's, if any request is in its window
@@ -118,6 +118,8 @@ class CompressingCPUModelRunner(CPUModelRunner):
         if not self.compression.enabled:
             return super().execute_model(scheduler_output, *args, **kwargs)
         self._forget_restarted_requests(scheduler_output)
+        if self._signals is not None and ENTROPY in self._signals.planes:
+            self._write_reported_entropies(getattr(scheduler_output, "kv_entropies", {}))
         for compaction in getattr(scheduler_output, "kv_compactions", ()):
             self._compact(compaction)
         # Only now: a block the scheduler hands out this step may be one a compaction of this step freed, whose
@@ -128,9 +130,18 @@ class CompressingCPUModelRunner(CPUModelRunner):
         self._window = None
         result = super().execute_model(scheduler_output, *args, **kwargs)
         if self._signals is not None and ENTROPY in self._signals.planes and self._step_slots is not None:
+            started = time.perf_counter()
             self._record_entropy()
+            self._report.seconds_scoring += time.perf_counter() - started
         self._step_slots = None
         return result
+
+    def sample_tokens(self, *args, **kwargs):
+        output = super().sample_tokens(*args, **kwargs)
+        # vLLM answers steps without a forward with one shared empty output: the report waits for a real one.
+        if self.compression.enabled and isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+            output.kv_report, self._report = self._report, WorkerReport()
+        return output
 
     def _model_forward(self, *args, **kwargs):
         with observation_window(self._window):
@@ -142,7 +153,7 @@ class CompressingCPUModelRunner(CPUModelRunner):
         for request_id in (*scheduler_output.finished_req_ids, *cached.resumed_req_ids,
                            *(new.req_id for new in scheduler_output.scheduled_new_reqs)):
             self.evicted.pop(request_id, None)
-            self._pending_entropy.pop(request_id, None)
+            self._next_token_entropy.pop(request_id, None)
 
     def _compact(self, compaction: Compaction) -> None:
         state = self.requests[compaction.request_id]
@@ -150,15 +161,19 @@ class CompressingCPUModelRunner(CPUModelRunner):
         assert self.evicted.get(compaction.request_id, 0) == compaction.logical_len - compaction.physical_len, (
             "worker and scheduler disagree on evicted tokens", compaction)
         compactor = self._compactor
+        started = time.perf_counter()
         signals = self._signals.gather(block_ids, compaction.physical_len) if self._signals else {}
         scores = self._policy.scores(SelectionInput(
             request_id=compaction.request_id, num_layers=compactor.num_layers,
             num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len, sinks=self.compression.sinks,
             window=compaction.window, device=torch.device("cpu"), signals=signals))
         keep = select_tokens(scores, compaction.kept_len, self.compression.sinks, compaction.window)
+        chosen = time.perf_counter()
         compactor.compact(block_ids, keep)
         if self._signals is not None:
             self._signals.compact(block_ids, keep)
+        self._report.seconds_scoring += chosen - started
+        self._report.seconds_compacting += time.perf_counter() - chosen
         # Mirror the scheduler's block list: the tail blocks are already back in its pool.
         del block_ids[cdiv(compaction.kept_len, compactor.block_size):]
         if self._signals is not None and ATTENTION in self._signals.planes:
@@ -206,13 +221,31 @@ class CompressingCPUModelRunner(CPUModelRunner):
         accumulators = dict(zip(self._layer_names, self._signals.planes[ATTENTION]))
         return ObservationWindow(query_tokens, accumulators, self._compactor.layout, self._use_triton)
 
-    def _record_entropy(self) -> None:
-        """Token i's entropy is that of the distribution it was drawn from: the logits at position i - 1.
+    def _write_reported_entropies(self, reported: dict[str, TokenEntropies]) -> None:
+        """Store the entropies the scheduler sends, before this step's compactions score with them.
 
-        The step's hidden states give the entropies for the next position of each of its tokens; the first
-        token of the step takes the value carried over from the request's previous step (0 for a prompt's first
-        token, a sink). The last token of each request already has the logits vLLM samples from; only the
-        positions before it (prefill chunks) need extra logits, computed a bounded number at a time.
+        All but the last belong to tokens computed in the request's previous step, which sit contiguously after
+        its last compaction; the last belongs to the first token of this step, whose slot is known only once the
+        step's inputs are prepared.
+        """
+        slots, values = [], []
+        for request_id, entropies in reported.items():
+            (block_ids,) = self.requests[request_id].block_ids
+            first = entropies.first_position - self.evicted.get(request_id, 0)
+            slots.append(self._signals.request_slots(block_ids, torch.arange(first, first + len(entropies.values) - 1)))
+            values.append(torch.from_numpy(entropies.values[:-1]))
+            self._next_token_entropy[request_id] = float(entropies.values[-1])
+        if slots:
+            self._signals.write(ENTROPY, torch.cat(slots), torch.cat(values))
+
+    def _record_entropy(self) -> None:
+        """Measure the entropies this step's logits give; report them, and store those the scheduler sent for
+        the first token of each request (0 for a sequence's first token, a sink).
+
+        Token i's entropy is that of the distribution it was drawn from: the logits at position i - 1. The last
+        token of each request already has the logits vLLM samples from; only the positions before it (prefill
+        chunks) need extra logits, computed a bounded number at a time. Every rank computes them, as
+        `compute_logits` gathers across tensor-parallel ranks, but only the reporting rank's values are used.
         """
         state = self.execute_model_state
         count = len(self._step_slots)
@@ -227,13 +260,14 @@ class CompressingCPUModelRunner(CPUModelRunner):
         for chunk in inner.split(ENTROPY_CHUNK_TOKENS):
             logits = self.model.compute_logits(state.hidden_states[chunk])
             entropies[chunk] = topk_entropy(logits, self.compression.entropy_top_k).cpu()
-        token_entropy = torch.empty(count)
+        first_tokens = torch.tensor(starts[:-1])
         for row, request_id in enumerate(self.input_batch.req_ids[:num_reqs]):
             first, end = starts[row], starts[row + 1]
-            token_entropy[first] = self._pending_entropy.get(request_id, 0.0)
-            token_entropy[first + 1:end] = entropies[first:end - 1]
-            self._pending_entropy[request_id] = float(entropies[end - 1])
-        self._signals.write(ENTROPY, self._step_slots, token_entropy)
+            self._report.entropies[request_id] = TokenEntropies(
+                int(self.positions[first]) + 1, entropies[first:end].numpy().astype(np.float32))
+        first_values = torch.tensor([self._next_token_entropy.pop(request_id, 0.0)
+                                     for request_id in self.input_batch.req_ids[:num_reqs]])
+        self._signals.write(ENTROPY, self._step_slots[first_tokens], first_values)
 
 
 def _layer_stream(args, kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:

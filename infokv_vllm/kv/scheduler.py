@@ -1,9 +1,10 @@
 """The scheduler extension: decides when, and to what length, each running request is compressed.
 
 Compression is decided here, before vLLM allocates the step's slots, so the tail pages a compaction frees serve
-this very step. The decision travels to every worker on the `SchedulerOutput` (`kv_compactions`); the workers
-choose *which* tokens with the active scoring policy and move them before the step's forward. Every rank gets
-the same decisions, so tensor parallelism needs no protocol of its own.
+this very step. The decision travels to every worker on the `SchedulerOutput` (`kv_compactions`, see
+`messages`); the workers choose *which* tokens with the active scoring policy and move them before the step's
+forward. Token entropies come back from the reporting worker and go out again with the request's next step,
+so every tensor-parallel rank scores with the same budgets, decisions and entropies.
 
 Schedules (method doc, "Schedules"):
 - prefill: once the prompt is processed, a request longer than its budget is compressed to it;
@@ -15,8 +16,9 @@ Schedules (method doc, "Schedules"):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -25,37 +27,21 @@ from vllm.v1.request import Request
 
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.kv.block_manager import CompactingAttentionManager
+from infokv_vllm.kv.messages import Compaction, TokenEntropies, WorkerReport
+from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 from infokv_vllm.scoring import make_policy
 from infokv_vllm.scoring.base import ATTENTION
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Compaction:
-    """One decision for one request, applied by every worker before the step's forward."""
-
-    request_id: str
-    logical_len: int  # tokens whose KV exists (num_computed_tokens); positions keep counting from here
-    physical_len: int  # slots the request holds before compaction
-    kept_len: int  # slots after compaction
-    window: int  # most recent tokens that are always kept (the observation window)
-
-
 @dataclass
 class CompressionRecord:
-    """What compression did to one request, for logs and metrics."""
+    """What compression did to one request, for the log line when it finishes."""
 
     events: int = 0
     tokens_evicted: int = 0
     blocks_freed: int = 0
-
-
-@dataclass
-class CompressionTotals(CompressionRecord):
-    """Totals over every request this scheduler compressed."""
-
-    requests: set[str] = field(default_factory=set)
 
 
 class CompressingScheduler(Scheduler):
@@ -71,8 +57,9 @@ class CompressingScheduler(Scheduler):
         self.manager: CompactingAttentionManager = managers[0]
         self._scores_attention = ATTENTION in make_policy(self.compression).signals
         self.records: dict[str, CompressionRecord] = {}
-        self.totals = CompressionTotals()
+        self.totals = CompressionStats()  # since start-up; the frontend's metrics derive from it
         self._past_prompt: set[str] = set()  # requests whose prompt-compression point has been evaluated
+        self._entropies: dict[str, TokenEntropies] = {}  # reported, to be sent with the request's next step
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         compactions = [c for request in self.running if (c := self._decide(request)) is not None]
@@ -81,10 +68,34 @@ class CompressingScheduler(Scheduler):
         if self.compression.memory_pressure:
             compactions += self._relieve_memory_pressure({c.request_id for c in compactions})
         output = super().schedule(*args, **kwargs)
-        # A request preempted later in this same schedule() lost all its blocks; nothing is left to move.
+        # A request preempted later in this same schedule() lost all its blocks; nothing is left to move, and
+        # its entropies will be measured again when it is recomputed.
         output.kv_compactions = [c for c in compactions if c.request_id not in output.preempted_req_ids]
+        for request_id in output.preempted_req_ids:
+            self._entropies.pop(request_id, None)
         output.kv_window_starts = self._window_starts(output) if self._scores_attention else {}
+        output.kv_entropies = {request_id: self._entropies.pop(request_id)
+                               for request_id in output.num_scheduled_tokens if request_id in self._entropies}
         return output
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output, *args, **kwargs):
+        # Before vLLM's bookkeeping, which frees the requests that finish in this step (and their entropies).
+        report: WorkerReport | None = getattr(model_runner_output, "kv_report", None)
+        if report is not None:
+            self.totals.seconds_scoring += report.seconds_scoring
+            self.totals.seconds_compacting += report.seconds_compacting
+            self._entropies.update((request_id, entropies) for request_id, entropies in report.entropies.items()
+                                   if request_id in self.requests)
+        return super().update_from_output(scheduler_output, model_runner_output, *args, **kwargs)
+
+    def make_stats(self, *args, **kwargs) -> CompressionSchedulerStats | None:
+        stats = super().make_stats(*args, **kwargs)
+        if stats is None:
+            return None
+        logical = [request.num_computed_tokens for request in self.running]
+        kept = [self.manager.physical_len(request.request_id, length) for request, length in zip(self.running, logical)]
+        return CompressionSchedulerStats.extend(
+            stats, dataclasses.replace(self.totals, kept_tokens=sum(kept), logical_tokens=sum(logical)))
 
     def _window_starts(self, output: SchedulerOutput) -> dict[str, int]:
         """For requests whose tokens this step fall in the next compaction's observation window: the logical
@@ -162,7 +173,6 @@ class CompressingScheduler(Scheduler):
             tally.events += 1
             tally.tokens_evicted += evicted
             tally.blocks_freed += freed
-        self.totals.requests.add(compaction.request_id)
         logger.debug("infokv: request %s compressed %d -> %d KV tokens (logical %d), %d blocks freed",
                      compaction.request_id, compaction.physical_len, compaction.kept_len,
                      compaction.logical_len, freed)
@@ -170,6 +180,7 @@ class CompressingScheduler(Scheduler):
 
     def _free_request(self, request: Request, *args, **kwargs):
         self._past_prompt.discard(request.request_id)
+        self._entropies.pop(request.request_id, None)
         record = self.records.pop(request.request_id, None)
         if record is not None:
             logger.debug("infokv: request %s finished after %d compressions: %d tokens evicted, %d blocks "

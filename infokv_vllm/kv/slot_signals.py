@@ -35,11 +35,14 @@ class SlotSignals:
             for plane in self.planes[name]:
                 plane[block_ids] = 0.0
 
+    def request_slots(self, block_ids: list[int], indices: torch.Tensor) -> torch.Tensor:
+        """Global slot ids of a request's physical token indices (its position in the request's pages)."""
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[indices // self.block_size] * self.block_size + indices % self.block_size
+
     def gather(self, block_ids: list[int], length: int) -> dict[str, torch.Tensor]:
         """Each signal for a request's first `length` slots: [layers, kv_heads, length]."""
-        table = torch.tensor(block_ids, dtype=torch.long)
-        slots = torch.arange(length)
-        blocks, offsets = table[slots // self.block_size], slots % self.block_size
+        blocks, offsets = self._locate(self.request_slots(block_ids, torch.arange(length)))
         return {name: torch.stack([plane[blocks, :, offsets].T for plane in planes])
                 for name, planes in self.planes.items()}
 

@@ -1,0 +1,95 @@
+"""Prometheus metrics for compression, served on vLLM's own `/metrics`.
+
+The scheduler (engine-core process) counts what compression does; vLLM's frontend serves `/metrics`. The counts
+cross over inside vLLM's per-step `SchedulerStats`, extended by one field (`CompressionSchedulerStats`; the
+decoder learns of it in `vllm_patches`), and are turned into metrics by `CompressionStatLogger`, which vLLM
+loads from the `vllm.stat_logger_plugins` entry point beside its own Prometheus logger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, Counter, Gauge
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase
+from vllm.v1.metrics.stats import SchedulerStats
+
+from infokv_vllm.config import CompressionConfig
+
+METRIC_PREFIX = "infokv:"  # not "vllm:": vLLM unregisters every "vllm:" collector when it builds its own logger
+
+
+@dataclass
+class CompressionStats:
+    """One engine's compression since start-up (counters), and the KV its running requests hold now (gauges).
+
+    Counters are cumulative, not per step: vLLM may build several `SchedulerStats` in a step and deliver one.
+    """
+
+    events: int = 0
+    tokens_evicted: int = 0
+    blocks_freed: int = 0
+    seconds_scoring: float = 0.0  # on the reporting worker: choosing tokens, and measuring token entropy
+    seconds_compacting: float = 0.0  # on the reporting worker: moving KV and signals within the pages
+    kept_tokens: int = 0  # KV tokens the running requests hold
+    logical_tokens: int = 0  # tokens the running requests have computed
+
+
+@dataclass
+class CompressionSchedulerStats(SchedulerStats):
+    compression: CompressionStats | None = None
+
+    @classmethod
+    def extend(cls, stats: SchedulerStats, compression: CompressionStats) -> CompressionSchedulerStats:
+        fields = {field.name: getattr(stats, field.name) for field in dataclasses.fields(SchedulerStats)}
+        return cls(**fields, compression=compression)
+
+
+class CompressionStatLogger(AggregateStatLoggerBase):
+    """Publishes `CompressionStats` as Prometheus metrics labelled like vLLM's (model_name, engine)."""
+
+    def __init__(self, vllm_config, engine_indexes: list[int] | None = None) -> None:
+        self.enabled = CompressionConfig.from_additional_config(vllm_config.additional_config).enabled
+        if not self.enabled:
+            return
+        _unregister_previous_engines_metrics()
+        engine_indexes = engine_indexes or [0]
+        labels = {index: [vllm_config.model_config.served_model_name, str(index)] for index in engine_indexes}
+
+        def per_engine(metric_cls, name: str, documentation: str) -> dict:
+            metric = metric_cls(METRIC_PREFIX + name, documentation, labelnames=["model_name", "engine"])
+            return {index: metric.labels(*values) for index, values in labels.items()}
+
+        self._counters = {
+            "events": per_engine(Counter, "compression_events", "KV compressions of a request."),
+            "tokens_evicted": per_engine(Counter, "tokens_evicted", "KV tokens evicted (per layer and KV head)."),
+            "blocks_freed": per_engine(Counter, "kv_blocks_freed", "KV cache pages freed by compression."),
+            "seconds_scoring": per_engine(Counter, "scoring_seconds",
+                                          "Time spent choosing tokens to keep and measuring token entropy."),
+            "seconds_compacting": per_engine(Counter, "compaction_seconds",
+                                             "Time spent moving kept KV and signals within the pages."),
+        }
+        self._ratio = per_engine(Gauge, "kv_compression_ratio",
+                                 "KV tokens held by running requests / tokens they have computed (1: none evicted).")
+        self._last = {index: CompressionStats() for index in engine_indexes}
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        stats: CompressionStats | None = getattr(scheduler_stats, "compression", None)
+        if not self.enabled or stats is None:
+            return
+        last = self._last[engine_idx]
+        for name, counter in self._counters.items():
+            counter[engine_idx].inc(getattr(stats, name) - getattr(last, name))
+        self._ratio[engine_idx].set(stats.kept_tokens / stats.logical_tokens if stats.logical_tokens else 1.0)
+        self._last[engine_idx] = stats
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def _unregister_previous_engines_metrics() -> None:
+    """A process that builds a second engine (tests, notebooks) would otherwise register the metrics twice."""
+    for collector, names in list(REGISTRY._collector_to_names.items()):
+        if any(name.startswith(METRIC_PREFIX) for name in names):
+            REGISTRY.unregister(collector)
