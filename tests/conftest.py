@@ -32,14 +32,15 @@ def vllm_plugins_loaded() -> None:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(smollm2_dir, tmp_path_factory) -> Path:
     """A tiny random Llama (2 layers, 4 query / 2 KV heads of 32) with SmolLM2's tokenizer: fast under the
-    Triton interpreter, and its head counts divide 2 for tensor parallelism."""
+    Triton interpreter, and its head counts divide 2 for tensor parallelism. Its weights are large enough
+    (initializer_range 0.1) that greedy outputs vary and depend on the context, so evictions show."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     target = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, vocab_size=49152, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(target)
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(target)

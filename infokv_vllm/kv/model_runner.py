@@ -257,7 +257,9 @@ class CompressingCPUModelRunner(CPUModelRunner):
         inner = torch.ones(count, dtype=torch.bool)
         inner[last] = False
         inner = inner.nonzero().flatten()
-        for chunk in inner.split(ENTROPY_CHUNK_TOKENS):
+        # Not even an empty chunk in decode-only steps: under tensor parallelism compute_logits all-gathers, and
+        # vLLM's CPU all-gather dies (SIGFPE) on zero rows.
+        for chunk in inner.split(ENTROPY_CHUNK_TOKENS) if len(inner) else ():
             logits = self.model.compute_logits(state.hidden_states[chunk])
             entropies[chunk] = topk_entropy(logits, self.compression.entropy_top_k).cpu()
         first_tokens = torch.tensor(starts[:-1])

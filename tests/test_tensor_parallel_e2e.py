@@ -1,0 +1,62 @@
+"""Tensor parallelism on CPU: two worker processes (vLLM's multiprocessing executor), each holding one of the tiny
+Llama's two KV heads and selecting for it with the budgets, decisions and entropies the scheduler sends.
+
+vLLM 0.32 cannot run its Ray executor on the CPU platform (`CpuPlatform.ray_device_key` is empty, so
+`initialize_ray_cluster` raises "current platform cpu does not support ray" at any size), so the ranks run as
+processes; the compression logic they execute is the same under either executor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from vllm import SamplingParams
+
+from infokv_vllm.local_engine import in_process_llm, run_to_completion, scheduler_of
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = {"fox": "The quick brown fox jumps over the lazy dog. " * 8,
+           "count": "One two three four five six seven. " * 9,
+           "short": "Tell me about the sea."}
+SETTINGS = {"method": "infokv", "budget": 48, "decode_interval": 16, "prefill_window": 16, "decode_window": 8}
+PARAMS = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+def _worker_state(worker) -> tuple[list[str], list[str]]:
+    """(requests, requests with evicted tokens) a rank still tracks."""
+    runner = worker.model_runner
+    return sorted(runner.requests), sorted(runner.evicted)
+
+
+def generate(model_dir, settings: dict, tensor_parallel_size: int) -> tuple[dict[str, list[int]], int]:
+    """Greedy outputs and compression events; with compression, checks that every page and every request is
+    released, on the scheduler and on every rank."""
+    with in_process_llm(model_dir, settings, max_model_len=256, tensor_parallel_size=tensor_parallel_size,
+                        distributed_executor_backend="mp") as llm:
+        outputs = run_to_completion(llm, PROMPTS, PARAMS)
+        if settings["method"] == "none":  # vLLM's own scheduler and workers
+            return outputs, 0
+        scheduler = scheduler_of(llm)
+        pool = scheduler.kv_cache_manager.block_pool
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1, "every page but vLLM's null block is free"
+        assert scheduler.manager.evicted == {}
+        events = scheduler.totals.events
+        # Workers hear that requests finished with the next step: run one more, short and uncompressed.
+        run_to_completion(llm, {"flush": "Hi."}, SamplingParams(max_tokens=2))
+        for tracked, evicted in llm.collective_rpc(_worker_state):
+            assert [request_id.split("-")[0] for request_id in tracked] == ["flush"] and evicted == []
+        return outputs, events
+
+
+def test_two_ranks_compress_like_one(tiny_llama_dir, monkeypatch):
+    one_rank, events = generate(tiny_llama_dir, SETTINGS, 1)
+    assert events >= 2 * (len(PROMPTS) - 1), "the two long prompts are compressed after prefill and in decoding"
+    uncompressed, _ = generate(tiny_llama_dir, {"method": "none"}, 1)
+    assert uncompressed != one_rank, "compression changes the outputs, so the comparison below can fail"
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # CPU tensor parallelism: one bound core per rank
+    two_ranks, two_rank_events = generate(tiny_llama_dir, SETTINGS, 2)
+    assert two_rank_events == events
+    assert two_ranks == one_rank
