@@ -139,7 +139,8 @@ class CompressingCPUModelRunner(CPUModelRunner):
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)
         # vLLM answers steps without a forward with one shared empty output: the report waits for a real one.
-        if self.compression.enabled and isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+        real = isinstance(output, ModelRunnerOutput) and output is not EMPTY_MODEL_RUNNER_OUTPUT
+        if self.compression.enabled and real:
             output.kv_report, self._report = self._report, WorkerReport()
         return output
 
