@@ -73,18 +73,14 @@ def removal_sets(attentions, logits: torch.Tensor, prefix: torch.Tensor, size: i
 def continuation_logits(model, cache, continuation: torch.Tensor, logical_start: int,
                         removed: torch.Tensor | None) -> torch.Tensor:
     """Logits over the continuation with `removed` dropped from every layer's cache; RoPE positions stay true."""
+    from infokv_vllm.transformers_reference import continue_after_eviction, keep_in_cache
+
     cache = copy.deepcopy(cache)
     if removed is not None:
         keep = torch.ones(cache.get_seq_length(), dtype=torch.bool)
         keep[removed] = False
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
-    physical = cache.get_seq_length()
-    count = continuation.shape[0]
-    with torch.no_grad():
-        return model(continuation[None], past_key_values=cache, use_cache=True,
-                     position_ids=torch.arange(logical_start, logical_start + count)[None],
-                     cache_position=torch.arange(physical, physical + count)).logits[0]
+        keep_in_cache(cache, keep.nonzero().flatten())
+    return continue_after_eviction(model, cache, continuation, logical_start)
 
 
 def kl_per_position(full: torch.Tensor, reduced: torch.Tensor) -> torch.Tensor:

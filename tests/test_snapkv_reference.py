@@ -21,6 +21,7 @@ from infokv_vllm.config import CompressionConfig
 from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion
 from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
 from infokv_vllm.scoring.base import ATTENTION
+from infokv_vllm.transformers_reference import continue_after_eviction, keep_in_cache
 from tests.test_signals_reference import window_attention_per_kv_head
 
 pytestmark = pytest.mark.e2e
@@ -43,18 +44,11 @@ def snapkv_reference(model, prompt_ids: list[int]) -> tuple[torch.Tensor, list[i
     request = SelectionInput("ref", len(out.attentions), config.num_key_value_heads, length, CONFIG.sinks, window,
                              torch.device("cpu"), {ATTENTION: attention})
     keep = select_tokens(make_policy(CONFIG).scores(request), CONFIG.budget, CONFIG.sinks, window)
-    for layer, layer_keep in zip(cache.layers, keep):
-        index = layer_keep[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+    keep_in_cache(cache, keep)
     generated = [int(out.logits[0, -1].argmax())]
-    logical, physical = length, CONFIG.budget
     while len(generated) < NEW_TOKENS:
-        with torch.no_grad():
-            logits = model(torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True,
-                           position_ids=torch.tensor([[logical]]), cache_position=torch.tensor([physical])
-                           ).logits[0, -1]
-        generated.append(int(logits.argmax()))
-        logical, physical = logical + 1, physical + 1
+        logits = continue_after_eviction(model, cache, torch.tensor([generated[-1]]), length + len(generated) - 1)
+        generated.append(int(logits[-1].argmax()))
     return keep, generated
 
 

@@ -13,6 +13,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from infokv_vllm.local_engine import in_process_llm, run_to_completion
+from infokv_vllm.transformers_reference import continue_after_eviction, keep_in_cache
 
 pytestmark = pytest.mark.e2e
 
@@ -37,15 +38,10 @@ def streaming_reference(model, prompt_ids: list[int]) -> list[int]:
         physical = cache.get_seq_length()
         # The scheduler's rule (kv/scheduler.py): once after the prompt, then at budget + interval.
         if (not prompt_done and physical > BUDGET) or (prompt_done and physical >= BUDGET + INTERVAL):
-            keep = torch.cat([torch.arange(SINKS), torch.arange(physical - (BUDGET - SINKS), physical)])
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
+            recent = torch.arange(physical - (BUDGET - SINKS), physical)
+            keep_in_cache(cache, torch.cat([torch.arange(SINKS), recent]))
         prompt_done = True
-        physical = cache.get_seq_length()
-        with torch.no_grad():
-            logits = model(torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True,
-                           position_ids=torch.tensor([[logical]]), cache_position=torch.tensor([physical])
-                           ).logits[0, -1]
+        logits = continue_after_eviction(model, cache, torch.tensor([generated[-1]]), logical)[-1]
         logical += 1
     return generated
 
