@@ -106,7 +106,6 @@ def main() -> None:
         args.requests, args.output_len, args.bound_blocks, args.unbound_blocks, args.repeats = 2, 112, 8, 32, 1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
     from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
 
     model = ensure_model()

@@ -8,8 +8,6 @@ processes; the compression logic they execute is the same under either executor.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from vllm import SamplingParams
 
