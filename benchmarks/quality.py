@@ -152,8 +152,8 @@ def main() -> None:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from infokv_vllm.local_server import vllm_server
-    from infokv_vllm.smollm2 import MODEL_NAME, ensure_model
+    from infokv_vllm.testing.local_server import EAGER, vllm_server
+    from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
 
     model = ensure_model()
     passkeys = passkey_prompts(args.passkey_prompts, args.filler_repeats, args.seed)
@@ -164,7 +164,8 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs:
         for policy, budget in configs:
-            flags = ["--max-num-seqs", str(max(len(passkeys), len(essays)))]
+            # Eager: one server per cell, and compiled engines keep the same tokens (tests/test_compiled_e2e.py).
+            flags = ["--max-num-seqs", str(max(len(passkeys), len(essays))), *EAGER]
             if budget is not None:
                 flags += ["--kv-compression", policy, *budget.flags, "--kv-decode-interval",
                           str(args.decode_interval)]

@@ -11,13 +11,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from infokv_vllm.scoring import POLICIES
+
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 
-CompressionMethod = Literal["none", "infokv", "snapkv", "streaming", "random", "entropy"]
+# `none` plus every registered policy, in registry order: the `--kv-compression` choices.
+METHODS: tuple[str, ...] = ("none", *POLICIES)
+CompressionMethod = Literal[METHODS]  # type: ignore[valid-type]
 EntropyScore = Literal["product", "sum", "entropy_only"]
 Kernels = Literal["auto", "torch", "triton"]
 
-METHODS: tuple[str, ...] = get_args(CompressionMethod)
 ENTROPY_SCORES: tuple[str, ...] = get_args(EntropyScore)
 KERNELS: tuple[str, ...] = get_args(Kernels)
 

@@ -2,7 +2,7 @@
 
 `register` is the `vllm.general_plugins` entry point. vLLM calls it in the CLI process, the engine-core
 process and every worker, so it must be idempotent and cheap: it checks the vLLM version and installs the
-patches of `vllm_patches` once per process.
+patches of `compat` once per process, handing them this module's engine-argument hooks.
 
 The CLI flags are generated from `CompressionConfig`'s fields and folded into `additional_config`, which is
 the one channel vLLM carries to the engine core and the workers (`EngineArgs.from_cli_args` copies only its
@@ -15,9 +15,11 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 import typing
 from typing import Any
 
+from infokv_vllm.compat import SUPPORTED_VLLM
 from infokv_vllm.config import (
     ADDITIONAL_CONFIG_KEY,
     CompressionConfig,
@@ -27,9 +29,7 @@ from infokv_vllm.config import (
 
 logger = logging.getLogger("infokv_vllm")
 
-SUPPORTED_VLLM = ">=0.32,<0.33"
-SCHEDULER_CLS = "infokv_vllm.kv.scheduler.CompressingScheduler"
-WORKER_CLS = "infokv_vllm.kv.worker.CompressingCPUWorker"
+SCHEDULER_CLS = "infokv_vllm.core.scheduler.CompressingScheduler"
 CLI_GROUP_TITLE = "InfoKV"
 
 _registered = False
@@ -55,11 +55,11 @@ def register() -> None:
             "unavailable. Install a supported vLLM or a matching infokv-vllm.", SUPPORTED_VLLM,
             vllm.__version__)
         return
-    from infokv_vllm import vllm_patches
-    from infokv_vllm.kv.block_manager import register_kv_cache_spec
+    from infokv_vllm import compat
+    from infokv_vllm.core.block_manager import register_kv_cache_spec
 
     _log_like_vllm()
-    vllm_patches.apply()
+    compat.apply(sys.modules[__name__])
     register_kv_cache_spec()
     _registered = True
 
@@ -136,6 +136,16 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
     compression = CompressionConfig.from_additional_config(engine_args.additional_config)
     if not compression.enabled:
         return compression
+    from infokv_vllm.platforms import adapter_for_current_platform
+
+    adapter = adapter_for_current_platform()
+    if adapter is None:
+        from vllm.platforms import current_platform
+
+        raise CompressionConfigError(
+            f"infokv-vllm: the {current_platform.device_name} platform is not supported with "
+            f"{flag_name('method')} {compression.method}: this version compresses on vLLM's CPU platform only. "
+            f"Use {flag_name('method')} none there.")
     # Prefix caching would publish pages whose contents we later compact. vLLM enables it by default, so
     # turn it off unless the user asked for it explicitly, which we refuse with a reason.
     if engine_args.enable_prefix_caching:
@@ -144,7 +154,7 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
             f"{compression.method}: compacted KV pages would be shared with other requests. Remove the flag "
             "(compression turns prefix caching off).")
     engine_args.enable_prefix_caching = False
-    for option, ours in (("scheduler_cls", SCHEDULER_CLS), ("worker_cls", WORKER_CLS)):
+    for option, ours in (("scheduler_cls", SCHEDULER_CLS), ("worker_cls", adapter.worker_cls)):
         theirs = getattr(engine_args, option)
         if theirs not in (None, "auto", ours):
             raise CompressionConfigError(
@@ -157,14 +167,6 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
             "yet: compaction runs on vLLM's synchronous schedule (the CPU platform always schedules "
             "synchronously; the asynchronous variant belongs with the GPU path).")
     engine_args.async_scheduling = False
-    from infokv_vllm.scoring import make_policy
-    from infokv_vllm.scoring.base import REPRESENTATION
-
-    if REPRESENTATION in make_policy(compression).signals and not engine_args.enforce_eager:
-        # The representation signal comes from hooks on the decoder layers; torch.compile would trace them away.
-        logger.info("infokv-vllm: %s %s reads each decoder layer's residual stream through module hooks, so the "
-                    "model runs eagerly (--enforce-eager).", flag_name("method"), compression.method)
-        engine_args.enforce_eager = True
     # Compression hooks into the V1 model runner (vllm/v1/worker/gpu_model_runner.py); Model Runner V2 has
     # other interfaces. The variable is inherited by the spawned engine core and copied to Ray workers.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
@@ -194,14 +196,12 @@ def check_engine_config(vllm_config: Any) -> None:
         refuse("prefix caching (--enable-prefix-caching)", "compacted pages must never be shared")
     from vllm.platforms import current_platform
 
-    if compression.kernels == "triton" and current_platform.is_cpu() and os.environ.get("TRITON_INTERPRET") != "1":
-        refuse(f"{flag_name('kernels')} triton on CPU",
-               "Triton has no CPU backend here; the kernels run on CPU only under its interpreter "
-               "(TRITON_INTERPRET=1), which is for testing")
-    if not current_platform.is_cpu():
-        refuse(f"the {current_platform.device_name} platform",
-               "this version compresses on vLLM's CPU platform only; the GPU attention backend is not "
-               "implemented yet")
+    from infokv_vllm.platforms import adapter_for_current_platform
+
+    adapter = adapter_for_current_platform()
+    if adapter is None:
+        refuse(f"the {current_platform.device_name} platform", "this version compresses on vLLM's CPU platform only")
+    adapter.check_engine_config(vllm_config, compression, refuse)
     if vllm_config.cache_config.cache_dtype != "auto":
         refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}",
                "compaction moves full-precision KV pages only")

@@ -41,7 +41,7 @@ fi
 
 # 5. The real test model (SmolLM2-135M-Instruct), converted once and cached. Images that only serve skip it.
 if [ "${INFOKV_SKIP_TEST_MODEL:-0}" != 1 ]; then
-  "$venv/bin/python" -m infokv_vllm.smollm2
+  "$venv/bin/python" -m infokv_vllm.testing.smollm2
 fi
 
 echo "infokv-vllm installed in $venv"

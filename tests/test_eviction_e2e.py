@@ -7,7 +7,7 @@ import torch
 from vllm import SamplingParams
 from vllm.utils.math_utils import cdiv
 
-from infokv_vllm.local_engine import (
+from infokv_vllm.testing.local_engine import (
     BLOCK_SIZE,
     count_preemptions,
     in_process_llm,
@@ -135,7 +135,7 @@ def test_memory_pressure_mode_compresses_instead_of_preempting(smollm2_dir, vani
 
 def record_signals(llm) -> list[tuple[str, int, dict]]:
     """Instrument the worker's policy: every compaction's (request id, kept length, signals)."""
-    policy = model_runner_of(llm)._policy
+    policy = model_runner_of(llm).policy
     original, log = policy.scores, []
 
     def recording(request):

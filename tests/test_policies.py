@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from infokv_vllm.config import CompressionConfig
-from infokv_vllm.scoring import SelectionInput, make_policy, policy_classes, select_tokens
-from infokv_vllm.scoring.attention import pool_scores, window_attention_mass
-from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
-from infokv_vllm.scoring.entropy import topk_entropy
-from infokv_vllm.scoring.representation import representation_evolution
+from infokv_vllm.scoring import SelectionInput, make_policy, POLICIES, select_tokens
+from infokv_vllm.signals.attention import pool_scores, window_attention_mass
+from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
+from infokv_vllm.signals.entropy import topk_entropy
+from infokv_vllm.signals.representation import representation_evolution
 
 LAYERS, HEADS, LENGTH, SINKS, WINDOW, KEEP = 2, 3, 40, 4, 8, 16
 
@@ -34,7 +34,7 @@ def flat(value: float) -> torch.Tensor:
 def test_every_method_has_a_policy():
     from infokv_vllm.config import METHODS
 
-    assert set(policy_classes()) == set(METHODS) - {"none"}
+    assert set(POLICIES) == set(METHODS) - {"none"}
 
 
 def test_streaming_keeps_exactly_sinks_and_most_recent():

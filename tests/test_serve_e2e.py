@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infokv_vllm.local_server import CPU_SERVE_FLAGS, vllm_cli, vllm_server
+from infokv_vllm.testing.local_server import CPU_SERVE_FLAGS, EAGER, vllm_cli, vllm_server
 from infokv_vllm.metrics import METRIC_PREFIX
 
 pytestmark = pytest.mark.e2e
@@ -25,6 +25,7 @@ def server_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def compressing_server(smollm2_dir, server_log):
+    """Compiled (vLLM's default): no policy forces eager mode."""
     with vllm_server(smollm2_dir, ["--kv-compression", "infokv", "--kv-budget", "128"], server_log,
                      env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as url:
         yield url
@@ -108,9 +109,9 @@ def test_vllm_bench_throughput_takes_the_flags(smollm2_dir):
     command = [*vllm_cli(), "bench", "throughput", "--model", str(smollm2_dir), "--dataset-name", "random",
                "--random-input-len", "48", "--random-output-len", "96", "--num-prompts", "4",
                "--block-size", "32", "--kv-compression", "infokv", "--kv-budget", "40",
-               "--kv-decode-interval", "16", "--kv-prefill-window", "16", *CPU_SERVE_FLAGS]
+               "--kv-decode-interval", "16", "--kv-prefill-window", "16", *CPU_SERVE_FLAGS, *EAGER]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Throughput:" in result.stdout
-    assert "infokv_vllm.kv.scheduler.CompressingScheduler" in result.stdout + result.stderr
+    assert "infokv_vllm.core.scheduler.CompressingScheduler" in result.stdout + result.stderr

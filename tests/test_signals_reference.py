@@ -3,16 +3,18 @@ window attention (SnapKV-style), top-k token entropy and representation evolutio
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from infokv_vllm.kv.messages import TokenEntropies
-from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
-from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION
-from infokv_vllm.scoring.entropy import topk_entropy
+from infokv_vllm.core.messages import TokenEntropies, attach_plan, plan_of
+from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
+from infokv_vllm.signals.entropy import topk_entropy
+from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +41,7 @@ def prompt_compression_signals(smollm2_dir, prompt_ids, chunk_tokens: int | None
                    "decode_window": 8, "entropy_top_k": TOP_K}
     captured = []
     with in_process_llm(smollm2_dir, compression, **chunking) as llm:
-        policy = model_runner_of(llm)._policy
+        policy = model_runner_of(llm).policy
         original = policy.scores
 
         def capture(request):
@@ -80,28 +82,40 @@ def window_attention_per_kv_head(attentions, window: int, num_kv_heads: int) -> 
     return torch.stack(reference)
 
 
-def test_window_attention_matches_transformers(vllm_signals, transformers_outputs):
+def check_window_attention(signals, transformers_outputs) -> None:
     config, outputs = transformers_outputs
     reference = window_attention_per_kv_head(outputs.attentions, WINDOW, config.num_key_value_heads)
-    torch.testing.assert_close(vllm_signals[ATTENTION], reference, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(signals[ATTENTION], reference, rtol=1e-3, atol=1e-4)
 
 
-def test_token_entropy_matches_transformers(vllm_signals, transformers_outputs):
+def check_token_entropy(signals, transformers_outputs) -> None:
     _, outputs = transformers_outputs
     per_position = topk_entropy(outputs.logits[0], TOP_K)  # entropy of the distribution of the *next* token
     expected = torch.cat([torch.zeros(1), per_position[:-1]])
-    ours = vllm_signals[ENTROPY]
+    ours = signals[ENTROPY]
     assert (ours == ours[:1, :1]).all(), "token entropy is the same in every layer and head"
     torch.testing.assert_close(ours[0, 0], expected, rtol=1e-3, atol=1e-4)
 
 
-def test_representation_evolution_matches_transformers(vllm_signals, transformers_outputs):
+def check_representation_evolution(signals, transformers_outputs) -> None:
     _, outputs = transformers_outputs
     states = outputs.hidden_states  # input of each decoder layer; the last one is after the final norm
     expected = torch.stack([1 - torch.nn.functional.cosine_similarity(states[layer][0], states[layer + 1][0], dim=-1)
                             for layer in range(len(states) - 2)])
-    ours = vllm_signals[REPRESENTATION][: len(expected), 0]
+    ours = signals[REPRESENTATION][: len(expected), 0]
     torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_window_attention_matches_transformers(vllm_signals, transformers_outputs):
+    check_window_attention(vllm_signals, transformers_outputs)
+
+
+def test_token_entropy_matches_transformers(vllm_signals, transformers_outputs):
+    check_token_entropy(vllm_signals, transformers_outputs)
+
+
+def test_representation_evolution_matches_transformers(vllm_signals, transformers_outputs):
+    check_representation_evolution(vllm_signals, transformers_outputs)
 
 
 def test_workers_score_with_the_entropies_the_scheduler_sends(smollm2_dir, prompt_ids):
@@ -115,10 +129,11 @@ def test_workers_score_with_the_entropies_the_scheduler_sends(smollm2_dir, promp
 
         def schedule_with_markers(*args, **kwargs):
             output = schedule(*args, **kwargs)
-            output.kv_entropies = {
+            plan = plan_of(output)
+            attach_plan(output, dataclasses.replace(plan, entropies={
                 request_id: TokenEntropies(sent.first_position, np.arange(
                     sent.first_position, sent.first_position + len(sent.values), dtype=np.float32))
-                for request_id, sent in output.kv_entropies.items()}
+                for request_id, sent in plan.entropies.items()}))
             return output
 
         scheduler.schedule = schedule_with_markers

@@ -18,10 +18,10 @@ from vllm.inputs import TokensPrompt
 from benchmarks.quality import passkey_prompts
 
 from infokv_vllm.config import CompressionConfig
-from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion
+from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion
 from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
-from infokv_vllm.scoring.base import ATTENTION
-from infokv_vllm.transformers_reference import continue_after_eviction, keep_in_cache
+from infokv_vllm.signals import ATTENTION
+from infokv_vllm.testing.transformers_reference import continue_after_eviction, keep_in_cache
 from tests.test_signals_reference import window_attention_per_kv_head
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +61,7 @@ def test_vllm_snapkv_matches_transformers_on_a_batch(smollm2_dir):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     kept = {}
     with in_process_llm(smollm2_dir, CONFIG.to_dict()) as llm:
-        policy = model_runner_of(llm)._policy
+        policy = model_runner_of(llm).policy
         original = policy.scores
 
         def record_kept_set(request):  # vLLM suffixes request ids: "p0" -> "p0-1a2b3c4d"

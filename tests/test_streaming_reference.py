@@ -12,8 +12,8 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from infokv_vllm.local_engine import in_process_llm, run_to_completion
-from infokv_vllm.transformers_reference import continue_after_eviction, keep_in_cache
+from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion
+from infokv_vllm.testing.transformers_reference import continue_after_eviction, keep_in_cache
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import torch
 from vllm import SamplingParams
 
 from infokv_vllm.kernels import compaction, window_attention
-from infokv_vllm.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
+from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from tests.test_eviction_e2e import record_signals
 
 pytestmark = pytest.mark.e2e
@@ -23,7 +23,7 @@ def run_with(model_dir, kernels: str):
                 "decode_window": 8, "kernels": kernels}
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     with in_process_llm(model_dir, settings, num_gpu_blocks_override=16, max_model_len=256) as llm:
-        assert model_runner_of(llm)._compactor.use_triton is (kernels == "triton")
+        assert model_runner_of(llm).kernels.name == kernels
         log = record_signals(llm)
         run_to_completion(llm, PROMPTS, params)
         return sorted(log, key=lambda entry: (entry[0], entry[1])), scheduler_of(llm).totals.events

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-# Per-slot signals a policy may ask for; the model runner records only those its policy names.
-ATTENTION, ENTROPY, REPRESENTATION = "attention", "entropy", "representation"
-
-from infokv_vllm.config import CompressionConfig
+if TYPE_CHECKING:
+    from infokv_vllm.config import CompressionConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,10 @@ class SelectionInput:
 
 
 class ScoringPolicy(ABC):
-    """Scores every cached token of a request per (layer, KV head); higher means more worth keeping."""
+    """Scores every cached token of a request per (layer, KV head); higher means more worth keeping.
+
+    `signals` names what the model runner must record for it (`infokv_vllm.signals`); it records nothing else.
+    """
 
     name: ClassVar[str]
     signals: ClassVar[frozenset[str]] = frozenset()
@@ -49,17 +50,3 @@ class ScoringPolicy(ABC):
     def scores(self, request: SelectionInput) -> torch.Tensor:
         """A float tensor [num_layers, num_kv_heads, kept_len]."""
 
-
-def policy_classes() -> dict[str, type[ScoringPolicy]]:
-    """Every implemented policy by its `--kv-compression` name."""
-    from infokv_vllm.scoring.infokv import EntropyPolicy, InfoKVPolicy
-    from infokv_vllm.scoring.random import RandomPolicy
-    from infokv_vllm.scoring.snapkv import SnapKVPolicy
-    from infokv_vllm.scoring.streaming import StreamingPolicy
-
-    policies = (InfoKVPolicy, EntropyPolicy, SnapKVPolicy, StreamingPolicy, RandomPolicy)
-    return {cls.name: cls for cls in policies}
-
-
-def make_policy(config: CompressionConfig) -> ScoringPolicy:
-    return policy_classes()[config.method](config)

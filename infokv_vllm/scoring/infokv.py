@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from infokv_vllm.scoring.attention import pool_scores
-from infokv_vllm.scoring.base import ATTENTION, ENTROPY, REPRESENTATION, ScoringPolicy, SelectionInput
+from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
+from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
+from infokv_vllm.signals.attention import pool_scores
 
 _EPS = 1e-12
 

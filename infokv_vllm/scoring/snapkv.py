@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from infokv_vllm.scoring.attention import pool_scores
-from infokv_vllm.scoring.base import ATTENTION, ScoringPolicy, SelectionInput
+from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
+from infokv_vllm.signals import ATTENTION
+from infokv_vllm.signals.attention import pool_scores
 
 
 class SnapKVPolicy(ScoringPolicy):

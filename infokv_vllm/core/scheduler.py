@@ -1,9 +1,8 @@
 """The scheduler extension: decides when, and to what length, each running request is compressed.
 
 Compression is decided here, before vLLM allocates the step's slots, so the tail pages a compaction frees serve
-this very step. The decision travels to every worker on the `SchedulerOutput` (`kv_compactions`, see
-`messages`); the workers choose *which* tokens with the active scoring policy and move them before the step's
-forward. Token entropies come back from the reporting worker and go out again with the request's next step,
+this very step. The decision travels to every worker on the `SchedulerOutput` (`messages.StepPlan`); the
+workers choose *which* tokens with the active scoring policy and move them before the step's forward. Token entropies come back from the reporting worker and go out again with the request's next step,
 so every tensor-parallel rank scores with the same budgets, decisions and entropies.
 
 Schedules (method doc, "Schedules"):
@@ -26,11 +25,11 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from infokv_vllm.config import CompressionConfig
-from infokv_vllm.kv.block_manager import CompactingAttentionManager
-from infokv_vllm.kv.messages import Compaction, TokenEntropies, WorkerReport
+from infokv_vllm.core.block_manager import CompactingAttentionManager
+from infokv_vllm.core.messages import Compaction, StepPlan, TokenEntropies, attach_plan, report_of
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 from infokv_vllm.scoring import make_policy
-from infokv_vllm.scoring.base import ATTENTION
+from infokv_vllm.signals import ATTENTION
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +69,18 @@ class CompressingScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         # A request preempted later in this same schedule() lost all its blocks; nothing is left to move, and
         # its entropies will be measured again when it is recomputed.
-        output.kv_compactions = [c for c in compactions if c.request_id not in output.preempted_req_ids]
         for request_id in output.preempted_req_ids:
             self._entropies.pop(request_id, None)
-        output.kv_window_starts = self._window_starts(output) if self._scores_attention else {}
-        output.kv_entropies = {request_id: self._entropies.pop(request_id)
-                               for request_id in output.num_scheduled_tokens if request_id in self._entropies}
+        attach_plan(output, StepPlan(
+            compactions=[c for c in compactions if c.request_id not in output.preempted_req_ids],
+            window_starts=self._window_starts(output) if self._scores_attention else {},
+            entropies={request_id: self._entropies.pop(request_id)
+                       for request_id in output.num_scheduled_tokens if request_id in self._entropies}))
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output, *args, **kwargs):
         # Before vLLM's bookkeeping, which frees the requests that finish in this step (and their entropies).
-        report: WorkerReport | None = getattr(model_runner_output, "kv_report", None)
+        report = report_of(model_runner_output)
         if report is not None:
             self.totals.seconds_scoring += report.seconds_scoring
             self.totals.seconds_compacting += report.seconds_compacting

@@ -14,9 +14,10 @@ from pathlib import Path
 
 # CPU settings that work on the 2-core test machines. A fixed KV size, not a share of the NUMA node: vLLM's CPU
 # worker refuses to start when the share exceeds the memory free at that moment, which on a 16 GiB CI machine
-# running other engines is often a few GiB. float32 avoids the slow bf16 emulation on AVX2.
-CPU_SERVE_FLAGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "1G", "--max-model-len", "4096",
-                   "--enforce-eager"]
+# running other engines is often a few GiB. float32 avoids the slow bf16 emulation on AVX2. vLLM's default
+# compilation stays on; callers that start many servers add EAGER (compiling SmolLM2 takes about a minute here).
+CPU_SERVE_FLAGS = ["--dtype", "float32", "--kv-cache-memory-bytes", "1G", "--max-model-len", "4096"]
+EAGER = ["--enforce-eager"]
 
 
 def vllm_cli() -> list[str]:

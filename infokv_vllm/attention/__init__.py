@@ -1,1 +1,0 @@
-"""Attention backends that extend vLLM's paged attention with the per-slot attention signal, per platform."""

@@ -1,0 +1,245 @@
+"""Every vLLM internal this plugin relies on, and every change it makes to vLLM's own objects, in one place.
+
+vLLM offers no public hook for most of what compression needs, so we subclass, override and wrap its internals.
+`VLLM_INTERNALS` lists each private name, overridden method, instance attribute and call shape we rely on, with
+the vLLM function and why; `tests/test_compat.py` checks every entry against the installed vLLM (no engine), so
+an upgrade fails loudly instead of silently running without compression. The supported range is
+`SUPPORTED_VLLM`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+SUPPORTED_VLLM = ">=0.32,<0.33"
+
+
+@dataclass(frozen=True)
+class VllmInternal:
+    target: str  # dotted path: module, then attributes
+    why: str
+    params: tuple[str, ...] | None = None  # leading parameter names of a callable target
+    source_has: tuple[str, ...] = ()  # snippets the target's source must contain (attributes it sets, calls)
+    fields: tuple[str, ...] = ()  # fields of a dataclass or NamedTuple target
+
+
+_RUNNER = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
+_MANAGER = "vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager"
+_SCHEDULER = "vllm.v1.core.sched.scheduler.Scheduler"
+
+VLLM_INTERNALS: tuple[VllmInternal, ...] = (
+    # --- engine arguments and CLI (plugin.py, patched below) ---
+    VllmInternal("vllm.engine.arg_utils.EngineArgs.add_cli_args", "wrapped: our --kv-* flag group joins the "
+                 "engine flags of `vllm serve` and `vllm bench`", ("parser",)),
+    VllmInternal("vllm.engine.arg_utils.EngineArgs.from_cli_args", "wrapped: it copies only EngineArgs' fields, so "
+                 "our flags are folded into additional_config", ("cls", "args")),
+    VllmInternal("vllm.engine.arg_utils.EngineArgs.create_engine_config", "wrapped: every entry point builds its "
+                 "VllmConfig here; compression sets its classes and refuses what it cannot support", ("self",)),
+    VllmInternal("vllm.engine.arg_utils.AsyncEngineArgs.add_cli_args", "general plugins are loaded before the "
+                 "engine flags are built, so our CLI wrapper is in place in time",
+                 source_has=("load_general_plugins()",)),
+    VllmInternal("vllm.v1.engine.EngineCoreOutputs", "annotation `scheduler_stats` widened: the frontend's msgspec "
+                 "decoder drops undeclared fields, our compression stats among them", fields=("scheduler_stats",)),
+    # --- worker and runner (platforms/cpu.py, core/runner.py) ---
+    VllmInternal("vllm.v1.worker.cpu_worker.CPUWorker.init_device", "builds its runner through the module global "
+                 "`CPUModelRunner`, swapped for ours during the call", source_has=("CPUModelRunner(self.vllm_config",)),
+    VllmInternal("vllm.v1.worker.cpu_worker.CPUModelRunner", "the module global swapped above"),
+    VllmInternal(f"{_RUNNER}.load_model", "overridden: the model is built under the platform's scoring attention "
+                 "backend, and decoder layers are wrapped before vLLM compiles", ("self",)),
+    VllmInternal(f"{_RUNNER}.get_kv_cache_spec", "overridden: layers report CompressedAttentionSpec", ("self",)),
+    VllmInternal(f"{_RUNNER}.initialize_kv_cache", "overridden: compactor and signal planes are built on the "
+                 "allocated caches", ("self", "kv_cache_config")),
+    VllmInternal(f"{_RUNNER}.execute_model", "overridden: compactions are applied before the forward",
+                 ("self", "scheduler_output")),
+    VllmInternal(f"{_RUNNER}.sample_tokens", "overridden: the worker's report joins the output", ("self",)),
+    VllmInternal(f"{_RUNNER}._prepare_inputs", "overridden: seq_lens and slot_mapping are shifted to the kept "
+                 "length after vLLM prepares the step", ("self", "scheduler_output", "num_scheduled_tokens")),
+    VllmInternal(f"{_RUNNER}._model_forward", "overridden: the observation window is open during the forward",
+                 ("self",)),
+    VllmInternal(f"{_RUNNER}.__init__", "step buffers the length shift edits and the signals read",
+                 source_has=("self.seq_lens =", "self.optimistic_seq_lens_cpu =", "self.positions =",
+                             "self.query_start_loc =", "self.max_num_tokens =", "self.execute_model_state",
+                             "self.requests")),
+    VllmInternal("vllm.v1.worker.gpu_model_runner.ExecuteModelState", "the forward's hidden states and sampled "
+                 "logits, measured for token entropy", fields=("logits", "hidden_states")),
+    VllmInternal("vllm.v1.worker.block_table.MultiGroupBlockTable.compute_slot_mapping", "recomputed at the kept "
+                 "positions", ("self", "num_reqs", "query_start_loc", "positions")),
+    VllmInternal("vllm.v1.worker.block_table.MultiGroupBlockTable.add_row", "the worker's block table mirrors "
+                 "the shortened block list after a compaction", ("self", "block_ids", "row_idx")),
+    VllmInternal("vllm.v1.worker.gpu_input_batch.InputBatch.__init__", "batch rows of the step's requests",
+                 source_has=("self.req_id_to_index", "self.block_table =", "self._req_ids")),
+    VllmInternal("vllm.model_executor.models.utils.extract_layer_index", "maps attention layers to decoder layers",
+                 ("layer_name",)),
+    # --- attention (platforms/cpu.py, compat.cpu_attention_backend) ---
+    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward", "wrapped by the scoring "
+                 "impl, which reads the metadata's seq_lens, query_start_loc and block_table",
+                 ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
+    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadata", "what the scoring impl reads",
+                 fields=("seq_lens", "query_start_loc", "block_table")),
+    VllmInternal("vllm.v1.attention.selector._cached_get_attn_backend", "caches the backend per process; cleared "
+                 "around the compressing worker's model build"),
+    VllmInternal("vllm.v1.attention.backends.registry.AttentionBackendEnum.CPU_ATTN", "the only backend vLLM's CPU "
+                 "platform selects; pointed at the scoring backend during the model build"),
+    VllmInternal("vllm._custom_ops.cpu_attn_reshape_and_cache", "writes a marked page to probe the CPU page layout",
+                 ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
+    # --- scheduler and KV cache manager (core/scheduler.py, core/block_manager.py) ---
+    VllmInternal(f"{_SCHEDULER}.schedule", "overridden: compactions are decided before vLLM allocates slots",
+                 ("self",)),
+    VllmInternal(f"{_SCHEDULER}.update_from_output", "overridden: the worker's report is read",
+                 ("self", "scheduler_output", "model_runner_output")),
+    VllmInternal(f"{_SCHEDULER}.make_stats", "overridden: compression stats join vLLM's", ("self",)),
+    VllmInternal(f"{_SCHEDULER}._free_request", "overridden: per-request compression state is dropped",
+                 ("self", "request")),
+    VllmInternal("vllm.v1.core.sched.output.SchedulerOutput", "what the workers need to forget and zero",
+                 fields=("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
+                         "finished_req_ids", "preempted_req_ids")),
+    VllmInternal("vllm.v1.core.sched.output.CachedRequestData", "resumed requests and their new blocks",
+                 fields=("resumed_req_ids", "new_block_ids")),
+    VllmInternal(f"{_MANAGER}.get_num_blocks_to_allocate", "overridden: counts by physical length",
+                 ("self", "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+                  "num_local_computed_tokens", "num_tokens_main_model")),
+    VllmInternal(f"{_MANAGER}.allocate_new_blocks", "overridden: counts by physical length",
+                 ("self", "request_id", "num_tokens", "num_tokens_main_model")),
+    VllmInternal(f"{_MANAGER}.pop_blocks_for_free", "overridden: a freed request forgets its evicted count",
+                 ("self", "request_id")),
+    VllmInternal("vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager.__init__", "the block lists "
+                 "a compaction shortens", source_has=("self.req_to_blocks", "self.num_cached_block")),
+    VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry._ensure_registered", "the built-in specs "
+                 "register only while the registry is empty, so they are registered before ours"),
+    VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register", "maps CompressedAttentionSpec to "
+                 "CompactingAttentionManager"),
+    # --- test support (infokv_vllm/testing/local_engine.py) ---
+    VllmInternal(f"{_SCHEDULER}._preempt_request", "counted by the tests and benchmarks", ("self", "request")),
+)
+
+
+def resolve(target: str) -> Any:
+    """The object at a dotted path (module part, then attributes)."""
+    import importlib
+
+    parts = target.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for name in parts[split:]:
+            obj = obj.__dict__[name] if isinstance(obj, type) and name in obj.__dict__ else getattr(obj, name)
+        return obj
+    raise ImportError(target)
+
+
+# --- patches ----------------------------------------------------------------------------------------------
+
+class EngineArgsHooks(Protocol):
+    """What the plugin does at the engine-argument stage (`infokv_vllm.plugin` implements it)."""
+
+    def add_cli_args(self, parser: Any) -> None: ...
+
+    def fold_cli_args(self, args: Any, additional_config: dict | None) -> dict: ...
+
+    def prepare_engine_args(self, engine_args: Any) -> Any: ...
+
+    def check_engine_config(self, vllm_config: Any) -> None: ...
+
+
+_PATCHED_MARK = "__infokv_patched__"
+
+
+def _wrap(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable], kind: type | None = None) -> None:
+    """Replace `owner.name` with `make_wrapper(original)` once; `kind` re-wraps static/class methods."""
+    original_attr = owner.__dict__[name]
+    original = original_attr.__func__ if kind is not None else original_attr
+    if getattr(original, _PATCHED_MARK, False):
+        return
+    wrapper = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapper, _PATCHED_MARK, True)
+    setattr(owner, name, kind(wrapper) if kind is not None else wrapper)
+
+
+def apply(hooks: EngineArgsHooks) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    def add_cli_args(original: Callable) -> Callable:
+        def wrapper(parser):
+            parser = original(parser)
+            hooks.add_cli_args(parser)
+            return parser
+        return wrapper
+
+    _wrap(EngineArgs, "add_cli_args", add_cli_args, staticmethod)
+
+    def from_cli_args(original: Callable) -> Callable:
+        def wrapper(cls, args):
+            engine_args = original(cls, args)
+            engine_args.additional_config = hooks.fold_cli_args(args, engine_args.additional_config)
+            return engine_args
+        return wrapper
+
+    _wrap(EngineArgs, "from_cli_args", from_cli_args, classmethod)
+
+    def create_engine_config(original: Callable) -> Callable:
+        def wrapper(self, *args, **kwargs):
+            hooks.prepare_engine_args(self)
+            vllm_config = original(self, *args, **kwargs)
+            hooks.check_engine_config(vllm_config)
+            return vllm_config
+        return wrapper
+
+    _wrap(EngineArgs, "create_engine_config", create_engine_config)
+
+    # Plugins are registered before vLLM builds its decoders, and msgspec reads the annotation when a decoder
+    # is built.
+    from vllm.v1.engine import EngineCoreOutputs
+
+    from infokv_vllm.metrics import CompressionSchedulerStats
+
+    EngineCoreOutputs.__annotations__["scheduler_stats"] = CompressionSchedulerStats | None
+
+
+@contextlib.contextmanager
+def cpu_model_runner_class(runner_cls: type) -> Iterator[None]:
+    """While active, vLLM's CPU worker builds `runner_cls` as its model runner.
+
+    `CPUWorker.init_device` constructs the V1 runner through the module-global name `CPUModelRunner` (and sets up
+    threads, memory and distributed state around it, which we must not copy), so the name is swapped for the
+    duration of that call only.
+    """
+    from vllm.v1.worker import cpu_worker
+
+    original = cpu_worker.CPUModelRunner
+    cpu_worker.CPUModelRunner = runner_cls
+    try:
+        yield
+    finally:
+        cpu_worker.CPUModelRunner = original
+
+
+@contextlib.contextmanager
+def cpu_attention_backend(class_path: str) -> Iterator[None]:
+    """While active, models built in this process use the attention backend at `class_path` on CPU.
+
+    `CpuPlatform.get_attn_backend_cls` always answers `CPU_ATTN`, whose class path vLLM's registry lets us
+    override (`register_backend`); but `selector._cached_get_attn_backend` caches the resolved class per process,
+    so the cache is cleared on entry and on exit. Other engines in the same process (tests, benchmarks) keep
+    vLLM's own backend.
+    """
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    member = AttentionBackendEnum.CPU_ATTN
+    previous = member.get_path() if member.is_overridden() else None
+    register_backend(member, class_path)
+    selector._cached_get_attn_backend.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            member.clear_override()
+        else:
+            register_backend(member, previous)
+        selector._cached_get_attn_backend.cache_clear()

@@ -1,0 +1,91 @@
+"""What the scheduler and the workers tell each other each step, beside vLLM's own messages.
+
+vLLM pickles the `SchedulerOutput` to every worker and hands one rank's `ModelRunnerOutput` back to the
+scheduler; extra attributes survive both trips, so ours ride along as one typed attribute each way:
+
+- `SchedulerOutput.infokv_plan` (`StepPlan`): compactions to apply before this step's forward, where each open
+  observation window starts, and token entropies measured in the request's previous step;
+- `ModelRunnerOutput.infokv_report` (`WorkerReport`): what the reporting rank measured in this step.
+
+`plan_of` and `report_of` read them. A missing plan is an error, never "nothing to compact": it would mean the
+scheduler is not ours and compression would silently stop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PLAN_ATTRIBUTE = "infokv_plan"
+REPORT_ATTRIBUTE = "infokv_report"
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """One decision for one request, applied by every worker before the step's forward."""
+
+    request_id: str
+    logical_len: int  # tokens whose KV exists (num_computed_tokens); positions keep counting from here
+    physical_len: int  # slots the request holds before compaction
+    kept_len: int  # slots after compaction
+    window: int  # most recent tokens that are always kept (the observation window)
+
+
+@dataclass(frozen=True)
+class TokenEntropies:
+    """Entropies of a request's tokens at logical positions first_position, first_position + 1, ...
+
+    A step that computes positions [a, b) yields the entropies of tokens a+1 .. b (token i's entropy is that of
+    the distribution at position i - 1). All but the last token already have KV when the message arrives, one
+    step later; the last is the first token the request computes in that step.
+    """
+
+    first_position: int
+    values: np.ndarray  # float32
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The scheduler's compression instructions for one step, sent to every worker."""
+
+    compactions: list[Compaction] = field(default_factory=list)
+    window_starts: dict[str, int] = field(default_factory=dict)  # request id -> logical position
+    entropies: dict[str, TokenEntropies] = field(default_factory=dict)  # request id -> previous step's values
+
+
+@dataclass
+class WorkerReport:
+    """What a worker measured in one step (only the reporting rank's report reaches the scheduler)."""
+
+    entropies: dict[str, TokenEntropies] = field(default_factory=dict)
+    seconds_scoring: float = 0.0
+    seconds_compacting: float = 0.0
+
+
+def attach_plan(scheduler_output, plan: StepPlan) -> None:
+    setattr(scheduler_output, PLAN_ATTRIBUTE, plan)
+
+
+def plan_of(scheduler_output) -> StepPlan:
+    try:
+        return getattr(scheduler_output, PLAN_ATTRIBUTE)
+    except AttributeError:
+        raise RuntimeError("infokv-vllm: the scheduler output carries no compression plan; compression needs "
+                           "infokv_vllm.core.scheduler.CompressingScheduler as vLLM's scheduler") from None
+
+
+def attach_report(model_runner_output, report: WorkerReport) -> None:
+    setattr(model_runner_output, REPORT_ATTRIBUTE, report)
+
+
+def report_of(model_runner_output) -> WorkerReport | None:
+    """The worker's report, or None for an output without requests (vLLM's shared empty output of steps that ran
+    no forward; after a trip between processes it is a copy, so it is recognised by having no requests)."""
+    if not model_runner_output.req_ids:
+        return None
+    try:
+        return getattr(model_runner_output, REPORT_ATTRIBUTE)
+    except AttributeError:
+        raise RuntimeError("infokv-vllm: the model runner's output carries no compression report; compression "
+                           "needs the worker class infokv-vllm selects for the platform") from None

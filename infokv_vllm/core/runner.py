@@ -1,0 +1,252 @@
+"""The platform-neutral model-runner extension, mixed into vLLM's V1 runner of each platform.
+
+`CompressingRunnerMixin` goes in front of vLLM's `GPUModelRunner` (CUDA) or its subclass `CPUModelRunner`; a
+platform adapter (`platforms/`) supplies what differs: the attention backend whose impl records the attention
+signal, the KV page layout, and the kernel family. The mixin owns what is the same everywhere:
+
+- applying the scheduler's compactions (`StepPlan.compactions`): score with the policy, move the kept KV and
+  signals into the leading slots, mirror the scheduler's shortened block list;
+- the length shift: per request the runner tracks `evicted` (logical tokens minus physical slots). Positions,
+  RoPE, sampling and stop checks keep using logical lengths; only the attention view changes: the KV length
+  (`seq_lens`) and the slots new tokens are written to (`slot_mapping`) are shifted down by `evicted`;
+- the signal recorders the policy needs (`signals/`), called at fixed points of each step.
+
+Every vLLM internal used here is listed in `infokv_vllm.compat` and checked by its test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.utils.math_utils import cdiv
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.outputs import ModelRunnerOutput
+
+from infokv_vllm.config import CompressionConfig
+from infokv_vllm.core.block_manager import CompressedAttentionSpec
+from infokv_vllm.core.compaction import PagedKVCompactor
+from infokv_vllm.core.messages import Compaction, StepPlan, WorkerReport, attach_report, plan_of
+from infokv_vllm.kernels import kernel_family
+from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
+from infokv_vllm.signals import (
+    ATTENTION,
+    ENTROPY,
+    REPRESENTATION,
+    ForwardOutputs,
+    RequestPages,
+    SignalRecorder,
+    StepView,
+)
+from infokv_vllm.signals.attention import AttentionRecorder
+from infokv_vllm.signals.entropy import EntropyRecorder
+from infokv_vllm.signals.representation import RepresentationRecorder, wrap_decoder_layers
+from infokv_vllm.signals.storage import SlotSignals
+
+if TYPE_CHECKING:
+    from infokv_vllm.platforms import PlatformAdapter
+
+
+class CompressingRunnerMixin:
+    platform: ClassVar[PlatformAdapter]  # set by each platform's runner class
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.compression = CompressionConfig.from_additional_config(self.vllm_config.additional_config)
+        self.evicted: dict[str, int] = {}
+        self.policy = make_policy(self.compression) if self.compression.enabled else None
+        self.kernels = kernel_family(self.platform.kernel_family(self.compression)) if self.policy else None
+        self.compactor: PagedKVCompactor | None = None
+        self.signals: SlotSignals | None = None
+        self.recorders: list[SignalRecorder] = []
+        self._decoder_layers: dict = {}
+        self._report = WorkerReport()  # until it leaves with the step's ModelRunnerOutput
+        self._plan: StepPlan | None = None  # the current step's
+        self._step: StepView | None = None  # the current step's, once its inputs are prepared
+
+    # --- set-up ---------------------------------------------------------------------------------------
+
+    def load_model(self, *args, **kwargs) -> None:
+        if not self.compression.enabled:
+            return super().load_model(*args, **kwargs)
+        with self.platform.model_build_context(self.policy.signals):
+            super().load_model(*args, **kwargs)
+        if REPRESENTATION in self.policy.signals:
+            # Before vLLM compiles or captures the forward (warm-up and profiling come after loading).
+            self._decoder_layers = wrap_decoder_layers(self.get_model(), self.max_num_tokens)
+
+    def get_kv_cache_spec(self):
+        specs = super().get_kv_cache_spec()
+        if not self.compression.enabled:
+            return specs
+        for name, spec in specs.items():
+            if type(spec) is not FullAttentionSpec:
+                raise ValueError(f"infokv-vllm: layer {name} uses {type(spec).__name__}; compression supports "
+                                 "full-attention layers only")
+            fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)}
+            specs[name] = CompressedAttentionSpec(**fields)
+        return specs
+
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        if not self.compression.enabled:
+            return
+        (group,) = self.kv_cache_config.kv_cache_groups
+        layer_names = list(group.layer_names)
+        layers = [self.compilation_config.static_forward_context[name] for name in layer_names]
+        spec = group.kv_cache_spec
+        layout = self.platform.page_layout(layers[0], spec)
+        self.compactor = PagedKVCompactor([layer.kv_cache for layer in layers], layout, spec.num_kv_heads,
+                                          self.kernels)
+        signals = self.policy.signals
+        if ATTENTION in signals:
+            self.platform.check_scoring_attention(layers)
+        if not signals:
+            return
+        self.signals = SlotSignals(signals, len(layers), self.kv_cache_config.num_blocks, spec.num_kv_heads,
+                                   spec.block_size, self.kernels, self.device)
+        if ATTENTION in signals:
+            self.recorders.append(AttentionRecorder(self.signals, layer_names, layout, self.kernels))
+        if ENTROPY in signals:
+            self.recorders.append(EntropyRecorder(self.signals, self.compression.entropy_top_k))
+        if REPRESENTATION in signals:
+            decoder_layers = [self._decoder_layers[extract_layer_index(name)] for name in layer_names]
+            self.recorders.append(RepresentationRecorder(self.signals, decoder_layers))
+
+    # --- the step ---------------------------------------------------------------------------------------
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        if not self.compression.enabled:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        plan = plan_of(scheduler_output)
+        self._forget(_restarted_request_ids(scheduler_output))
+        for recorder in self.recorders:
+            recorder.before_compactions(plan, self._request_pages)
+        for compaction in plan.compactions:
+            self._compact(compaction)
+        new_block_ids = _new_block_ids(scheduler_output)
+        for recorder in self.recorders:
+            recorder.after_compactions(plan, new_block_ids)
+        self._plan = plan
+        try:
+            result = super().execute_model(scheduler_output, *args, **kwargs)
+            if self._step is not None:
+                self._after_forward(self._step)
+        finally:
+            self._plan = self._step = None
+        return result
+
+    def sample_tokens(self, *args, **kwargs):
+        output = super().sample_tokens(*args, **kwargs)
+        if self.compression.enabled and isinstance(output, ModelRunnerOutput) and output.req_ids:
+            attach_report(output, self._report)
+            self._report = WorkerReport()
+        return output
+
+    def _model_forward(self, *args, **kwargs):
+        if not self.recorders:
+            return super()._model_forward(*args, **kwargs)
+        # Recorders that work inside the forward (the attention signal's observation window) open it here.
+        contexts = [recorder.forward_context() for recorder in self.recorders]
+        for context in contexts:
+            context.__enter__()
+        try:
+            return super()._model_forward(*args, **kwargs)
+        finally:
+            for context in reversed(contexts):
+                context.__exit__(None, None, None)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        if not self.compression.enabled:
+            return result
+        num_reqs = self.input_batch.num_reqs
+        num_tokens = int(num_scheduled_tokens.sum())
+        request_ids = list(self.input_batch.req_ids[:num_reqs])
+        evicted = np.array([self.evicted.get(r, 0) for r in request_ids], dtype=np.int64)
+        if evicted.any():
+            # Attention reads `kept` slots and writes new tokens after them; positions stay logical.
+            shift = torch.from_numpy(evicted)
+            self.seq_lens[:num_reqs] -= shift.to(self.seq_lens.device, self.seq_lens.dtype)
+            self.optimistic_seq_lens_cpu[:num_reqs] -= shift.to(self.optimistic_seq_lens_cpu.dtype)
+            per_token = torch.from_numpy(np.repeat(evicted, num_scheduled_tokens)).to(self.positions.device)
+            self.input_batch.block_table.compute_slot_mapping(
+                num_reqs, self.query_start_loc.gpu[: num_reqs + 1], self.positions[:num_tokens] - per_token)
+        if self.recorders and self._plan is not None:
+            self._step = StepView(
+                request_ids=request_ids, query_starts=self.query_start_loc.cpu[: num_reqs + 1].tolist(),
+                positions=self.positions[:num_tokens].cpu(),
+                slots=self.input_batch.block_table[0].slot_mapping.gpu[:num_tokens].clone(),
+                pages=self._request_pages)
+            for recorder in self.recorders:
+                recorder.before_forward(self._plan, self._step)
+        return result
+
+    def _after_forward(self, step: StepView) -> None:
+        started = time.perf_counter()
+        state = self.execute_model_state
+        outputs = ForwardOutputs(hidden_states=state.hidden_states, last_logits=state.logits,
+                                 compute_logits=self.model.compute_logits)
+        for recorder in self.recorders:
+            recorder.after_forward(step, outputs, self._report)
+        self._report.seconds_scoring += time.perf_counter() - started
+
+    # --- compaction -------------------------------------------------------------------------------------
+
+    def _request_pages(self, request_id: str) -> RequestPages:
+        (block_ids,) = self.requests[request_id].block_ids
+        return RequestPages(block_ids, self.evicted.get(request_id, 0))
+
+    def _forget(self, request_ids: list[str]) -> None:
+        """New, resumed (after preemption: recomputed in full) and finished requests hold no evicted slots."""
+        for request_id in request_ids:
+            self.evicted.pop(request_id, None)
+        for recorder in self.recorders:
+            recorder.forget(request_ids)
+
+    def _compact(self, compaction: Compaction) -> None:
+        state = self.requests[compaction.request_id]
+        (block_ids,) = state.block_ids
+        assert self.evicted.get(compaction.request_id, 0) == compaction.logical_len - compaction.physical_len, (
+            "worker and scheduler disagree on evicted tokens", compaction)
+        compactor = self.compactor
+        started = time.perf_counter()
+        signals = self.signals.gather(block_ids, compaction.physical_len) if self.signals else {}
+        scores = self.policy.scores(SelectionInput(
+            request_id=compaction.request_id, num_layers=compactor.num_layers,
+            num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len, sinks=self.compression.sinks,
+            window=compaction.window, device=self.signals.device if self.signals else torch.device("cpu"),
+            signals=signals))
+        keep = select_tokens(scores, compaction.kept_len, self.compression.sinks, compaction.window)
+        chosen = time.perf_counter()
+        compactor.compact(block_ids, keep)
+        if self.signals is not None:
+            self.signals.compact(block_ids, keep)
+        self._report.seconds_scoring += chosen - started
+        self._report.seconds_compacting += time.perf_counter() - chosen
+        # Mirror the scheduler's block list: the tail blocks are already back in its pool.
+        del block_ids[cdiv(compaction.kept_len, compactor.block_size):]
+        for recorder in self.recorders:
+            recorder.after_compaction(block_ids)
+        row = self.input_batch.req_id_to_index.get(compaction.request_id)
+        if row is not None:
+            self.input_batch.block_table.add_row(state.block_ids, row)
+        self.evicted[compaction.request_id] = compaction.logical_len - compaction.kept_len
+
+
+def _restarted_request_ids(scheduler_output) -> list[str]:
+    cached = scheduler_output.scheduled_cached_reqs
+    return [*scheduler_output.finished_req_ids, *cached.resumed_req_ids,
+            *(new.req_id for new in scheduler_output.scheduled_new_reqs)]
+
+
+def _new_block_ids(scheduler_output) -> list[int]:
+    ids = [block for new in scheduler_output.scheduled_new_reqs for block in new.block_ids[0]]
+    for blocks in scheduler_output.scheduled_cached_reqs.new_block_ids:
+        if blocks is not None:
+            ids.extend(blocks[0])
+    return ids

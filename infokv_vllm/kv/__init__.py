@@ -1,1 +1,0 @@
-"""Paged KV eviction: the block manager and scheduler extensions, and the compaction the workers apply."""

@@ -1,0 +1,122 @@
+"""vLLM's CPU platform: its CPU worker and V1 runner, its CPU attention backend, its page layout, torch kernels.
+
+- Worker: vLLM's `CPUWorker`, building `CompressingCPUModelRunner` (the core mixin over `CPUModelRunner`).
+- Attention: vLLM's CPU platform always selects its `CPU_ATTN` backend; while the runner builds a model whose
+  policy needs attention scores, that name points at `ScoringCPUAttentionBackend`
+  (`compat.cpu_attention_backend`), so the attention output is vLLM's own kernel's.
+- Pages: vLLM's CPU attention stores a page's keys column-major and its values row-major, depending on the
+  instruction set; instead of hard-coding that, a marked page is written through the backend's own cache-write op
+  once and the layout read back.
+- Kernels: torch; Triton only under its interpreter (`TRITON_INTERPRET=1`, for testing the GPU path's kernels
+  inside real vLLM), as Triton has no CPU backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import ContextManager
+
+import torch
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from infokv_vllm import compat
+from infokv_vllm.config import CompressionConfig, flag_name
+from infokv_vllm.core.compaction import PageLayout
+from infokv_vllm.core.runner import CompressingRunnerMixin
+from infokv_vllm.platforms import PlatformAdapter, Refuse
+from infokv_vllm.signals import ATTENTION
+from infokv_vllm.signals.attention import accumulate_in_attention
+
+# Probe values stay below 256 so they are exact in every cache dtype (float32, bfloat16, float16).
+_PROBE_RADIX = 128
+
+
+class ScoringCPUAttentionImpl(CPUAttentionBackendImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if attn_metadata is not None:
+            accumulate_in_attention(layer.layer_name, query, kv_cache, attn_metadata.seq_lens,
+                                    attn_metadata.query_start_loc, attn_metadata.block_table, self.scale)
+        return output
+
+
+class ScoringCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[ScoringCPUAttentionImpl]:
+        return ScoringCPUAttentionImpl
+
+
+def probe_cpu_page_layout(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> PageLayout:
+    """The layout of vLLM's CPU attention pages (K half, then V half) for this dtype and instruction set."""
+    import vllm._custom_ops as ops
+
+    if block_size >= _PROBE_RADIX * 2:
+        raise ValueError(f"page layout probe supports block sizes below {_PROBE_RADIX * 2}, got {block_size}")
+    slots = torch.arange(block_size)
+
+    def write(marks: torch.Tensor) -> torch.Tensor:
+        """Write the same per-(slot, dim) mark as key and value of every slot; return the page."""
+        page = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+        key_cache, value_cache = page.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+        tokens = marks.to(dtype)[:, None, :]  # [slots, heads=1, head_size]
+        ops.cpu_attn_reshape_and_cache(tokens, tokens, key_cache, value_cache, slots, isa)
+        return page.reshape(-1).float().long() - 1
+
+    dims = torch.arange(head_size)
+    slot_of = write((slots[:, None] + 1).expand(block_size, head_size))
+    dim_low = write((dims % _PROBE_RADIX + 1).expand(block_size, head_size))
+    dim_high = write((dims // _PROBE_RADIX + 1).expand(block_size, head_size))
+    dim_of = dim_high * _PROBE_RADIX + dim_low
+    is_value = (torch.arange(slot_of.numel()) >= block_size * head_size).long()
+    token_index = torch.full((block_size, 2 * head_size), -1, dtype=torch.long)
+    token_index[slot_of, is_value * head_size + dim_of] = torch.arange(slot_of.numel())
+    if (token_index < 0).any():
+        raise RuntimeError(f"could not map the CPU attention page layout (isa={isa}, dtype={dtype})")
+    return PageLayout(token_index)
+
+
+class CPUAdapter(PlatformAdapter):
+    name = "cpu"
+    worker_cls = "infokv_vllm.platforms.cpu.CompressingCPUWorker"
+
+    def kernel_family(self, config: CompressionConfig) -> str:
+        return "triton" if config.kernels == "triton" else "torch"
+
+    def model_build_context(self, signals: frozenset[str]) -> ContextManager:
+        if ATTENTION not in signals:
+            return contextlib.nullcontext()
+        backend = ScoringCPUAttentionBackend
+        return compat.cpu_attention_backend(f"{backend.__module__}.{backend.__qualname__}")
+
+    def page_layout(self, attention_layer, spec) -> PageLayout:
+        return probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, attention_layer.isa)
+
+    def check_scoring_attention(self, attention_layers) -> None:
+        if not all(isinstance(layer.impl, ScoringCPUAttentionImpl) for layer in attention_layers):
+            raise RuntimeError("infokv-vllm: the attention layers were built without the scoring backend; the "
+                               "attention signal would silently stay zero")
+
+    def check_engine_config(self, vllm_config, config: CompressionConfig, refuse: Refuse) -> None:
+        if config.kernels == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            refuse(f"{flag_name('kernels')} triton on CPU",
+                   "Triton has no CPU backend here; the kernels run on CPU only under its interpreter "
+                   "(TRITON_INTERPRET=1), which is for testing")
+
+
+CPU_ADAPTER = CPUAdapter()
+
+
+class CompressingCPUModelRunner(CompressingRunnerMixin, CPUModelRunner):
+    platform = CPU_ADAPTER
+
+
+class CompressingCPUWorker(CPUWorker):
+    """vLLM's CPU worker with the compressing model runner in place of its own."""
+
+    def init_device(self) -> None:
+        with compat.cpu_model_runner_class(CompressingCPUModelRunner):
+            super().init_device()
+        assert isinstance(self.model_runner, CompressingCPUModelRunner), type(self.model_runner)

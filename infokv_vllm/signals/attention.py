@@ -1,0 +1,137 @@
+"""The attention signal: how much softmax probability the observation window's queries give each cached slot.
+
+Probabilities are over the full kept KV of the request (causal), summed over the window's queries and over the
+query heads that share each KV head, and added into a per-slot plane laid out like the KV pages.
+
+Where it is recorded: inside each layer's attention op, by the platform's attention-impl wrapper
+(`platforms/`), which calls `accumulate_in_attention` after vLLM's own kernel. vLLM calls attention as an
+opaque custom op from its compiled graphs (and leaves it out of piecewise CUDA graphs), so this Python runs on
+every call, compiled or eager. The runner opens an `ObservationWindow` only around the forward of steps whose
+tokens fall in some request's window (the scheduler says where windows start); other steps do no scoring work.
+
+`window_attention_mass` is the dense torch formulation: the torch kernel family's path and the reference the
+Triton kernel is tested against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ContextManager
+
+import torch
+
+from infokv_vllm.signals import ATTENTION, SignalRecorder, StepView
+
+if TYPE_CHECKING:
+    from infokv_vllm.core.compaction import PageLayout
+    from infokv_vllm.core.messages import StepPlan
+    from infokv_vllm.kernels import KernelFamily
+
+
+def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """queries [T, q_heads, D], keys [kv_heads, S, D], query_positions [T] (physical slot of each query, which
+    attends slots 0..position) -> [kv_heads, S] summed probabilities."""
+    num_tokens, q_heads, _ = queries.shape
+    kv_heads, length, _ = keys.shape
+    group = q_heads // kv_heads
+    grouped = queries.float().view(num_tokens, kv_heads, group, -1)
+    logits = torch.einsum("tkgd,ksd->tkgs", grouped, keys.float()) * scale
+    future = torch.arange(length, device=keys.device)[None, :] > query_positions[:, None]
+    logits.masked_fill_(future[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=(0, 2))
+
+
+def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool along the sequence (last dim), same length: a kept token keeps its neighbours' context."""
+    if kernel <= 1:
+        return scores
+    shape = scores.shape
+    pooled = torch.nn.functional.max_pool1d(scores.reshape(-1, 1, shape[-1]), kernel, stride=1,
+                                            padding=kernel // 2)
+    return pooled.reshape(shape)
+
+
+@dataclass(frozen=True)
+class ObservationWindow:
+    """The current step's window: which queries score the cache, and where the mass accumulates."""
+
+    query_rows: torch.Tensor  # [T] batch row of each window query
+    query_tokens: torch.Tensor  # [T] index of each window query among the step's tokens
+    accumulators: dict[str, torch.Tensor]  # attention layer name -> [blocks, kv_heads, block_size] float32
+    layout: PageLayout
+    kernels: KernelFamily
+
+
+_active: ObservationWindow | None = None
+
+
+@contextlib.contextmanager
+def observation_window(window: ObservationWindow | None) -> Iterator[None]:
+    global _active
+    _active = window
+    try:
+        yield
+    finally:
+        _active = None
+
+
+def accumulate_in_attention(layer_name: str, query: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
+                            query_start_loc: torch.Tensor, block_table: torch.Tensor, scale: float) -> None:
+    """Called by a platform's attention impl after vLLM's attention of one layer: add the window queries' mass.
+
+    seq_lens [rows] are the kept KV lengths including the step's tokens, query_start_loc [rows + 1] the step's
+    token offsets, block_table [rows, blocks] this layer group's block table (the attention metadata's)."""
+    window = _active
+    if window is None or layer_name not in window.accumulators:
+        return
+    rows, tokens = window.query_rows, window.query_tokens
+    starts = query_start_loc.to(rows.device)
+    lengths = seq_lens.to(rows.device)
+    # The queries of a request are the last tokens of its kept sequence: each attends up to its own slot.
+    positions = lengths[rows] - (starts[rows + 1] - starts[rows]) + (tokens - starts[rows])
+    device = kv_cache.device
+    window.kernels.accumulate_window_attention(
+        window.accumulators[layer_name], query[tokens.to(device)], kv_cache, window.layout, block_table,
+        rows.to(device), positions.to(device), seq_lens, scale)
+
+
+class AttentionRecorder(SignalRecorder):
+    name = ATTENTION
+
+    def __init__(self, storage, layer_names: list[str], layout: PageLayout, kernels: KernelFamily) -> None:
+        super().__init__(storage)
+        self.accumulators = dict(zip(layer_names, storage.planes[ATTENTION]))
+        self.layout = layout
+        self.kernels = kernels
+        self.window: ObservationWindow | None = None
+
+    def after_compactions(self, plan: StepPlan, new_block_ids: list[int]) -> None:
+        # Only now: a block the scheduler hands out this step may be one a compaction of this step freed, whose
+        # accumulated attention that compaction had to read first.
+        self.storage.zero_blocks(ATTENTION, new_block_ids)
+
+    def after_compaction(self, block_ids: list[int]) -> None:
+        self.storage.zero_blocks(ATTENTION, block_ids)  # the next observation window starts afresh
+
+    def before_forward(self, plan: StepPlan, step: StepView) -> None:
+        self.window = None
+        if not plan.window_starts:
+            return
+        rows, tokens = [], []
+        for row, request_id in enumerate(step.request_ids):
+            start = plan.window_starts.get(request_id)
+            if start is None:
+                continue
+            mine = torch.arange(step.query_starts[row], step.query_starts[row + 1])
+            mine = mine[step.positions[mine] >= start]
+            rows.append(torch.full_like(mine, row))
+            tokens.append(mine)
+        if tokens and sum(map(len, tokens)):
+            self.window = ObservationWindow(torch.cat(rows), torch.cat(tokens), self.accumulators, self.layout,
+                                            self.kernels)
+
+    def forward_context(self) -> ContextManager:
+        return observation_window(self.window)

@@ -1,0 +1,94 @@
+"""The representation-evolution signal: how much a decoder layer rewrites each token's residual stream,
+`1 - cos(h_l, h_{l+1})` per token and layer.
+
+Recorded inside the model's forward, so it must survive torch.compile and CUDA graphs: each decoder layer is
+wrapped (`RecordingDecoderLayer`, at model load, before vLLM compiles) and the wrapper calls the custom op
+`infokv::record_evolution`, which declares the per-layer buffer it writes. The compiler keeps an op that
+mutates its input, and a CUDA graph replays it into the same buffer; Python forward hooks, by contrast, are traced
+once and their side effects dropped. After the forward the recorder copies the step's rows into the slot planes.
+The buffers start as NaN and the first recording step checks that every layer wrote its rows, so a compiled
+graph without the op fails loudly instead of scoring with nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from infokv_vllm.signals import REPRESENTATION, ForwardOutputs, SignalRecorder, StepView
+
+
+def representation_evolution(layer_input: torch.Tensor, layer_output: torch.Tensor) -> torch.Tensor:
+    """1 - cos(h_l, h_{l+1}) per token; inputs [tokens, hidden]."""
+    return 1.0 - torch.nn.functional.cosine_similarity(layer_input.float(), layer_output.float(), dim=-1)
+
+
+@torch.library.custom_op("infokv::record_evolution", mutates_args=("evolution",))
+def record_evolution(layer_input: torch.Tensor, layer_output: torch.Tensor, evolution: torch.Tensor) -> None:
+    """evolution[:tokens] = 1 - cos(layer_input, layer_output) row by row."""
+    evolution[: layer_input.shape[0]] = representation_evolution(layer_input, layer_output)
+
+
+@record_evolution.register_fake
+def _record_evolution_fake(layer_input, layer_output, evolution) -> None:
+    return None
+
+
+class RecordingDecoderLayer(nn.Module):
+    """A vLLM decoder layer, `forward(positions, hidden_states, residual, ...) -> (hidden_states, residual)`,
+    that also records its representation evolution into its own buffer."""
+
+    def __init__(self, layer: nn.Module, max_tokens: int) -> None:
+        super().__init__()
+        self.layer = layer
+        parameter = next(layer.parameters())
+        self.register_buffer("evolution", torch.full((max_tokens,), float("nan"), device=parameter.device),
+                             persistent=False)
+
+    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+        # The residual stream entering the layer. vLLM's fused add-RMSNorm updates its inputs in place, so it
+        # is summed before the layer runs.
+        stream_in = hidden_states if residual is None else hidden_states + residual
+        hidden_states, residual = self.layer(positions, hidden_states, residual, *args, **kwargs)
+        torch.ops.infokv.record_evolution(stream_in, hidden_states + residual, self.evolution)
+        return hidden_states, residual
+
+
+def wrap_decoder_layers(model: nn.Module, max_tokens: int) -> dict[int, RecordingDecoderLayer]:
+    """Wrap every decoder layer of a vLLM model in place; returns the wrappers by decoder-layer index.
+
+    Decoder layers are the members of the model's `nn.ModuleList` that own an attention block (`self_attn`).
+    """
+    wrapped: dict[int, RecordingDecoderLayer] = {}
+    for module in list(model.modules()):
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for index, layer in enumerate(module):
+            if hasattr(layer, "self_attn"):
+                module[index] = wrapped[index] = RecordingDecoderLayer(layer, max_tokens)
+    if not wrapped:
+        raise RuntimeError(f"infokv-vllm: found no decoder layers (modules with `self_attn`) in "
+                           f"{type(model).__name__}; the representation signal cannot be recorded")
+    return wrapped
+
+
+class RepresentationRecorder(SignalRecorder):
+    name = REPRESENTATION
+
+    def __init__(self, storage, layers: list[RecordingDecoderLayer]) -> None:
+        """`layers[i]` is the decoder layer of the i-th attention layer of the KV cache group."""
+        super().__init__(storage)
+        self.layers = layers
+        self._checked = False
+
+    def after_forward(self, step: StepView, outputs: ForwardOutputs, report) -> None:
+        count = len(step.slots)
+        if not self._checked:
+            missing = [index for index, layer in enumerate(self.layers) if layer.evolution[:count].isnan().any()]
+            if missing:
+                raise RuntimeError(
+                    f"infokv-vllm: decoder layers {missing} recorded no representation evolution this step; the "
+                    "model's (compiled) forward does not run infokv::record_evolution")
+            self._checked = True
+        for index, layer in enumerate(self.layers):
+            self.storage.write(REPRESENTATION, step.slots, layer.evolution[:count], layer=index)
