@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-POLICIES = ("infokv", "snapkv", "streaming", "random")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 ESSAYS = ["Explain step by step how a refrigerator keeps food cold, and why it needs electricity.",
           "Tell the story of a young sailor who discovers an island that is not on any map.",
@@ -130,11 +129,13 @@ def essay_prompts(tokenizer, count: int) -> list[str]:
 
 
 def main() -> None:
-    from report import write_report  # beside this script (benchmarks run as files)
+    from report import methods_of, write_report  # beside this script (benchmarks run as files)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    from infokv_vllm.scoring import POLICIES  # the plugin's registry: every --kv-compression method but none
+
+    parser.add_argument("--policies", default=",".join(POLICIES), type=methods_of(POLICIES))
     parser.add_argument("--budgets", default="10%,25%,50%,64,128,256",
                         help="ratios of each request's length (with %%) or absolute KV tokens")
     parser.add_argument("--passkey-prompts", type=int, default=12)

@@ -33,3 +33,15 @@ def write_report(benchmark: str, smoke: bool, **fields) -> Path:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def methods_of(known):
+    """An argparse type: a comma-separated list of methods, each one the plugin registers (`known`)."""
+    import argparse
+
+    def parse(text: str) -> str:
+        unknown = [name for name in text.split(",") if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; known: {', '.join(known)}")
+        return text
+    return parse

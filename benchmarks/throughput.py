@@ -96,11 +96,13 @@ def _ratio(value: float | None) -> str:
 
 
 def main() -> None:
-    from report import write_report  # beside this script (benchmarks run as files)
+    from report import methods_of, write_report  # beside this script (benchmarks run as files)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
-    parser.add_argument("--methods", default="none,streaming,infokv")
+    from infokv_vllm.config import METHODS  # the plugin's registry of --kv-compression methods
+
+    parser.add_argument("--methods", default="none,streaming,infokv", type=methods_of(METHODS))
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--output-len", type=int, default=192)
     parser.add_argument("--budget", type=int, default=64)

@@ -22,11 +22,11 @@ def run_smoke(script: str) -> dict:
 
 def test_throughput_smoke():
     report = run_smoke("throughput.py")
-    runs = {(r["pool"], r["method"]): r for r in report["summary"]}
-    assert set(runs) == {(pool, method) for pool in ("bound", "unbound")
+    runs = {(r["pool"], r["mode"], r["method"]): r for r in report["summary"]}
+    assert set(runs) == {(pool, "eager", method) for pool in ("bound", "unbound")
                          for method in ("none", "streaming", "infokv")}
     assert all(r["output_tokens"] == 2 * 112 for r in runs.values())
-    assert runs[("bound", "infokv")]["compression_events"] > 0
+    assert runs[("bound", "eager", "infokv")]["compression_events"] > 0
 
 
 def test_quality_smoke():

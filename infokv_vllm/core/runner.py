@@ -48,7 +48,7 @@ from infokv_vllm.signals.representation import RepresentationRecorder, wrap_deco
 from infokv_vllm.signals.storage import SlotSignals
 
 if TYPE_CHECKING:
-    from infokv_vllm.platforms import PlatformAdapter
+    from infokv_vllm.platforms.base import PlatformAdapter
 
 
 class CompressingRunnerMixin:

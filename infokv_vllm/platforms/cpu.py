@@ -26,7 +26,7 @@ from infokv_vllm import compat
 from infokv_vllm.config import CompressionConfig, flag_name
 from infokv_vllm.core.compaction import PageLayout
 from infokv_vllm.core.runner import CompressingRunnerMixin
-from infokv_vllm.platforms import PlatformAdapter, Refuse
+from infokv_vllm.platforms.base import PlatformAdapter, Refuse
 from infokv_vllm.signals import ATTENTION
 from infokv_vllm.signals.attention import accumulate_in_attention
 
