@@ -84,6 +84,28 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "around the compressing worker's model build"),
     VllmInternal("vllm.v1.attention.backends.registry.AttentionBackendEnum.CPU_ATTN", "the only backend vLLM's CPU "
                  "platform selects; pointed at the scoring backend during the model build"),
+    VllmInternal("vllm.v1.attention.backends.registry.AttentionBackendEnum.FLASH_ATTN", "CUDA: pointed at the "
+                 "scoring FlashAttention backend during the model build"),
+    VllmInternal("vllm.v1.attention.backends.registry.AttentionBackendEnum.TRITON_ATTN", "CUDA: pointed at the "
+                 "scoring Triton backend during the model build"),
+    VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward", "wrapped by the scoring "
+                 "impl; same page view as FlashAttention",
+                 ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
+                 source_has=("kv_cache.transpose(1, 2).split(self.head_size, dim=-1)",)),
+    VllmInternal("vllm.v1.attention.backends.flash_attn.FlashAttentionMetadata", "what the scoring impl reads",
+                 fields=("seq_lens", "query_start_loc", "block_table")),
+    VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionMetadata", "what the scoring impl reads",
+                 fields=("seq_lens", "query_start_loc", "block_table")),
+    VllmInternal("vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward", "wrapped by the scoring "
+                 "impl; its pages are a logical [blocks, kv_heads, block_size, 2 * head_size] view, keys first "
+                 "(HeadMajorPageLayout)",
+                 ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
+                 source_has=("kv_cache.transpose(1, 2).split(self.head_size, dim=-1)",)),
+    VllmInternal("vllm.v1.worker.gpu_worker.Worker._make_model_runner", "overridden: the CUDA worker builds the "
+                 "compressing V1 runner", ("self",)),
+    VllmInternal("vllm.config.compilation.CompilationConfig", "CUDA: cudagraph_mode is set to PIECEWISE, so "
+                 "attention (and the window accumulation in it) runs outside CUDA graphs",
+                 fields=("cudagraph_mode",)),
     VllmInternal("vllm._custom_ops.cpu_attn_reshape_and_cache", "writes a marked page to probe the CPU page layout",
                  ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
     # --- scheduler and KV cache manager (core/scheduler.py, core/block_manager.py) ---
@@ -220,26 +242,30 @@ def cpu_model_runner_class(runner_cls: type) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def cpu_attention_backend(class_path: str) -> Iterator[None]:
-    """While active, models built in this process use the attention backend at `class_path` on CPU.
+def attention_backends(class_paths: dict[str, str]) -> Iterator[None]:
+    """While active, models built in this process use, for each named `AttentionBackendEnum` member, the backend
+    class at its path instead (e.g. {"CPU_ATTN": "...ScoringCPUAttentionBackend"}).
 
-    `CpuPlatform.get_attn_backend_cls` always answers `CPU_ATTN`, whose class path vLLM's registry lets us
-    override (`register_backend`); but `selector._cached_get_attn_backend` caches the resolved class per process,
-    so the cache is cleared on entry and on exit. Other engines in the same process (tests, benchmarks) keep
-    vLLM's own backend.
+    vLLM's platforms resolve a backend through its enum member, whose class path the registry lets us override
+    (`register_backend`); but `selector._cached_get_attn_backend` caches the resolved class per process, so the
+    cache is cleared on entry and on exit. Other engines in the same process (tests, benchmarks) keep vLLM's own
+    backends.
     """
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    member = AttentionBackendEnum.CPU_ATTN
-    previous = member.get_path() if member.is_overridden() else None
-    register_backend(member, class_path)
+    previous = {}
+    for name, class_path in class_paths.items():
+        member = AttentionBackendEnum[name]
+        previous[member] = member.get_path() if member.is_overridden() else None
+        register_backend(member, class_path)
     selector._cached_get_attn_backend.cache_clear()
     try:
         yield
     finally:
-        if previous is None:
-            member.clear_override()
-        else:
-            register_backend(member, previous)
+        for member, path in previous.items():
+            if path is None:
+                member.clear_override()
+            else:
+                register_backend(member, path)
         selector._cached_get_attn_backend.cache_clear()

@@ -144,8 +144,8 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
 
         raise CompressionConfigError(
             f"infokv-vllm: the {current_platform.device_name} platform is not supported with "
-            f"{flag_name('method')} {compression.method}: this version compresses on vLLM's CPU platform only. "
-            f"Use {flag_name('method')} none there.")
+            f"{flag_name('method')} {compression.method}: this version compresses on vLLM's CPU and CUDA "
+            f"platforms only. Use {flag_name('method')} none there.")
     # Prefix caching would publish pages whose contents we later compact. vLLM enables it by default, so
     # turn it off unless the user asked for it explicitly, which we refuse with a reason.
     if engine_args.enable_prefix_caching:
@@ -153,7 +153,7 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
             f"infokv-vllm: --enable-prefix-caching cannot be combined with {flag_name('method')} "
             f"{compression.method}: compacted KV pages would be shared with other requests. Remove the flag "
             "(compression turns prefix caching off).")
-    engine_args.enable_prefix_caching = False
+    engine_args.enable_prefix_caching = False  # None (vLLM's default: on) becomes off
     for option, ours in (("scheduler_cls", SCHEDULER_CLS), ("worker_cls", adapter.worker_cls)):
         theirs = getattr(engine_args, option)
         if theirs not in (None, "auto", ours):
@@ -164,9 +164,10 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
     if engine_args.async_scheduling:
         raise CompressionConfigError(
             f"infokv-vllm: --async-scheduling is not supported with {flag_name('method')} {compression.method} "
-            "yet: compaction runs on vLLM's synchronous schedule (the CPU platform always schedules "
-            "synchronously; the asynchronous variant belongs with the GPU path).")
+            "yet: compaction runs on vLLM's synchronous schedule. Remove the flag (compression turns vLLM's "
+            "default asynchronous scheduling off).")
     engine_args.async_scheduling = False
+    adapter.prepare_engine_args(engine_args, compression)
     # Compression hooks into the V1 model runner (vllm/v1/worker/gpu_model_runner.py); Model Runner V2 has
     # other interfaces. The variable is inherited by the spawned engine core and copied to Ray workers.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
@@ -200,7 +201,7 @@ def check_engine_config(vllm_config: Any) -> None:
 
     adapter = adapter_for_current_platform()
     if adapter is None:
-        refuse(f"the {current_platform.device_name} platform", "this version compresses on vLLM's CPU platform only")
+        refuse(f"the {current_platform.device_name} platform", "this version compresses on vLLM's CPU and CUDA platforms only")
     adapter.check_engine_config(vllm_config, compression, refuse)
     if vllm_config.cache_config.cache_dtype != "auto":
         refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}",

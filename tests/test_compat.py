@@ -120,13 +120,13 @@ def test_cpu_attention_backend_override_is_scoped():
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    from infokv_vllm.compat import attention_backends
     from infokv_vllm.platforms.cpu import ScoringCPUAttentionBackend
-    from infokv_vllm.compat import cpu_attention_backend
 
     assert hasattr(selector._cached_get_attn_backend, "cache_clear")
     default = AttentionBackendEnum.CPU_ATTN.get_path()
     path = f"{ScoringCPUAttentionBackend.__module__}.{ScoringCPUAttentionBackend.__qualname__}"
-    with cpu_attention_backend(path):
+    with attention_backends({"CPU_ATTN": path}):
         assert AttentionBackendEnum.CPU_ATTN.get_class() is ScoringCPUAttentionBackend
     assert AttentionBackendEnum.CPU_ATTN.get_path() == default
 

@@ -52,15 +52,20 @@ def snapkv_reference(model, prompt_ids: list[int]) -> tuple[torch.Tensor, list[i
     return keep, generated
 
 
-def test_vllm_snapkv_matches_transformers_on_a_batch(smollm2_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def batch_prompts(model_dir) -> dict[str, list[int]]:
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = {f"p{i}": tokenizer(prompt)["input_ids"] for i, (prompt, _) in enumerate(passkey_prompts(3, 6, 1))}
     assert all(len(ids) > CONFIG.budget + 40 for ids in prompts.values())  # a real share is evicted
+    return prompts
+
+
+def vllm_kept_sets(model_dir, prompts: dict[str, list[int]], **engine_overrides):
+    """The tokens vLLM's SnapKV keeps when it compresses each prompt of one batch, and its greedy answers."""
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     kept = {}
-    with in_process_llm(smollm2_dir, CONFIG.to_dict()) as llm:
+    with in_process_llm(model_dir, CONFIG.to_dict(), **engine_overrides) as llm:
         policy = model_runner_of(llm).policy
         original = policy.scores
 
@@ -73,6 +78,14 @@ def test_vllm_snapkv_matches_transformers_on_a_batch(smollm2_dir):
         answers = run_to_completion(llm, {rid: TokensPrompt(prompt_token_ids=ids) for rid, ids in prompts.items()},
                                     params)
     assert set(kept) == set(prompts), "every prompt is compressed once"
+    return kept, answers
+
+
+def test_vllm_snapkv_matches_transformers_on_a_batch(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompts = batch_prompts(smollm2_dir)
+    kept, answers = vllm_kept_sets(smollm2_dir, prompts)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="eager")
     identical = 0
     for rid, ids in prompts.items():

@@ -7,50 +7,73 @@ provides (`platforms/`). How the bytes move is the worker's kernel family (`info
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from infokv_vllm.kernels import KernelFamily
+if TYPE_CHECKING:
+    from infokv_vllm.kernels import KernelFamily
 
 
-@dataclass(frozen=True)
 class PageLayout:
-    """Where each slot's key and value elements sit inside the KV page of one (block, KV head).
+    """Where each slot's key and value sit in a layer's KV cache tensor.
 
-    A layer's cache is seen as [blocks, kv_heads, elements per page]; `token_index[slot]` lists the page elements
-    of that slot, keys in the first head_size columns, values in the rest.
+    Every layout offers `planes`: keys and values as [blocks, kv_heads, block_size, head_size] views, the form
+    the Triton kernels and the torch plane path take. A layout that is not affine (no such strided view) gives
+    `token_index` instead, for the torch kernels to index through.
     """
 
-    token_index: torch.Tensor  # [block_size, 2 * head_size]
+    def __init__(self, block_size: int, head_size: int) -> None:
+        self.block_size = block_size
+        self.head_size = head_size
 
-    @property
-    def block_size(self) -> int:
-        return self.token_index.shape[0]
+    token_index: torch.Tensor | None = None
 
-    @property
-    def head_size(self) -> int:
-        return self.token_index.shape[1] // 2
-
-    @property
-    def key_index(self) -> torch.Tensor:
-        return self.token_index[:, : self.head_size]
-
-    def pages(self, cache: torch.Tensor) -> torch.Tensor:
-        """A layer's cache as [blocks, kv_heads, elements per page]."""
-        return cache.view(cache.shape[0], cache.shape[1], -1)
+    def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def gather_keys(self, cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The keys of slots (blocks[i], offsets[i]) as [kv_heads, slots, head_size]."""
-        return self.pages(cache)[blocks[:, None], :, self.key_index[offsets]].permute(2, 0, 1)
+        keys, _ = self.planes(cache)
+        return keys[blocks, :, offsets].transpose(0, 1)
+
+
+class HeadMajorPageLayout(PageLayout):
+    """vLLM 0.32's GPU attention caches: each layer's cache is a logical [blocks, kv_heads, block_size,
+    2 * head_size] view (keys, then values, in the last dim), whatever its physical stride order
+    (`VLLM_KV_CACHE_LAYOUT`); FLASH_ATTN and TRITON_ATTN split it as `kv_cache.transpose(1, 2).split(head_size)`.
+    """
 
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of a layer's cache as strided [blocks, kv_heads, block_size, head_size] views, the form
-        the Triton kernels take. Needs an affine layout (vLLM's CPU "vec" pages are: keys column-major, values
+        expected = (self.block_size, 2 * self.head_size)
+        if cache.dim() != 4 or tuple(cache.shape[2:]) != expected:
+            raise ValueError(f"expected a [blocks, kv_heads, {expected[0]}, {expected[1]}] KV cache view, got "
+                             f"{tuple(cache.shape)}")
+        return cache[..., : self.head_size], cache[..., self.head_size:]
+
+
+class IndexedPageLayout(PageLayout):
+    """A layout given element by element: a layer's cache seen as [blocks, kv_heads, elements per page], and
+    `token_index[slot]` lists the page elements of that slot, keys in the first head_size columns, values in the
+    rest (vLLM's CPU attention, whose layout is probed: `platforms/cpu.py`)."""
+
+    def __init__(self, token_index: torch.Tensor) -> None:
+        super().__init__(token_index.shape[0], token_index.shape[1] // 2)
+        self.token_index = token_index
+
+    def pages(self, cache: torch.Tensor) -> torch.Tensor:
+        return cache.view(cache.shape[0], cache.shape[1], -1)
+
+    def gather_keys(self, cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        key_index = self.token_index[:, : self.head_size]
+        return self.pages(cache)[blocks[:, None], :, key_index[offsets]].permute(2, 0, 1)
+
+    def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strided views, where the layout is affine (vLLM's CPU "vec" pages are: keys column-major, values
         row-major)."""
         pages = self.pages(cache)
         views = []
-        for index in (self.key_index, self.token_index[:, self.head_size:]):
+        for index in (self.token_index[:, : self.head_size], self.token_index[:, self.head_size:]):
             offset = int(index[0, 0])
             slot_stride = int(index[1, 0] - index[0, 0]) if self.block_size > 1 else 0
             dim_stride = int(index[0, 1] - index[0, 0]) if self.head_size > 1 else 0

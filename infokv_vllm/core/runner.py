@@ -100,6 +100,7 @@ class CompressingRunnerMixin:
         layers = [self.compilation_config.static_forward_context[name] for name in layer_names]
         spec = group.kv_cache_spec
         layout = self.platform.page_layout(layers[0], spec)
+        self.platform.self_check(self.kernels.name, self.device, layers[0].kv_cache.dtype)
         self.compactor = PagedKVCompactor([layer.kv_cache for layer in layers], layout, spec.num_kv_heads,
                                           self.kernels)
         signals = self.policy.signals

@@ -1,9 +1,9 @@
 """The kernels compression runs on a worker, as one family chosen once per worker: torch or Triton.
 
 Each Triton kernel has a torch reference beside its test; every test runs on CPU under `TRITON_INTERPRET=1`.
-The torch family serves any page layout (it indexes through `PageLayout.token_index`); the Triton family needs
-layouts whose key and value planes are strided views (`PageLayout.planes`), which vLLM's CPU pages and the
-CUDA backends' pages are.
+The torch family serves any page layout (through `PageLayout.token_index` where the layout gives one, else on
+the strided key and value planes); the Triton family needs strided planes (`PageLayout.planes`), which vLLM's
+CPU pages and the CUDA backends' caches are.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_triton, row_token_index
+from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_torch, compact_plane_triton
 from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
 from infokv_vllm.signals.attention import window_attention_mass
 
@@ -47,11 +47,14 @@ class TorchKernels(KernelFamily):
     name = "torch"
 
     def compact_kv(self, cache, layout, block_table, keep, n_keep) -> None:
-        compact_pages_torch(layout.pages(cache), layout.token_index, block_table, keep, n_keep)
+        if layout.token_index is not None:
+            compact_pages_torch(layout.pages(cache), layout.token_index, block_table, keep, n_keep)
+            return
+        for plane in layout.planes(cache):
+            compact_plane_torch(plane, block_table, keep, n_keep)
 
     def compact_signal(self, plane, block_table, keep, n_keep) -> None:
-        index = row_token_index(plane.shape[2], 1, plane.device)
-        compact_pages_torch(plane, index, block_table, keep, n_keep)
+        compact_plane_torch(plane[..., None], block_table, keep, n_keep)
 
     def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
                                     query_positions, seq_lens, scale) -> None:

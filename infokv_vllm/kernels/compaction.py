@@ -95,6 +95,20 @@ def compact_pages_torch(pages: torch.Tensor, token_index: torch.Tensor, block_ta
         pages[table[dst // block_size][..., None], heads, token_index[dst % block_size]] = values
 
 
-def row_token_index(block_size: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The token index of a page that stores each slot as one contiguous row of `width` elements."""
-    return torch.arange(block_size * width, device=device).view(block_size, width)
+def compact_plane_torch(plane: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor,
+                        n_keep: torch.Tensor) -> None:
+    """`compact_plane_triton` with torch indexing, on any strided plane [blocks, heads, block_size, width]
+    (indexed writes go through views). The gather copies before the scatter writes, so overlap is harmless."""
+    block_size = plane.shape[2]
+    heads = torch.arange(plane.shape[1], device=plane.device)[:, None]
+    for req in range(keep.shape[0]):
+        count = int(n_keep[req])
+        if count == 0:
+            continue
+        table = block_table[req].long()
+        src = keep[req, :, :count].long()
+        dst = torch.arange(count, device=plane.device).expand_as(src)
+        values = plane[table[src // block_size], heads, src % block_size]
+        plane[table[dst // block_size], heads, dst % block_size] = values
+
+

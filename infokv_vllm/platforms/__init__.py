@@ -21,4 +21,8 @@ def adapter_for_current_platform() -> PlatformAdapter | None:
         from infokv_vllm.platforms.cpu import CPU_ADAPTER
 
         return CPU_ADAPTER
+    if current_platform.is_cuda():
+        from infokv_vllm.platforms.cuda import CUDA_ADAPTER
+
+        return CUDA_ADAPTER
     return None

@@ -32,5 +32,11 @@ class PlatformAdapter:
         """Raise unless every layer's attention impl records the attention signal."""
         raise NotImplementedError
 
+    def prepare_engine_args(self, engine_args: Any, config: CompressionConfig) -> None:
+        """Adjust vLLM's engine arguments before its config is built (e.g. graph modes)."""
+
     def check_engine_config(self, vllm_config: Any, config: CompressionConfig, refuse: Refuse) -> None:
         """Refuse, at start-up, settings this platform cannot compress with."""
+
+    def self_check(self, kernels: str, device: Any, dtype: Any) -> None:
+        """Check the kernel family on the worker's device before serving; raise if it is broken."""

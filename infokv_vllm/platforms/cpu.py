@@ -3,7 +3,7 @@
 - Worker: vLLM's `CPUWorker`, building `CompressingCPUModelRunner` (the core mixin over `CPUModelRunner`).
 - Attention: vLLM's CPU platform always selects its `CPU_ATTN` backend; while the runner builds a model whose
   policy needs attention scores, that name points at `ScoringCPUAttentionBackend`
-  (`compat.cpu_attention_backend`), so the attention output is vLLM's own kernel's.
+  (`compat.attention_backends`), so the attention output is vLLM's own kernel's.
 - Pages: vLLM's CPU attention stores a page's keys column-major and its values row-major, depending on the
   instruction set; instead of hard-coding that, a marked page is written through the backend's own cache-write op
   once and the layout read back.
@@ -24,23 +24,18 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from infokv_vllm import compat
 from infokv_vllm.config import CompressionConfig, flag_name
-from infokv_vllm.core.compaction import PageLayout
+from infokv_vllm.core.compaction import IndexedPageLayout, PageLayout
 from infokv_vllm.core.runner import CompressingRunnerMixin
 from infokv_vllm.platforms.base import PlatformAdapter, Refuse
 from infokv_vllm.signals import ATTENTION
-from infokv_vllm.signals.attention import accumulate_in_attention
+from infokv_vllm.signals.attention import WindowScoringImplMixin
 
 # Probe values stay below 256 so they are exact in every cache dtype (float32, bfloat16, float16).
 _PROBE_RADIX = 128
 
 
-class ScoringCPUAttentionImpl(CPUAttentionBackendImpl):
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if attn_metadata is not None:
-            accumulate_in_attention(layer.layer_name, query, kv_cache, attn_metadata.seq_lens,
-                                    attn_metadata.query_start_loc, attn_metadata.block_table, self.scale)
-        return output
+class ScoringCPUAttentionImpl(WindowScoringImplMixin, CPUAttentionBackendImpl):
+    pass
 
 
 class ScoringCPUAttentionBackend(CPUAttentionBackend):
@@ -75,7 +70,7 @@ def probe_cpu_page_layout(dtype: torch.dtype, block_size: int, head_size: int, i
     token_index[slot_of, is_value * head_size + dim_of] = torch.arange(slot_of.numel())
     if (token_index < 0).any():
         raise RuntimeError(f"could not map the CPU attention page layout (isa={isa}, dtype={dtype})")
-    return PageLayout(token_index)
+    return IndexedPageLayout(token_index)
 
 
 class CPUAdapter(PlatformAdapter):
@@ -89,7 +84,7 @@ class CPUAdapter(PlatformAdapter):
         if ATTENTION not in signals:
             return contextlib.nullcontext()
         backend = ScoringCPUAttentionBackend
-        return compat.cpu_attention_backend(f"{backend.__module__}.{backend.__qualname__}")
+        return compat.attention_backends({"CPU_ATTN": f"{backend.__module__}.{backend.__qualname__}"})
 
     def page_layout(self, attention_layer, spec) -> PageLayout:
         return probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, attention_layer.isa)

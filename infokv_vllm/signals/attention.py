@@ -98,6 +98,19 @@ def accumulate_in_attention(layer_name: str, query: torch.Tensor, kv_cache: torc
         rows.to(device), positions.to(device), seq_lens, scale)
 
 
+class WindowScoringImplMixin:
+    """Goes in front of a vLLM attention impl (`forward(layer, query, key, value, kv_cache, attn_metadata,
+    output, ...)` whose metadata has seq_lens, query_start_loc and block_table): runs vLLM's attention, then adds
+    the window queries' mass. Each platform adapter builds its scoring impls from it."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if attn_metadata is not None:
+            accumulate_in_attention(layer.layer_name, query, kv_cache, attn_metadata.seq_lens,
+                                    attn_metadata.query_start_loc, attn_metadata.block_table, self.scale)
+        return output
+
+
 class AttentionRecorder(SignalRecorder):
     name = ATTENTION
 

@@ -32,11 +32,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def vllm_server(model: Path, flags: list[str], log_path: Path, timeout_s: float = 600,
-                env: dict[str, str] | None = None) -> Iterator[str]:
+                env: dict[str, str] | None = None, base_flags: list[str] = CPU_SERVE_FLAGS) -> Iterator[str]:
     """Yield the base URL of a `vllm serve` process (with `env` added to its environment); stop it on exit."""
     port = free_port()
-    command = [*vllm_cli(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-               *CPU_SERVE_FLAGS, *flags]
+    command = [*vllm_cli(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *base_flags, *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,

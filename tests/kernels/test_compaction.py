@@ -5,32 +5,34 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_triton, row_token_index
+from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_torch, compact_plane_triton
 from tests.kernels.paged import shuffled_block_table
-
-
-def compact_plane_torch(plane, block_table, keep, n_keep):
-    """The torch path on a contiguous plane, whose pages store each slot as one row."""
-    pages = plane.view(plane.shape[0], plane.shape[1], -1)
-    compact_pages_torch(pages, row_token_index(*plane.shape[2:], plane.device), block_table, keep, n_keep)
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_paged_batch(seed: int, num_heads: int = 3, block_size: int = 16, width: int = 64):
-    """Requests with ragged lengths on shuffled blocks of one pool, and per-head ascending keep lists."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = [37, 16, 100, 1, 64]
-    table, num_blocks = shuffled_block_table(lengths, block_size, 5, generator)
+LENGTHS = [37, 16, 100, 1, 64]
+
+
+def random_keep(lengths, num_heads: int, generator: torch.Generator):
+    """Per-request, per-head ascending keep lists [requests, heads, max kept] and their counts."""
     n_keep = torch.tensor([min(n, c) for n, c in zip(lengths, [20, 16, 33, 1, 64])], dtype=torch.int32)
     keep = torch.zeros(len(lengths), num_heads, int(n_keep.max()), dtype=torch.int32)
     for req, length in enumerate(lengths):
         for head in range(num_heads):
             chosen = torch.randperm(length, generator=generator)[: int(n_keep[req])].sort().values
             keep[req, head, : len(chosen)] = chosen
+    return keep, n_keep
+
+
+def random_paged_batch(seed: int, num_heads: int = 3, block_size: int = 16, width: int = 64):
+    """Requests with ragged lengths on shuffled blocks of one pool, and per-head ascending keep lists."""
+    generator = torch.Generator().manual_seed(seed)
+    table, num_blocks = shuffled_block_table(LENGTHS, block_size, 5, generator)
+    keep, n_keep = random_keep(LENGTHS, num_heads, generator)
     plane = torch.randn(num_blocks, num_heads, block_size, width, generator=generator)
-    return plane, table, keep, n_keep, lengths
+    return plane, table, keep, n_keep, LENGTHS
 
 
 def dense_tokens(plane, table, req, length):

@@ -1,0 +1,59 @@
+"""The start-up self-check of the Triton kernels on a worker's device: small random pages in vLLM's GPU page view
+([blocks, kv_heads, block_size, 2 * head_size], tokens-major physical order), both kernels against the torch
+references. A GPU, driver or Triton build that miscompiles them must stop compression before any request is
+served, not corrupt KV silently."""
+
+from __future__ import annotations
+
+import torch
+
+from infokv_vllm.core.compaction import HeadMajorPageLayout
+from infokv_vllm.kernels import TorchKernels, TritonKernels
+
+BLOCK_SIZE, HEAD_SIZE, KV_HEADS, QUERY_HEADS = 16, 64, 2, 4
+LENGTHS = (37, 5, 64)  # ragged requests
+KEPT = (20, 5, 33)
+
+
+def kernel_disagreements(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> list[str]:
+    """What the Triton kernels got wrong on `device` in `dtype` (empty when they agree with torch)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks_per_request = [-(-n // BLOCK_SIZE) for n in LENGTHS]
+    num_blocks = sum(blocks_per_request) + 2
+    order = torch.randperm(num_blocks, generator=generator)
+    table = torch.zeros(len(LENGTHS), max(blocks_per_request), dtype=torch.int32)
+    start = 0
+    for row, count in enumerate(blocks_per_request):
+        table[row, :count] = order[start:start + count]
+        start += count
+    # Tokens-major storage ([blocks, block_size, kv_heads, 2 * head_size]) seen in vLLM's logical order.
+    storage = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, 2 * HEAD_SIZE, generator=generator).to(dtype)
+    layout = HeadMajorPageLayout(BLOCK_SIZE, HEAD_SIZE)
+    keep = torch.zeros(len(LENGTHS), KV_HEADS, max(KEPT), dtype=torch.int32)
+    for row, (length, kept) in enumerate(zip(LENGTHS, KEPT)):
+        for head in range(KV_HEADS):
+            keep[row, head, :kept] = torch.randperm(length, generator=generator)[:kept].sort().values
+    n_keep = torch.tensor(KEPT, dtype=torch.int32)
+    table, keep, n_keep = table.to(device), keep.to(device), n_keep.to(device)
+    problems = []
+
+    caches = [storage.to(device, copy=True).transpose(1, 2) for _ in range(2)]  # one each, never aliased
+    for kernels, cache in zip((TritonKernels(), TorchKernels()), caches):
+        for row in range(len(LENGTHS)):  # one request at a time, as the runner compacts
+            kernels.compact_kv(cache, layout, table[row:row + 1], keep[row:row + 1], n_keep[row:row + 1])
+    if not torch.equal(caches[0], caches[1]):
+        problems.append("compaction moved different bytes")
+
+    queries = torch.randn(6, QUERY_HEADS, HEAD_SIZE, generator=generator).to(dtype).to(device)
+    rows = torch.tensor([0, 0, 1, 2, 2, 2], device=device)
+    seq_lens = torch.tensor(LENGTHS, dtype=torch.int32, device=device)
+    positions = seq_lens[rows] - torch.tensor([2, 1, 1, 3, 2, 1], device=device)
+    cache = storage.to(device).transpose(1, 2)
+    accumulators = [torch.zeros(num_blocks, KV_HEADS, BLOCK_SIZE, device=device) for _ in range(2)]
+    for kernels, accumulator in zip((TritonKernels(), TorchKernels()), accumulators):
+        kernels.accumulate_window_attention(accumulator, queries, cache, layout, table, rows, positions, seq_lens,
+                                            HEAD_SIZE ** -0.5)
+    if not torch.allclose(accumulators[0], accumulators[1], rtol=1e-3, atol=1e-5):
+        error = (accumulators[0] - accumulators[1]).abs().max().item()
+        problems.append(f"window attention differs by up to {error:.3g}")
+    return problems

@@ -1,0 +1,169 @@
+"""vLLM's CUDA platform: its GPU worker and V1 runner, FLASH_ATTN and TRITON_ATTN, their page view, Triton kernels.
+
+EXPERIMENTAL, NOT YET RUN ON GPU HARDWARE: every part that can run without a GPU is tested on CPU (the kernels on
+these page views under TRITON_INTERPRET=1, the start-up self-check, the adapter's decisions); `tests/gpu/` holds
+the checks that need a GPU. The plugin logs one warning saying so when it compresses on CUDA.
+
+- Worker: vLLM's GPU `Worker`, whose documented `_make_model_runner` builds `CompressingGPUModelRunner` (the core
+  mixin over vLLM's V1 `GPUModelRunner`; the V1 runner is forced when compressing, Model Runner V2 is refused).
+- Attention: while the runner builds the model, FLASH_ATTN and TRITON_ATTN point at subclasses whose impl runs
+  vLLM's kernel, then, for observation-window queries only, the Triton accumulation. Any other backend vLLM
+  picks is refused at start-up by name.
+- CUDA graphs: attention is vLLM's piecewise split point, so it runs outside captured graphs and the
+  accumulation runs on every step. FULL graph modes would capture attention and replay it without the
+  accumulation, so they are downgraded to PIECEWISE with one log line (vLLM's default is FULL_AND_PIECEWISE).
+- Async scheduling (vLLM's GPU default) is switched off with one info line: compaction runs on the synchronous
+  schedule.
+- Pages: a logical [blocks, kv_heads, block_size, 2 * head_size] view per layer, any physical stride order
+  (`HeadMajorPageLayout`). Kernels: Triton (`--kv-kernels auto`), or torch.
+- Start-up self-check: both Triton kernels run on small random pages of the cache's dtype on the GPU against the
+  torch reference; compression refuses to start if they disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, ContextManager
+
+import torch
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
+
+from infokv_vllm import compat
+from infokv_vllm.config import CompressionConfig, flag_name
+from infokv_vllm.core.compaction import HeadMajorPageLayout, PageLayout
+from infokv_vllm.core.runner import CompressingRunnerMixin
+from infokv_vllm.kernels.selfcheck import kernel_disagreements
+from infokv_vllm.platforms.base import PlatformAdapter, Refuse
+from infokv_vllm.signals import ATTENTION
+from infokv_vllm.signals.attention import WindowScoringImplMixin
+
+logger = logging.getLogger("infokv_vllm")
+
+EXPERIMENTAL_WARNING = ("infokv-vllm: compression on CUDA is experimental and has not yet run on GPU hardware; "
+                        "its kernels and decisions are tested on CPU only")
+
+
+class ScoringFlashAttentionImpl(WindowScoringImplMixin, FlashAttentionImpl):
+    pass
+
+
+class ScoringFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[ScoringFlashAttentionImpl]:
+        return ScoringFlashAttentionImpl
+
+
+class ScoringTritonAttentionImpl(WindowScoringImplMixin, TritonAttentionImpl):
+    pass
+
+
+class ScoringTritonAttentionBackend(TritonAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[ScoringTritonAttentionImpl]:
+        return ScoringTritonAttentionImpl
+
+
+# vLLM's backend name -> our scoring backend in its place
+SCORING_BACKENDS: dict[str, type] = {"FLASH_ATTN": ScoringFlashAttentionBackend,
+                                     "TRITON_ATTN": ScoringTritonAttentionBackend}
+SCORING_IMPLS = (ScoringFlashAttentionImpl, ScoringTritonAttentionImpl)
+
+
+def piecewise_graph_mode(mode: Any) -> tuple[Any, bool]:
+    """The CUDA graph mode compression runs with, and whether that downgrades `mode`.
+
+    Attention must run outside captured graphs (the accumulation is Python inside the attention op): PIECEWISE
+    captures everything else. None is vLLM's unresolved default (FULL_AND_PIECEWISE on CUDA), NONE stays NONE."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    if mode is None:
+        return CUDAGraphMode.PIECEWISE, True
+    mode = CUDAGraphMode[mode.upper()] if isinstance(mode, str) else mode
+    if mode in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        return mode, False
+    return CUDAGraphMode.PIECEWISE, True
+
+
+class CUDAAdapter(PlatformAdapter):
+    name = "cuda"
+    worker_cls = "infokv_vllm.platforms.cuda.CompressingGPUWorker"
+
+    def kernel_family(self, config: CompressionConfig) -> str:
+        return "torch" if config.kernels == "torch" else "triton"
+
+    def prepare_engine_args(self, engine_args: Any, config: CompressionConfig) -> None:
+        logger.warning(EXPERIMENTAL_WARNING)
+        compilation = engine_args.compilation_config
+        if isinstance(compilation, dict):  # LLM(compilation_config={...})
+            from vllm.config.compilation import CompilationConfig
+
+            compilation = engine_args.compilation_config = CompilationConfig(**compilation)
+        mode, downgraded = piecewise_graph_mode(compilation.cudagraph_mode)
+        if downgraded:
+            logger.info("infokv-vllm: CUDA graph mode %s -> PIECEWISE: attention runs outside captured graphs, so "
+                        "the observation window's scoring runs on every step",
+                        compilation.cudagraph_mode or "FULL_AND_PIECEWISE (vLLM's default)")
+        compilation.cudagraph_mode = mode
+        logger.info("infokv-vllm: async scheduling is off while compressing: compaction runs on vLLM's "
+                    "synchronous schedule")
+
+    def model_build_context(self, signals: frozenset[str]) -> ContextManager:
+        if ATTENTION not in signals:
+            return contextlib.nullcontext()
+        return compat.attention_backends({name: f"{cls.__module__}.{cls.__qualname__}"
+                                          for name, cls in SCORING_BACKENDS.items()})
+
+    def page_layout(self, attention_layer: Any, spec: Any) -> PageLayout:
+        layout = HeadMajorPageLayout(spec.block_size, spec.head_size)
+        layout.planes(attention_layer.kv_cache)  # refuses kernel block splitting and other views, with the shape
+        return layout
+
+    def check_scoring_attention(self, attention_layers: list[Any]) -> None:
+        for layer in attention_layers:
+            if not isinstance(layer.impl, SCORING_IMPLS):
+                raise RuntimeError(
+                    f"infokv-vllm: layer {layer.layer_name} runs the attention impl {type(layer.impl).__name__}, "
+                    f"which does not record the attention signal; compression supports "
+                    f"{', '.join(SCORING_BACKENDS)} on CUDA (choose one with --attention-backend)")
+
+    def check_engine_config(self, vllm_config: Any, config: CompressionConfig, refuse: Refuse) -> None:
+        backend = vllm_config.attention_config.backend
+        if backend is not None and backend.name not in SCORING_BACKENDS:
+            refuse(f"--attention-backend {backend.name}",
+                   f"the attention signal is recorded inside {', '.join(SCORING_BACKENDS)} only")
+        mode = vllm_config.compilation_config.cudagraph_mode
+        if mode is not None and piecewise_graph_mode(mode)[1]:
+            refuse(f"CUDA graph mode {mode.name}", "captured attention would replay without the window scoring; "
+                   "use PIECEWISE")
+
+    def self_check(self, kernels: str, device: torch.device, dtype: torch.dtype) -> None:
+        """On the worker's GPU, before any request: both Triton kernels on small random pages in this page view
+        against the torch reference; compression refuses to start if they disagree."""
+        if kernels != "triton":
+            return
+        problems = kernel_disagreements(device, dtype)
+        if problems:
+            raise RuntimeError(f"infokv-vllm: {flag_name('kernels')} triton: the start-up self-check found the "
+                               f"Triton kernels disagree with the torch reference on {device} ({dtype}): "
+                               + "; ".join(problems))
+
+
+CUDA_ADAPTER = CUDAAdapter()
+
+
+class CompressingGPUModelRunner(CompressingRunnerMixin, GPUModelRunner):
+    platform = CUDA_ADAPTER
+
+
+class CompressingGPUWorker(Worker):
+    """vLLM's GPU worker with the compressing V1 model runner."""
+
+    def _make_model_runner(self) -> CompressingGPUModelRunner:
+        if self.use_v2_model_runner:
+            raise RuntimeError("infokv-vllm: compression needs vLLM's V1 model runner; VLLM_USE_V2_MODEL_RUNNER=0 "
+                               "is set by the plugin when compressing, but this worker got Model Runner V2")
+        return CompressingGPUModelRunner(self.vllm_config, self.device)

@@ -1,0 +1,38 @@
+"""The GPU suite: skipped, each test with the reason, on machines without CUDA (CI and every CPU machine)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+GPU_DIR = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA (see tests/gpu/README.md)")
+    for item in items:
+        if GPU_DIR in Path(item.fspath).parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_model_dir() -> Path:
+    """$INFOKV_GPU_MODEL (e.g. the random-weight SmolLM2 the GPU bundle's `model` smoke stage writes to
+    /tmp/smollm2-random), else the SmolLM2 test model where `scripts/install_cpu.sh` prepared it."""
+    if os.environ.get("INFOKV_GPU_MODEL"):
+        return Path(os.environ["INFOKV_GPU_MODEL"])
+    from infokv_vllm.testing.smollm2 import model_dir
+
+    if (model_dir() / "config.json").exists():
+        return model_dir()
+    pytest.skip("no model: set INFOKV_GPU_MODEL to a Llama-architecture model directory")
+
+
+# The GPU engine: bf16, vLLM's default compilation with (piecewise) CUDA graphs, FlashAttention's block size.
+GPU_ENGINE = {"dtype": "bfloat16", "enforce_eager": False, "block_size": 16, "kv_cache_memory_bytes": 2 * 2**30}
+GPU_SERVE_FLAGS = ["--dtype", "bfloat16", "--kv-cache-memory-bytes", "2G", "--max-model-len", "4096"]

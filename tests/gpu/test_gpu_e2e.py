@@ -1,0 +1,91 @@
+"""Compression on vLLM's CUDA platform, end to end, with CUDA graphs on (piecewise) and bf16: what the CPU suite
+checks, on a GPU. Skipped without CUDA (conftest); run on a GPU machine with `python -m pytest tests/gpu`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.config.compilation import CUDAGraphMode
+from vllm.utils.math_utils import cdiv
+
+from infokv_vllm.platforms.cuda import SCORING_IMPLS
+from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
+from infokv_vllm.testing.local_server import vllm_server
+from tests.gpu.conftest import GPU_ENGINE, GPU_SERVE_FLAGS
+from tests.test_eviction_e2e import PROMPTS
+from tests.test_snapkv_reference import CONFIG, batch_prompts, snapkv_reference, vllm_kept_sets
+
+pytestmark = pytest.mark.e2e
+
+GREEDY = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+BUDGET, INTERVAL, BLOCK_SIZE = 64, 32, GPU_ENGINE["block_size"]
+
+
+def test_infokv_runs_with_cuda_graphs_triton_kernels_and_scoring_attention(gpu_model_dir):
+    settings = {"method": "infokv", "budget": BUDGET, "decode_interval": INTERVAL}
+    with in_process_llm(gpu_model_dir, settings, **GPU_ENGINE) as llm:
+        config = llm.llm_engine.vllm_config
+        assert config.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+        runner = model_runner_of(llm)
+        assert runner.kernels.name == "triton"
+        layers = config.compilation_config.static_forward_context.values()
+        assert all(isinstance(layer.impl, SCORING_IMPLS) for layer in layers if hasattr(layer, "impl"))
+        outputs = run_to_completion(llm, PROMPTS, GREEDY)
+        assert all(len(tokens) == 200 for tokens in outputs.values())
+        assert scheduler_of(llm).totals.events >= 2 * len(PROMPTS)
+
+
+def test_budget_above_length_gives_vanilla_outputs(gpu_model_dir):
+    with in_process_llm(gpu_model_dir, **GPU_ENGINE) as llm:
+        vanilla = run_to_completion(llm, PROMPTS, GREEDY)
+    with in_process_llm(gpu_model_dir, {"method": "infokv", "budget": 500}, **GPU_ENGINE) as llm:
+        assert run_to_completion(llm, PROMPTS, GREEDY) == vanilla
+        assert scheduler_of(llm).totals.events == 0
+
+
+@pytest.mark.parametrize("method", ["streaming", "infokv"])
+def test_pages_held_stay_within_budget(gpu_model_dir, method):
+    settings = {"method": method, "budget": BUDGET, "decode_interval": INTERVAL}
+    with in_process_llm(gpu_model_dir, settings, **GPU_ENGINE) as llm:
+        scheduler = scheduler_of(llm)
+        pool = scheduler.kv_cache_manager.block_pool
+        initial_free = pool.get_num_free_blocks()
+        peak = [0]
+
+        def watch():
+            peak[0] = max([peak[0], *map(len, scheduler.manager.req_to_blocks.values())])
+
+        run_to_completion(llm, PROMPTS, GREEDY, after_step=watch)
+        assert peak[0] <= cdiv(BUDGET + INTERVAL, BLOCK_SIZE) + 1
+        assert pool.get_num_free_blocks() == initial_free
+
+
+def test_snapkv_keeps_the_transformers_sets_on_a_batch(gpu_model_dir):
+    """bf16 on the GPU against float32 transformers on the CPU: near-equal sets, not identical ones."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = batch_prompts(gpu_model_dir)
+    kept, _ = vllm_kept_sets(gpu_model_dir, prompts, **GPU_ENGINE)
+    model = AutoModelForCausalLM.from_pretrained(gpu_model_dir, dtype=torch.float32, attn_implementation="eager")
+    for rid, ids in prompts.items():
+        reference_kept, _ = snapkv_reference(model.eval(), ids)
+        overlap = [len(set(a.tolist()) & set(b.tolist())) / CONFIG.budget
+                   for a, b in zip(kept[rid].cpu().flatten(0, 1), reference_kept.flatten(0, 1))]
+        assert sum(overlap) / len(overlap) >= 0.9, (rid, min(overlap))
+
+
+def test_vllm_serve_answers_with_compression_on(gpu_model_dir, tmp_path: Path):
+    from openai import OpenAI
+
+    flags = ["--kv-compression", "infokv", "--kv-budget", "64"]
+    with vllm_server(gpu_model_dir, flags, tmp_path / "serve.log", base_flags=GPU_SERVE_FLAGS) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model=str(gpu_model_dir), max_tokens=200, temperature=0,
+            messages=[{"role": "user", "content": "Tell me a long story about a lighthouse. " * 10}])
+        assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "experimental" in log and "-> PIECEWISE" in log
