@@ -91,7 +91,7 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward", "wrapped by the scoring "
                  "impl; same page view as FlashAttention",
                  ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
-                 source_has=("kv_cache.transpose(1, 2).split(self.head_size, dim=-1)",)),
+                 source_has=("kv_cache = kv_cache.transpose(1, 2)", "kv_cache.split(hs, dim=-1)")),
     VllmInternal("vllm.v1.attention.backends.flash_attn.FlashAttentionMetadata", "what the scoring impl reads",
                  fields=("seq_lens", "query_start_loc", "block_table")),
     VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionMetadata", "what the scoring impl reads",
