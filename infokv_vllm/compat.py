@@ -42,6 +42,15 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal("vllm.engine.arg_utils.AsyncEngineArgs.add_cli_args", "general plugins are loaded before the "
                  "engine flags are built, so our CLI wrapper is in place in time",
                  source_has=("load_general_plugins()",)),
+    VllmInternal("vllm.v1.engine.input_processor.InputProcessor.process_inputs", "wrapped: the request it "
+                 "returns (prompt tokens, max_tokens, extra_args) is admitted or refused (HTTP 400) before it "
+                 "reaches the engine", ("self", "request_id", "prompt", "params")),
+    VllmInternal("vllm.v1.engine.input_processor.InputProcessor.__init__", "the frontend's config, whose "
+                 "cache_config.num_gpu_blocks the engine handshake fills in", source_has=("self.vllm_config",)),
+    VllmInternal("vllm.v1.engine.EngineCoreRequest", "what admission reads",
+                 fields=("prompt_token_ids", "sampling_params")),
+    VllmInternal("vllm.v1.kv_cache_interface.FullAttentionSpec.max_memory_usage_bytes", "overridden: vLLM's "
+                 "start-up check sizes one request with it", ("self", "vllm_config")),
     VllmInternal("vllm.v1.engine.EngineCoreOutputs", "annotation `scheduler_stats` widened: the frontend's msgspec "
                  "decoder drops undeclared fields, our compression stats among them", fields=("scheduler_stats",)),
     # --- worker and runner (platforms/cpu.py, core/runner.py) ---
@@ -134,6 +143,29 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "register only while the registry is empty, so they are registered before ours"),
     VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register", "maps CompressedAttentionSpec to "
                  "CompactingAttentionManager"),
+    # --- Ray on CPU (platforms/cpu_ray.py) ---
+    VllmInternal("vllm.platforms.cpu.CpuPlatform.ray_device_key", "empty, so vLLM refuses Ray on CPU; Ray's "
+                 "\"CPU\" resource while our executor starts"),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayWorkerProc", "the module global the executor builds its "
+                 "worker actors from; our CPU actor class while it starts"),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayWorkerProc.get_node_and_physical_gpu_ids", "overridden: "
+                 "Ray lists no accelerator ids for CPUs", ("self",)),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayWorkerProc.initialize_worker", "overridden: the actor pins "
+                 "itself to its cores first", ("self", "local_rank", "env_vars", "distributed_init_method",
+                                               "driver_env_vars", "assigned_physical_gpu_ids")),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayWorkerProc.__init__", "the rank and parallel config read",
+                 source_has=("self._init_kwargs = dict(", "rank=rank", "self._parallel_config =")),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayExecutorV2._get_actor_resource_kwargs", "overridden: Ray "
+                 "refuses \"CPU\" inside an actor's `resources`"),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayExecutorV2._build_runtime_env", "overridden: the actors' "
+                 "OpenMP thread count", ("self",)),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayExecutorV2._init_executor", "overridden: started with the "
+                 "CPU device key and actor class in place", ("self",),
+                 source_has=("ray.remote(RayWorkerProc)", "initialize_ray_cluster(")),
+    VllmInternal("vllm.v1.executor.ray_executor_v2.RayExecutorV2.shutdown", "overridden: the placement group "
+                 "vLLM created is removed", ("self",)),
+    VllmInternal("vllm.v1.executor.ray_utils.initialize_ray_cluster", "creates the placement group unless "
+                 "parallel_config has one, and stores it there", source_has=("parallel_config.placement_group = ",)),
     # --- test support (infokv_vllm/testing/local_engine.py) ---
     VllmInternal(f"{_SCHEDULER}._preempt_request", "counted by the tests and benchmarks", ("self", "request")),
 )
@@ -167,6 +199,8 @@ class EngineArgsHooks(Protocol):
     def prepare_engine_args(self, engine_args: Any) -> Any: ...
 
     def check_engine_config(self, vllm_config: Any) -> None: ...
+
+    def admit_request(self, vllm_config: Any, request: Any) -> None: ...
 
 
 _PATCHED_MARK = "__infokv_patched__"
@@ -213,6 +247,17 @@ def apply(hooks: EngineArgsHooks) -> None:
         return wrapper
 
     _wrap(EngineArgs, "create_engine_config", create_engine_config)
+
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    def process_inputs(original: Callable) -> Callable:
+        def wrapper(self, *args, **kwargs):
+            request = original(self, *args, **kwargs)
+            hooks.admit_request(self.vllm_config, request)
+            return request
+        return wrapper
+
+    _wrap(InputProcessor, "process_inputs", process_inputs)
 
     # Plugins are registered before vLLM builds its decoders, and msgspec reads the annotation when a decoder
     # is built.

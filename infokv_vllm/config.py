@@ -29,7 +29,17 @@ DEFAULT_BUDGET_TOKENS = 1024
 
 
 class CompressionConfigError(ValueError):
-    """A compression setting is invalid, or conflicts with another vLLM option."""
+    """A compression setting is invalid, or conflicts with another vLLM option. `field` names the setting."""
+
+    def __init__(self, message: str, field: str | None = None, why: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.why = why
+
+
+# Per-request settings: the keys a request may give in `SamplingParams.extra_args` (the OpenAI API's
+# `vllm_xargs`), and the setting each one overrides for that request.
+REQUEST_SETTINGS = {"kv_compression": "method", "kv_budget": "budget", "kv_budget_ratio": "budget_ratio"}
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,14 @@ class CompressionConfig:
         """Tokens every compression keeps regardless of score: the sinks and the larger window."""
         return self.sinks + max(self.prefill_window, self.decode_window)
 
+    @property
+    def kv_bound(self) -> int | None:
+        """The most KV tokens a request holds once its prompt is compressed (budget + decode interval), or None
+        where compression does not bound it (off, or a budget ratio, which grows with the length)."""
+        if not self.enabled or self.budget_ratio is not None:
+            return None
+        return (self.budget if self.budget is not None else DEFAULT_BUDGET_TOKENS) + self.decode_interval
+
     def budget_for(self, logical_len: int) -> int:
         """The number of KV tokens a request of `logical_len` tokens may keep."""
         if self.budget_ratio is not None:
@@ -122,7 +140,7 @@ class CompressionConfig:
 
     def _validate(self) -> None:
         def fail(option: str, why: str) -> None:
-            raise CompressionConfigError(f"infokv-vllm: invalid {flag_name(option)}: {why}")
+            raise CompressionConfigError(f"infokv-vllm: invalid {flag_name(option)}: {why}", option, why)
 
         if self.method not in METHODS:
             fail("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
@@ -148,6 +166,52 @@ class CompressionConfig:
             fail("entropy_top_k", f"{self.entropy_top_k} must be at least 2 (entropy over one token is 0)")
         if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
             fail("pooling_kernel", f"{self.pooling_kernel} must be an odd number >= 1")
+
+    def for_request(self, extra_args: dict[str, Any] | None) -> CompressionConfig:
+        """These (the server's) settings as one request overrides them through `REQUEST_SETTINGS` keys of its
+        `extra_args`; other keys belong to other extensions and are ignored.
+
+        A request may opt out (`kv_compression: none`) or give its own `kv_budget` or `kv_budget_ratio`, which
+        replaces the server's budget of either kind. It cannot switch to another scoring policy: the workers
+        record only the signals the server's policy needs. Errors name the request field.
+        """
+        given = {key: value for key, value in (extra_args or {}).items() if key.startswith("kv_")}
+        if not given:
+            return self
+
+        def fail(key: str, why: str) -> None:
+            raise CompressionConfigError(f"infokv-vllm: invalid vllm_xargs.{key}: {why}", key, why)
+
+        for key in given:
+            if key not in REQUEST_SETTINGS:
+                fail(key, f"unknown compression setting; a request may give {', '.join(REQUEST_SETTINGS)}")
+        if not self.enabled:
+            fail(next(iter(given)), f"compression is off on this server ({flag_name('method')} none)")
+        method = given.get("kv_compression", self.method)
+        if method not in ("none", self.method):
+            fail("kv_compression", f"{method!r}: a request may give 'none' (opt out) or this server's method "
+                                   f"{self.method!r}")
+        if "kv_budget" in given and "kv_budget_ratio" in given:
+            fail("kv_budget", "give either kv_budget or kv_budget_ratio, not both")
+        changes: dict[str, Any] = {"method": method}
+        for key, kind in (("kv_budget", int), ("kv_budget_ratio", float)):
+            if key in given:
+                value = given[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    fail(key, f"{value!r} is not a number")
+                try:
+                    number = kind(value)
+                except ValueError:
+                    fail(key, f"{value!r} is not {'an integer' if kind is int else 'a number'}")
+                if kind is int and float(value) != number:
+                    fail(key, f"{value!r} is not an integer")
+                changes.update(budget=None, budget_ratio=None)
+                changes[REQUEST_SETTINGS[key]] = number
+        try:
+            return dataclasses.replace(self, **changes)
+        except CompressionConfigError as error:
+            key = next(key for key, field in REQUEST_SETTINGS.items() if field == error.field)
+            fail(key, error.why)
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> CompressionConfig:

@@ -174,6 +174,48 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
     return compression
 
 
+def admit_request(vllm_config: Any, request: Any) -> None:
+    """Refuse, before it reaches the engine, a request (vLLM's `EngineCoreRequest`) that compression cannot
+    serve: vLLM answers HTTP 400 naming the field, and goes on serving others.
+
+    - Invalid per-request settings (`SamplingParams.extra_args`, the OpenAI API's `vllm_xargs`).
+    - A request that cannot fit the KV pool. Compression lets `max_model_len` exceed the pool (see
+      `CompressedAttentionSpec.max_memory_usage_bytes`); a request fits if its prompt plus the tokens it may
+      generate do, or if compression bounds it and its prompt plus budget + interval do.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    params = request.sampling_params
+    if params is None:
+        return
+    server = CompressionConfig.from_additional_config(vllm_config.additional_config)
+    try:
+        settings = server.for_request(params.extra_args)
+    except CompressionConfigError as error:
+        raise VLLMValidationError(str(error), parameter=f"vllm_xargs.{error.field}",
+                                  value=(params.extra_args or {}).get(error.field)) from None
+    num_blocks = vllm_config.cache_config.num_gpu_blocks
+    if not server.enabled or not num_blocks:
+        return
+    pool = (num_blocks - 1) * vllm_config.cache_config.block_size  # block 0 is vLLM's null block
+    prompt = len(request.prompt_token_ids or ())
+    if prompt + params.max_tokens <= pool:
+        return
+    if settings.kv_bound is None:
+        why = ("the request opts out of compression" if not settings.enabled else
+               "a budget ratio does not bound the request's KV")
+        raise VLLMValidationError(
+            f"infokv-vllm: the prompt ({prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+            f"{pool} tokens the KV cache holds, and {why}; lower max_tokens to at most {max(pool - prompt, 0)}",
+            parameter="max_tokens", value=params.max_tokens)
+    if prompt + settings.kv_bound > pool:
+        raise VLLMValidationError(
+            f"infokv-vllm: the prompt ({prompt} tokens) is too long for this server's KV cache: it holds {pool} "
+            f"tokens, and a compressed request needs its prompt plus budget + decode interval "
+            f"({settings.kv_bound}); prompts of at most {max(pool - settings.kv_bound, 0)} tokens fit",
+            parameter="prompt", value=prompt)
+
+
 def check_engine_config(vllm_config: Any) -> None:
     """Refuse, at start-up and with the reason, vLLM features that compression cannot work with."""
     compression = CompressionConfig.from_additional_config(vllm_config.additional_config)

@@ -55,15 +55,21 @@ def test_every_vllm_override_of_ours_is_listed():
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from infokv_vllm.core.block_manager import CompactingAttentionManager
+    from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from infokv_vllm.core.block_manager import CompactingAttentionManager, CompressedAttentionSpec
     from infokv_vllm.core.runner import CompressingRunnerMixin
     from infokv_vllm.core.scheduler import CompressingScheduler
+    from infokv_vllm.platforms.cpu_ray import CPURayExecutor, CPURayWorkerProc
 
     listed = {internal.target for internal in compat.VLLM_INTERNALS}
     for ours, theirs in ((CompressingRunnerMixin, GPUModelRunner), (CompressingScheduler, Scheduler),
-                         (CompactingAttentionManager, FullAttentionManager)):
+                         (CompactingAttentionManager, FullAttentionManager),
+                         (CompressedAttentionSpec, FullAttentionSpec), (CPURayExecutor, RayExecutorV2),
+                         (CPURayWorkerProc, RayWorkerProc)):
         for name, value in vars(ours).items():
-            if callable(value) and hasattr(theirs, name) and name != "__init__":
+            if callable(value) and hasattr(theirs, name) and not name.startswith("__"):
                 assert f"{theirs.__module__}.{theirs.__qualname__}.{name}" in listed, (ours.__name__, name)
 
 

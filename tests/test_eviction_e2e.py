@@ -170,3 +170,33 @@ def test_scored_policies_keep_signals_per_request(smollm2_dir, method):
                     torch.testing.assert_close(signals_batched[name], alone, rtol=1e-4,
                                                atol=1e-4 * float(alone.abs().max()))
         assert free_blocks(llm) == initial_free
+
+
+def test_requests_carry_their_own_budget_or_opt_out(smollm2_dir):
+    """`SamplingParams.extra_args` (the OpenAI API's `vllm_xargs`) override the server's budget per request;
+    a bad value is refused when the request is added, and the engine goes on serving the others."""
+    from vllm.exceptions import VLLMValidationError
+
+    own = {"server": {}, "opt_out": {"kv_compression": "none"}, "big": {"kv_budget": 128},
+           "ratio": {"kv_budget_ratio": 0.5}}
+    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=SMALL_POOL) as llm:
+        scheduler, engine = scheduler_of(llm), llm.llm_engine
+        kept, apply = {}, scheduler._apply
+
+        def recording(compaction):
+            kept.setdefault(compaction.request_id.split("-")[0], set()).add(compaction.kept_len)
+            return apply(compaction)
+
+        scheduler._apply = recording
+        with pytest.raises(VLLMValidationError, match="invalid vllm_xargs.kv_budget: 3 leaves no room"):
+            engine.add_request("bad", PROMPTS["story"], SamplingParams(max_tokens=8, extra_args={"kv_budget": 3}))
+        for request_id, extra_args in own.items():
+            params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, extra_args=extra_args)
+            engine.add_request(request_id, PROMPTS["story"], params)
+        finished = {}
+        while engine.has_unfinished_requests():
+            finished.update((out.request_id, len(out.outputs[0].token_ids)) for out in engine.step() if out.finished)
+    assert sorted(finished.values()) == [200] * len(own)
+    assert kept["server"] == {BUDGET} and kept["big"] == {128}
+    assert "opt_out" not in kept
+    assert len(kept["ratio"]) >= 2 and max(kept["ratio"]) > BUDGET, "half of a growing length"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from infokv_vllm.testing.local_server import CPU_SERVE_FLAGS, EAGER, vllm_cli, vllm_server
 from infokv_vllm.metrics import METRIC_PREFIX
+from infokv_vllm.testing.local_server import CPU_SERVE_FLAGS, EAGER, vllm_cli, vllm_server
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +48,15 @@ def compression_metrics(url: str) -> dict[str, float]:
             for sample in family.samples if sample.name.startswith(METRIC_PREFIX)}
 
 
+def settled_metrics(url: str) -> dict[str, float]:
+    """The metrics once no request runs: the frontend may record a request's last step after it has replied."""
+    deadline = time.monotonic() + 30
+    while (metrics := compression_metrics(url))[f"{METRIC_PREFIX}kv_compression_ratio"] != 1.0:
+        assert time.monotonic() < deadline, f"no request runs, yet the ratio stays below 1: {metrics}"
+        time.sleep(0.5)
+    return metrics
+
+
 def test_chat_completion(client, smollm2_dir):
     reply = client.chat.completions.create(model=str(smollm2_dir), messages=QUESTION, max_tokens=30,
                                            temperature=0)
@@ -63,7 +72,7 @@ def test_streaming_chat_completion(client, smollm2_dir):
 
 
 def test_metrics_and_debug_log_report_compression(client, compressing_server, server_log, smollm2_dir):
-    prompt = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 35  # ~600 tokens
+    prompt = LONG_PROMPT
     before = compression_metrics(compressing_server)
     stream = client.completions.create(model=str(smollm2_dir), prompt=prompt, max_tokens=24, temperature=0,
                                        stream=True)
@@ -72,11 +81,7 @@ def test_metrics_and_debug_log_report_compression(client, compressing_server, se
             running = compression_metrics(compressing_server)
     assert 0.1 < running[f"{METRIC_PREFIX}kv_compression_ratio"] < 0.5, running
 
-    # The frontend may record the stats of the request's last step only after it has replied.
-    deadline = time.monotonic() + 30
-    while (after := compression_metrics(compressing_server))[f"{METRIC_PREFIX}kv_compression_ratio"] != 1.0:
-        assert time.monotonic() < deadline, f"no request runs, yet the ratio stays below 1: {after}"
-        time.sleep(0.5)
+    after = settled_metrics(compressing_server)
 
     def grew(name: str) -> float:
         return after[f"{METRIC_PREFIX}{name}_total"] - before.get(f"{METRIC_PREFIX}{name}_total", 0.0)
@@ -86,6 +91,41 @@ def test_metrics_and_debug_log_report_compression(client, compressing_server, se
     assert grew("kv_blocks_freed") >= 1
     assert grew("scoring_seconds") > 0 and grew("compaction_seconds") > 0
     assert "infokv: request" in server_log.read_text() and "compressed" in server_log.read_text()
+
+
+LONG_PROMPT = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 35  # ~600 tokens
+
+
+@pytest.mark.parametrize(("vllm_xargs", "evicted"), [({"kv_compression": "none"}, (0, 0)),
+                                                     ({"kv_budget": 400}, (600 - 400, 700 - 400)),
+                                                     ({"kv_budget_ratio": 0.25}, (600 * 0.75, 700 * 0.75))])
+def test_requests_set_their_own_budget_through_vllm_xargs(client, compressing_server, smollm2_dir, vllm_xargs,
+                                                         evicted):
+    before = settled_metrics(compressing_server)
+    reply = client.completions.create(model=str(smollm2_dir), prompt=LONG_PROMPT, max_tokens=4, temperature=0,
+                                      extra_body={"vllm_xargs": vllm_xargs})
+    assert reply.usage.completion_tokens == 4
+    after = settled_metrics(compressing_server)
+    grew = after[f"{METRIC_PREFIX}tokens_evicted_total"] - before.get(f"{METRIC_PREFIX}tokens_evicted_total", 0)
+    assert evicted[0] <= grew <= evicted[1], (vllm_xargs, grew)
+
+
+@pytest.mark.parametrize(("vllm_xargs", "message"), [
+    ({"kv_budget": 3}, "invalid vllm_xargs.kv_budget: 3 leaves no room to choose tokens"),
+    ({"kv_budget": "many"}, "invalid vllm_xargs.kv_budget: 'many' is not an integer"),
+    ({"kv_budget_ratio": 2}, "invalid vllm_xargs.kv_budget_ratio: 2.0 is outside (0, 1]"),
+    ({"kv_compression": "snapkv"}, "invalid vllm_xargs.kv_compression: 'snapkv': a request may give 'none'"),
+    ({"kv_budgte": 100}, "invalid vllm_xargs.kv_budgte: unknown compression setting"),
+])
+def test_bad_per_request_settings_get_http_400_and_the_server_keeps_serving(client, smollm2_dir, vllm_xargs,
+                                                                             message):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as error:
+        client.completions.create(model=str(smollm2_dir), prompt="Hello", max_tokens=2,
+                                  extra_body={"vllm_xargs": vllm_xargs})
+    assert error.value.status_code == 400 and message in str(error.value), str(error.value)
+    assert client.completions.create(model=str(smollm2_dir), prompt="Hello", max_tokens=2).usage.completion_tokens
 
 
 @pytest.mark.parametrize(

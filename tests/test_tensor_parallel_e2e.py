@@ -1,12 +1,12 @@
-"""Tensor parallelism on CPU: two worker processes (vLLM's multiprocessing executor), each holding one of the tiny
-Llama's two KV heads and selecting for it with the budgets, decisions and entropies the scheduler sends.
-
-vLLM 0.32 cannot run its Ray executor on the CPU platform (`CpuPlatform.ray_device_key` is empty, so
-`initialize_ray_cluster` raises "current platform cpu does not support ray" at any size), so the ranks run as
-processes; the compression logic they execute is the same under either executor.
-"""
+"""Tensor parallelism on CPU: two workers, each holding one of the tiny Llama's two KV heads and selecting for it
+with the budgets, decisions and entropies the scheduler sends; as worker processes (vLLM's multiprocessing
+executor) and as Ray actors (vLLM's Ray executor, adapted to CPUs by the plugin), on a local Ray cluster the test
+starts itself."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 from vllm import SamplingParams
@@ -14,6 +14,8 @@ from vllm import SamplingParams
 from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion, scheduler_of
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).parent.parent
 
 PROMPTS = {"fox": "The quick brown fox jumps over the lazy dog. " * 8,
            "count": "One two three four five six seven. " * 9,
@@ -28,11 +30,16 @@ def _worker_state(worker) -> tuple[list[str], list[str]]:
     return sorted(runner.requests), sorted(runner.evicted)
 
 
-def generate(model_dir, settings: dict, tensor_parallel_size: int) -> tuple[dict[str, list[int]], int]:
+def generate(model_dir, settings: dict, tensor_parallel_size: int, executor: str = "mp"
+             ) -> tuple[dict[str, list[int]], int]:
     """Greedy outputs and compression events; with compression, checks that every page and every request is
     released, on the scheduler and on every rank."""
     with in_process_llm(model_dir, settings, max_model_len=256, tensor_parallel_size=tensor_parallel_size,
-                        distributed_executor_backend="mp") as llm:
+                        distributed_executor_backend=executor) as llm:
+        if executor == "ray":
+            from infokv_vllm.platforms.cpu_ray import CPURayExecutor
+
+            assert llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend is CPURayExecutor
         outputs = run_to_completion(llm, PROMPTS, PARAMS)
         if settings["method"] == "none":  # vLLM's own scheduler and workers
             return outputs, 0
@@ -58,3 +65,24 @@ def test_two_ranks_compress_like_one(tiny_llama_dir, monkeypatch):
     two_ranks, two_rank_events = generate(tiny_llama_dir, SETTINGS, 2)
     assert two_rank_events == events
     assert two_ranks == one_rank
+
+
+@pytest.fixture
+def local_ray_cluster(monkeypatch):
+    """A Ray cluster on this machine only, started by the test (no network); its actors import this checkout."""
+    import ray
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.usefixtures("local_ray_cluster")
+def test_ray_executor_compresses_like_multiprocessing(tiny_llama_dir, monkeypatch):
+    one_rank, events = generate(tiny_llama_dir, SETTINGS, 1)
+    assert generate(tiny_llama_dir, SETTINGS, 1, "ray") == (one_rank, events)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert generate(tiny_llama_dir, SETTINGS, 2, "ray") == (one_rank, events)

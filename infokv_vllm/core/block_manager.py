@@ -21,6 +21,22 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 class CompressedAttentionSpec(FullAttentionSpec):
     """Full attention whose requests may hold fewer KV slots than tokens."""
 
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """What one request may need, for vLLM's start-up check that the pool holds one request.
+
+        Where compression bounds every request's KV (an absolute budget), a request holds at most its prompt,
+        then budget + interval: the pool must hold that bound plus one block for a prompt, not `max_model_len`.
+        Prompts longer than the pool admits are refused per request (`plugin.admit_request`), and so are
+        requests that opt out and would outgrow the pool.
+        """
+        from infokv_vllm.config import CompressionConfig
+
+        full = super().max_memory_usage_bytes(vllm_config)
+        bound = CompressionConfig.from_additional_config(vllm_config.additional_config).kv_bound
+        if bound is None:
+            return full
+        return min(full, (cdiv(bound, self.block_size) + 1) * self.page_size_bytes)
+
 
 class CompactingAttentionManager(FullAttentionManager):
     def __init__(self, *args, **kwargs) -> None:

@@ -181,8 +181,7 @@ class CompressingRunnerMixin:
             self._step = StepView(
                 request_ids=request_ids, query_starts=self.query_start_loc.cpu[: num_reqs + 1].tolist(),
                 positions=self.positions[:num_tokens].cpu(),
-                slots=self.input_batch.block_table[0].slot_mapping.gpu[:num_tokens].clone(),
-                pages=self._request_pages)
+                slots=self.input_batch.block_table[0].slot_mapping.gpu[:num_tokens].clone())
             for recorder in self.recorders:
                 recorder.before_forward(self._plan, self._step)
         return result

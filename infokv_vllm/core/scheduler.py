@@ -5,6 +5,10 @@ this very step. The decision travels to every worker on the `SchedulerOutput` (`
 workers choose *which* tokens with the active scoring policy and move them before the step's forward. Token entropies come back from the reporting worker and go out again with the request's next step,
 so every tensor-parallel rank scores with the same budgets, decisions and entropies.
 
+Budgets are per request: the server's settings, overridden by what a request gives in its `extra_args` (the
+OpenAI API's `vllm_xargs`, see `CompressionConfig.for_request`; the frontend has already refused bad values).
+Workers need no per-request settings: every length they use arrives in the plan.
+
 Schedules (method doc, "Schedules"):
 - prefill: once the prompt is processed, a request longer than its budget is compressed to it;
 - decode (R-KV): whenever the kept length reaches budget + decode_interval, it is compressed back to budget;
@@ -59,6 +63,7 @@ class CompressingScheduler(Scheduler):
         self.totals = CompressionStats()  # since start-up; the frontend's metrics derive from it
         self._past_prompt: set[str] = set()  # requests whose prompt-compression point has been evaluated
         self._entropies: dict[str, TokenEntropies] = {}  # reported, to be sent with the request's next step
+        self._settings: dict[str, CompressionConfig] = {}  # per request: the server's, as the request overrides
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         compactions = [c for request in self.running if (c := self._decide(request)) is not None]
@@ -103,34 +108,48 @@ class CompressingScheduler(Scheduler):
         starts = {}
         for request_id, num_tokens in output.num_scheduled_tokens.items():
             request = self.requests[request_id]
+            settings = self.settings_of(request)
+            if not settings.enabled:
+                continue
             end = request.num_computed_tokens  # already advanced past this step's tokens
             if request_id not in self._past_prompt:
                 prompt = request.num_prompt_tokens
-                if prompt <= self.compression.budget_for(prompt):
+                if prompt <= settings.budget_for(prompt):
                     continue
-                start = prompt - self.compression.prefill_window
+                start = prompt - settings.prefill_window
             else:
                 logical = end - num_tokens
-                trigger = self.compression.budget_for(logical) + self.compression.decode_interval
-                start = trigger - self.compression.decode_window + self.manager.evicted.get(request_id, 0)
+                trigger = settings.budget_for(logical) + settings.decode_interval
+                start = trigger - settings.decode_window + self.manager.evicted.get(request_id, 0)
             if end > start:
                 starts[request_id] = start
         return starts
 
+    def settings_of(self, request: Request) -> CompressionConfig:
+        """The compression settings of one request: the server's, with the request's own overrides."""
+        settings = self._settings.get(request.request_id)
+        if settings is None:
+            extra_args = request.sampling_params.extra_args if request.sampling_params is not None else None
+            settings = self._settings[request.request_id] = self.compression.for_request(extra_args)
+        return settings
+
     def _decide(self, request: Request) -> Compaction | None:
+        settings = self.settings_of(request)
         logical = request.num_computed_tokens
+        if not settings.enabled:
+            return None
         if logical < request.num_prompt_tokens:
             # Still prefilling (again, after a preemption): the prompt schedule applies once it is done.
             self._past_prompt.discard(request.request_id)
             return None
         physical = self.manager.physical_len(request.request_id, logical)
-        budget = self.compression.budget_for(logical)
+        budget = settings.budget_for(logical)
         if request.request_id not in self._past_prompt:
             self._past_prompt.add(request.request_id)
             if physical > budget:
-                return Compaction(request.request_id, logical, physical, budget, self.compression.prefill_window)
-        elif physical >= budget + self.compression.decode_interval:
-            return Compaction(request.request_id, logical, physical, budget, self.compression.decode_window)
+                return Compaction(request.request_id, logical, physical, budget, settings.prefill_window)
+        elif physical >= budget + settings.decode_interval:
+            return Compaction(request.request_id, logical, physical, budget, settings.decode_window)
         return None
 
     def _relieve_memory_pressure(self, already_compacted: set[str]) -> list[Compaction]:
@@ -140,9 +159,11 @@ class CompressingScheduler(Scheduler):
         candidates = []
         for request in self.running:
             logical = request.num_computed_tokens
-            if request.request_id in already_compacted or logical < request.num_prompt_tokens:
+            settings = self.settings_of(request)
+            if request.request_id in already_compacted or logical < request.num_prompt_tokens \
+                    or not settings.enabled:
                 continue
-            excess = self.manager.physical_len(request.request_id, logical) - self.compression.budget_for(logical)
+            excess = self.manager.physical_len(request.request_id, logical) - settings.budget_for(logical)
             if excess > 0:
                 candidates.append((excess, request))
         for _, request in sorted(candidates, key=lambda item: -item[0]):
@@ -150,8 +171,9 @@ class CompressingScheduler(Scheduler):
                 break
             logical = request.num_computed_tokens
             physical = self.manager.physical_len(request.request_id, logical)
-            compaction = Compaction(request.request_id, logical, physical, self.compression.budget_for(logical),
-                                    self.compression.decode_window)
+            settings = self.settings_of(request)
+            compaction = Compaction(request.request_id, logical, physical, settings.budget_for(logical),
+                                    settings.decode_window)
             shortfall -= self._apply(compaction)
             compactions.append(compaction)
         return compactions
@@ -181,6 +203,7 @@ class CompressingScheduler(Scheduler):
     def _free_request(self, request: Request, *args, **kwargs):
         self._past_prompt.discard(request.request_id)
         self._entropies.pop(request.request_id, None)
+        self._settings.pop(request.request_id, None)
         record = self.records.pop(request.request_id, None)
         if record is not None:
             logger.debug("infokv: request %s finished after %d compressions: %d tokens evicted, %d blocks "

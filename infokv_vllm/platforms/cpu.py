@@ -9,13 +9,16 @@
   once and the layout read back.
 - Kernels: torch; Triton only under its interpreter (`TRITON_INTERPRET=1`, for testing the GPU path's kernels
   inside real vLLM), as Triton has no CPU backend.
+- Ray: `--distributed-executor-backend ray` runs vLLM's Ray executor adapted to CPUs (`cpu_ray.py`), which vLLM
+  0.32 itself refuses on this platform.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
@@ -29,6 +32,8 @@ from infokv_vllm.core.runner import CompressingRunnerMixin
 from infokv_vllm.platforms.base import PlatformAdapter, Refuse
 from infokv_vllm.signals import ATTENTION
 from infokv_vllm.signals.attention import WindowScoringImplMixin
+
+logger = logging.getLogger("infokv_vllm")
 
 # Probe values stay below 256 so they are exact in every cache dtype (float32, bfloat16, float16).
 _PROBE_RADIX = 128
@@ -79,6 +84,14 @@ class CPUAdapter(PlatformAdapter):
 
     def kernel_family(self, config: CompressionConfig) -> str:
         return "triton" if config.kernels == "triton" else "torch"
+
+    def prepare_engine_args(self, engine_args: Any, config: CompressionConfig) -> None:
+        if engine_args.distributed_executor_backend == "ray":
+            from infokv_vllm.platforms.cpu_ray import CPURayExecutor
+
+            logger.info("infokv-vllm: --distributed-executor-backend ray on CPU runs %s (vLLM's Ray executor "
+                        "with Ray's CPU resource as the device)", CPURayExecutor.__qualname__)
+            engine_args.distributed_executor_backend = CPURayExecutor
 
     def model_build_context(self, signals: frozenset[str]) -> ContextManager:
         if ATTENTION not in signals:

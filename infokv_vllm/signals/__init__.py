@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from infokv_vllm.signals.storage import SlotSignals
 
 ATTENTION, ENTROPY, REPRESENTATION = "attention", "entropy", "representation"
-SIGNALS: tuple[str, ...] = (ATTENTION, ENTROPY, REPRESENTATION)
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,6 @@ class StepView:
     query_starts: list[int]  # [rows + 1]: the step's tokens of row r are query_starts[r]:query_starts[r + 1]
     positions: torch.Tensor  # [tokens] logical position of each of the step's tokens
     slots: torch.Tensor  # [tokens] physical KV slot each token is written to (device)
-    pages: Callable[[str], RequestPages]
 
 
 @dataclass(frozen=True)
