@@ -73,6 +73,19 @@ def compact_plane_triton(plane: torch.Tensor, block_table: torch.Tensor, keep: t
     )
 
 
+def _moves(block_table: torch.Tensor, keep: torch.Tensor, n_keep: torch.Tensor, block_size: int):
+    """Per request with kept tokens: (source blocks, source offsets, target blocks, target offsets), each
+    [heads, kept], for moving kept token keep[r, h, j] to token index j."""
+    for req in range(keep.shape[0]):
+        count = int(n_keep[req])
+        if count == 0:
+            continue
+        table = block_table[req].long()
+        src = keep[req, :, :count].long()
+        dst = torch.arange(count, device=keep.device).expand_as(src)
+        yield table[src // block_size], src % block_size, table[dst // block_size], dst % block_size
+
+
 def compact_pages_torch(pages: torch.Tensor, token_index: torch.Tensor, block_table: torch.Tensor,
                         keep: torch.Tensor, n_keep: torch.Tensor) -> None:
     """The same operation with torch indexing, for any layout inside a page.
@@ -82,33 +95,16 @@ def compact_pages_torch(pages: torch.Tensor, token_index: torch.Tensor, block_ta
     contiguous). The gather copies before the scatter writes, so overlap is harmless. Used where Triton cannot
     run natively (vLLM on CPU).
     """
-    block_size = token_index.shape[0]
     heads = torch.arange(pages.shape[1], device=pages.device)[:, None, None]
-    for req in range(keep.shape[0]):
-        count = int(n_keep[req])
-        if count == 0:
-            continue
-        table = block_table[req].long()
-        src = keep[req, :, :count].long()
-        dst = torch.arange(count, device=pages.device).expand_as(src)
-        values = pages[table[src // block_size][..., None], heads, token_index[src % block_size]]
-        pages[table[dst // block_size][..., None], heads, token_index[dst % block_size]] = values
+    for src_block, src_offset, dst_block, dst_offset in _moves(block_table, keep, n_keep, token_index.shape[0]):
+        values = pages[src_block[..., None], heads, token_index[src_offset]]
+        pages[dst_block[..., None], heads, token_index[dst_offset]] = values
 
 
 def compact_plane_torch(plane: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor,
                         n_keep: torch.Tensor) -> None:
     """`compact_plane_triton` with torch indexing, on any strided plane [blocks, heads, block_size, width]
     (indexed writes go through views). The gather copies before the scatter writes, so overlap is harmless."""
-    block_size = plane.shape[2]
     heads = torch.arange(plane.shape[1], device=plane.device)[:, None]
-    for req in range(keep.shape[0]):
-        count = int(n_keep[req])
-        if count == 0:
-            continue
-        table = block_table[req].long()
-        src = keep[req, :, :count].long()
-        dst = torch.arange(count, device=plane.device).expand_as(src)
-        values = plane[table[src // block_size], heads, src % block_size]
-        plane[table[dst // block_size], heads, dst % block_size] = values
-
-
+    for src_block, src_offset, dst_block, dst_offset in _moves(block_table, keep, n_keep, plane.shape[2]):
+        plane[dst_block, heads, dst_offset] = plane[src_block, heads, src_offset]

@@ -15,17 +15,25 @@ LENGTHS = (37, 5, 64)  # ragged requests
 KEPT = (20, 5, 33)
 
 
+def shuffled_block_table(lengths: list[int], block_size: int, spare_blocks: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A block table [requests, max blocks] (int32) whose requests own disjoint, shuffled blocks of a pool that
+    also holds `spare_blocks` owned by nobody; returns it with the pool size."""
+    blocks_per_request = [-(-n // block_size) for n in lengths]
+    num_blocks = sum(blocks_per_request) + spare_blocks
+    order = torch.randperm(num_blocks, generator=generator)
+    table = torch.zeros(len(lengths), max(blocks_per_request), dtype=torch.int32)
+    used = 0
+    for req, count in enumerate(blocks_per_request):
+        table[req, :count] = order[used:used + count]
+        used += count
+    return table, num_blocks
+
+
 def kernel_disagreements(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> list[str]:
     """What the Triton kernels got wrong on `device` in `dtype` (empty when they agree with torch)."""
     generator = torch.Generator().manual_seed(seed)
-    blocks_per_request = [-(-n // BLOCK_SIZE) for n in LENGTHS]
-    num_blocks = sum(blocks_per_request) + 2
-    order = torch.randperm(num_blocks, generator=generator)
-    table = torch.zeros(len(LENGTHS), max(blocks_per_request), dtype=torch.int32)
-    start = 0
-    for row, count in enumerate(blocks_per_request):
-        table[row, :count] = order[start:start + count]
-        start += count
+    table, num_blocks = shuffled_block_table(list(LENGTHS), BLOCK_SIZE, 2, generator)
     # Tokens-major storage ([blocks, block_size, kv_heads, 2 * head_size]) seen in vLLM's logical order.
     storage = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, 2 * HEAD_SIZE, generator=generator).to(dtype)
     layout = HeadMajorPageLayout(BLOCK_SIZE, HEAD_SIZE)

@@ -1,20 +1,6 @@
-"""Random paged layouts for the kernel tests: ragged requests on shuffled blocks of one pool."""
+"""Random paged layouts for the kernel tests: ragged requests on shuffled blocks of one pool (the same helper the
+start-up self-check uses)."""
 
-from __future__ import annotations
+from infokv_vllm.kernels.selfcheck import shuffled_block_table
 
-import torch
-
-
-def shuffled_block_table(lengths: list[int], block_size: int, spare_blocks: int,
-                         generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """A block table [requests, max blocks] (int32) whose requests own disjoint, shuffled blocks of a pool that
-    also holds `spare_blocks` owned by nobody; returns it with the pool size."""
-    blocks_per_request = [-(-n // block_size) for n in lengths]
-    num_blocks = sum(blocks_per_request) + spare_blocks
-    order = torch.randperm(num_blocks, generator=generator)
-    table = torch.zeros(len(lengths), max(blocks_per_request), dtype=torch.int32)
-    used = 0
-    for req, count in enumerate(blocks_per_request):
-        table[req, :count] = order[used:used + count]
-        used += count
-    return table, num_blocks
+__all__ = ["shuffled_block_table"]
