@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_torch, compact_plane_triton
-from tests.kernels.paged import shuffled_block_table
+from infokv_vllm.kernels.selfcheck import shuffled_block_table
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,7 @@ import torch
 from infokv_vllm.core.compaction import HeadMajorPageLayout
 from infokv_vllm.kernels import TorchKernels, TritonKernels
 from infokv_vllm.kernels.selfcheck import kernel_disagreements
-from tests.kernels.paged import shuffled_block_table
+from infokv_vllm.kernels.selfcheck import shuffled_block_table
 from tests.kernels.test_compaction import LENGTHS, check_compacted, random_keep
 from tests.kernels.test_window_attention import dense_reference
 from tests.kernels.vllm_pages import LAYOUTS, vllm_gpu_caches

@@ -7,7 +7,7 @@ import torch
 
 from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
 from infokv_vllm.signals.attention import window_attention_mass
-from tests.kernels.paged import shuffled_block_table
+from infokv_vllm.kernels.selfcheck import shuffled_block_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
