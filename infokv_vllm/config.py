@@ -107,7 +107,8 @@ class CompressionConfig:
     kernels: Kernels = field(
         default="auto",
         metadata={"help": "Scoring and compaction kernels: 'triton' (the GPU path; on CPU only under Triton's "
-                          "interpreter, TRITON_INTERPRET=1, for testing), 'torch', or 'auto' (torch on CPU, Triton on CUDA)."},
+                          "interpreter, TRITON_INTERPRET=1, for testing), 'torch', or 'auto' (torch on CPU, Triton "
+                          "on CUDA)."},
     )
 
     def __post_init__(self) -> None:

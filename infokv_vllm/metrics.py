@@ -30,7 +30,7 @@ class CompressionStats:
     events: int = 0
     tokens_evicted: int = 0
     blocks_freed: int = 0
-    seconds_scoring: float = 0.0  # on the reporting worker: choosing tokens, and measuring token entropy
+    seconds_scoring: float = 0.0  # on the reporting worker: choosing tokens, and recording signals after the forward
     seconds_compacting: float = 0.0  # on the reporting worker: moving KV and signals within the pages
     kept_tokens: int = 0  # KV tokens the running requests hold
     logical_tokens: int = 0  # tokens the running requests have computed
@@ -66,7 +66,8 @@ class CompressionStatLogger(AggregateStatLoggerBase):
             "tokens_evicted": per_engine(Counter, "tokens_evicted", "KV tokens evicted (per layer and KV head)."),
             "blocks_freed": per_engine(Counter, "kv_blocks_freed", "KV cache pages freed by compression."),
             "seconds_scoring": per_engine(Counter, "scoring_seconds",
-                                          "Time spent choosing tokens to keep and measuring token entropy."),
+                                          "Time spent choosing tokens to keep and recording per-slot signals "
+                                          "after the forward."),
             "seconds_compacting": per_engine(Counter, "compaction_seconds",
                                              "Time spent moving kept KV and signals within the pages."),
         }

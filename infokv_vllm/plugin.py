@@ -237,14 +237,10 @@ def check_engine_config(vllm_config: Any) -> None:
                "compaction is applied per step on all layers of one rank")
     if vllm_config.cache_config.enable_prefix_caching:
         refuse("prefix caching (--enable-prefix-caching)", "compacted pages must never be shared")
-    from vllm.platforms import current_platform
-
     from infokv_vllm.platforms import adapter_for_current_platform
 
-    adapter = adapter_for_current_platform()
-    if adapter is None:
-        refuse(f"the {current_platform.device_name} platform", "this version compresses on vLLM's CPU and CUDA platforms only")
-    adapter.check_engine_config(vllm_config, compression, refuse)
+    # prepare_engine_args, which runs first, has refused platforms without an adapter.
+    adapter_for_current_platform().check_engine_config(vllm_config, compression, refuse)
     if vllm_config.cache_config.cache_dtype != "auto":
         refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}",
                "compaction moves full-precision KV pages only")

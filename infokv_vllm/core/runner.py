@@ -16,6 +16,7 @@ Every vLLM internal used here is listed in `infokv_vllm.compat` and checked by i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import TYPE_CHECKING, ClassVar
@@ -152,14 +153,10 @@ class CompressingRunnerMixin:
         if not self.recorders:
             return super()._model_forward(*args, **kwargs)
         # Recorders that work inside the forward (the attention signal's observation window) open it here.
-        contexts = [recorder.forward_context() for recorder in self.recorders]
-        for context in contexts:
-            context.__enter__()
-        try:
+        with contextlib.ExitStack() as stack:
+            for recorder in self.recorders:
+                stack.enter_context(recorder.forward_context())
             return super()._model_forward(*args, **kwargs)
-        finally:
-            for context in reversed(contexts):
-                context.__exit__(None, None, None)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs)

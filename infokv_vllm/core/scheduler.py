@@ -2,8 +2,9 @@
 
 Compression is decided here, before vLLM allocates the step's slots, so the tail pages a compaction frees serve
 this very step. The decision travels to every worker on the `SchedulerOutput` (`messages.StepPlan`); the
-workers choose *which* tokens with the active scoring policy and move them before the step's forward. Token entropies come back from the reporting worker and go out again with the request's next step,
-so every tensor-parallel rank scores with the same budgets, decisions and entropies.
+workers choose *which* tokens with the active scoring policy and move them before the step's forward. Token
+entropies come back from the reporting worker and go out again with the request's next step, so every
+tensor-parallel rank scores with the same budgets, decisions and entropies.
 
 Budgets are per request: the server's settings, overridden by what a request gives in its `extra_args` (the
 OpenAI API's `vllm_xargs`, see `CompressionConfig.for_request`; the frontend has already refused bad values).
