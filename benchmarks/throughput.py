@@ -1,13 +1,21 @@
-"""Throughput of vanilla vLLM and of the plugin, side by side in one run, on long-output workloads.
+"""Throughput where KV memory is the bottleneck: vanilla vLLM, the ceiling, and each policy, side by side.
 
-Two pool sizes: `bound` (the KV block pool is too small for the batch, so vanilla vLLM must queue or preempt)
-and `unbound` (the pool fits everything: what compression costs when it cannot help). Every configuration runs
-the same requests (greedy, fixed output length) in a fresh engine in this process; the table reports output
-tokens/s and its ratio to vanilla on the same pool and mode, peak running requests, preemptions and pages freed.
-Modes: `eager` (`enforce_eager`) and `compiled` (vLLM's default compilation; on CPU Dynamo + inductor, compiled
-once at engine start, which the timing excludes).
+The workload is memory-bound: long greedy outputs (`ignore_eos`) after prompts of varied length, on a `small` KV
+block pool that fits only a few uncompressed requests. A compressed request holds about a quarter of its full KV
+(the kept length cycles between the budget and budget + interval), so more requests run at once.
 
-    .venv/bin/python benchmarks/throughput.py            # the full run (minutes on 2 CPU cores)
+Configurations, each on a fresh engine in this process, interleaved over rounds so that slow drifts of the
+machine hit all of them alike:
+- `small` pool: vanilla vLLM (`none`) and every policy;
+- `ample` pool (room for every request), with `max_num_seqs` capped at the concurrency compression reaches on
+  the small pool (the peak measured in round one): `none` there is the **ceiling**, the best a compressor that
+  cost nothing could do; each policy there shows what compression costs when memory is not short.
+
+Reported per configuration: output tokens/s (median and min-max over rounds), ratios to vanilla on the small
+pool and to the ceiling (medians of the per-round ratios, with their min-max), peak and mean running requests,
+preemptions, compressions, TTFT and TPOT percentiles. A plot goes beside the JSON.
+
+    .venv/bin/python benchmarks/throughput.py            # the full run (about 30 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/throughput.py --smoke    # seconds; what CI runs
 """
 
@@ -15,130 +23,237 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-TOPICS = ["the history of tea", "how bridges are built", "the life of honeybees", "a journey to Mars",
-          "the rules of chess", "why the sky is blue", "the invention of paper", "a storm at sea"]
+# Prompt token ids are drawn from here: ordinary tokens of SmolLM2's vocabulary (no special tokens), as vLLM's
+# random dataset does.
+PROMPT_TOKEN_RANGE = (1000, 40000)
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int
+    prompt_len: tuple[int, int]  # min, max (uniform)
+    output_len: int
+    budget: int
+    interval: int
+    memory_pressure: bool = False
+    seed: int = 0
+
+    def prompts(self) -> dict[str, dict]:
+        rng = random.Random(self.seed)
+        prompts = {}
+        for index in range(self.requests):
+            length = rng.randint(*self.prompt_len)
+            prompts[f"r{index}"] = {"prompt_token_ids": [rng.randrange(*PROMPT_TOKEN_RANGE) for _ in range(length)]}
+        return prompts
+
+    def compression(self, method: str) -> dict | None:
+        return None if method == "none" else {"method": method, "budget": self.budget,
+                                              "decode_interval": self.interval,
+                                              "memory_pressure": self.memory_pressure}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.prompt_len[1] + self.output_len
 
 
 @dataclass
 class RunResult:
     pool: str
-    mode: str
     method: str
+    mode: str
+    round: int
     pool_blocks: int
+    max_num_seqs: int
     output_tokens: int
     seconds: float
     output_tokens_per_s: float
     peak_running: int
+    mean_running: float
     preemptions: int
     compression_events: int
-    blocks_freed: int
+    ttft_s: list[float] = field(repr=False)
+    tpot_s: list[float] = field(repr=False)
 
 
-def run(model: Path, method: str, pool: str, pool_blocks: int, mode: str, num_requests: int, output_len: int,
-        budget: int, interval: int) -> RunResult:
+def run(model: Path, workload: Workload, method: str, pool: str, pool_blocks: int, max_num_seqs: int, mode: str,
+        round_index: int) -> RunResult:
     from vllm import SamplingParams
 
-    from infokv_vllm.testing.local_engine import BLOCK_SIZE, count_preemptions, in_process_llm, scheduler_of
+    from infokv_vllm.testing.local_engine import count_preemptions, in_process_llm, scheduler_of
 
-    compression = None if method == "none" else {"method": method, "budget": budget, "decode_interval": interval}
-    prompts = {f"r{i}": f"Write a long essay about {TOPICS[i % len(TOPICS)]}." for i in range(num_requests)}
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    # vLLM refuses a pool smaller than one max-length request (block 0 is reserved), so the pool caps the context.
-    max_model_len = min(1024, (pool_blocks - 1) * BLOCK_SIZE)
-    with in_process_llm(model, compression, num_gpu_blocks_override=pool_blocks, max_model_len=max_model_len,
-                        max_num_seqs=num_requests, enforce_eager=mode == "eager") as llm:
+    params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
+    with in_process_llm(model, workload.compression(method), num_gpu_blocks_override=pool_blocks,
+                        max_model_len=workload.max_model_len, max_num_seqs=max_num_seqs,
+                        enforce_eager=mode == "eager") as llm:
         scheduler = scheduler_of(llm)
         preemptions = count_preemptions(llm)
         engine = llm.llm_engine
-        for request_id, prompt in prompts.items():
+        for request_id, prompt in workload.prompts().items():
             engine.add_request(request_id, prompt, params)
-        peak_running, produced = 0, 0
+        first_token, finished, produced = {}, {}, {}
+        running_per_step = []
         start = time.perf_counter()
         while engine.has_unfinished_requests():
-            for output in engine.step():
+            outputs = engine.step()
+            now = time.perf_counter() - start
+            running_per_step.append(len(scheduler.running))
+            for output in outputs:
+                if output.outputs[0].token_ids:
+                    first_token.setdefault(output.request_id, now)
                 if output.finished:
-                    produced += len(output.outputs[0].token_ids)
-            peak_running = max(peak_running, len(scheduler.running))
+                    finished[output.request_id] = now
+                    produced[output.request_id] = len(output.outputs[0].token_ids)
         seconds = time.perf_counter() - start
         totals = getattr(scheduler, "totals", None)
-        return RunResult(pool, mode, method, pool_blocks, produced, round(seconds, 2), round(produced / seconds, 2),
-                         peak_running, preemptions[0], totals.events if totals else 0,
-                         totals.blocks_freed if totals else 0)
+    tokens = sum(produced.values())
+    return RunResult(
+        pool=pool, method=method, mode=mode, round=round_index, pool_blocks=pool_blocks, max_num_seqs=max_num_seqs,
+        output_tokens=tokens, seconds=round(seconds, 2), output_tokens_per_s=round(tokens / seconds, 2),
+        peak_running=max(running_per_step), mean_running=round(statistics.fmean(running_per_step), 2),
+        preemptions=preemptions[0], compression_events=totals.events if totals else 0,
+        ttft_s=[round(first_token[r], 3) for r in sorted(finished)],
+        tpot_s=[round((finished[r] - first_token[r]) / max(1, produced[r] - 1), 4) for r in sorted(finished)])
 
 
-def summarise(results: list[RunResult], configs: list[tuple[str, int, str, str]]) -> list[dict]:
-    """Per configuration: median tokens/s with its coefficient of variation across repeats, the ratio of the
-    medians to vanilla on the same pool and mode, and the counters of the first repeat (they do not vary)."""
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def summarise(results: list[RunResult], configs: list[tuple[str, str]]) -> list[dict]:
+    """Per configuration: tokens/s median and range over rounds; ratios to vanilla on the small pool and to the
+    ceiling, taken round by round (each round's engines ran back to back) and then summarised the same way."""
+    by_round = {(r.pool, r.method, r.round): r.output_tokens_per_s for r in results}
     rows = []
-    for pool, _, mode, method in configs:
-        runs = [r for r in results if (r.pool, r.mode, r.method) == (pool, mode, method)]
+    for pool, method in configs:
+        runs = [r for r in results if (r.pool, r.method) == (pool, method)]
         speeds = [r.output_tokens_per_s for r in runs]
-        mean = statistics.fmean(speeds)
-        rows.append({**asdict(runs[0]), "output_tokens_per_s": statistics.median(speeds),
-                     "cv": statistics.pstdev(speeds) / mean if mean else 0.0})
-    vanilla = {(row["pool"], row["mode"]): row["output_tokens_per_s"] for row in rows if row["method"] == "none"}
-    eager = {(row["pool"], row["method"]): row["output_tokens_per_s"] for row in rows if row["mode"] == "eager"}
-    for row in rows:
-        same_pool = (row["pool"], row["mode"])
-        row["vs_none"] = row["output_tokens_per_s"] / vanilla[same_pool] if same_pool in vanilla else None
-        same_method = (row["pool"], row["method"])
-        row["vs_eager"] = row["output_tokens_per_s"] / eager[same_method] if same_method in eager else None
+        ttft = [t for r in runs for t in r.ttft_s]
+        tpot = [t for r in runs for t in r.tpot_s]
+        row = {"pool": pool, "method": method, "label": _label(pool, method), "mode": runs[0].mode,
+               "pool_blocks": runs[0].pool_blocks, "max_num_seqs": runs[0].max_num_seqs,
+               "output_tokens_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
+               "cv": statistics.pstdev(speeds) / statistics.fmean(speeds),
+               "peak_running": max(r.peak_running for r in runs),
+               "mean_running": round(statistics.fmean(r.mean_running for r in runs), 2),
+               "preemptions": statistics.median(r.preemptions for r in runs),
+               "compression_events": statistics.median(r.compression_events for r in runs),
+               "ttft_p50_s": _percentile(ttft, 50), "ttft_p90_s": _percentile(ttft, 90),
+               "tpot_p50_ms": 1000 * _percentile(tpot, 50), "tpot_p90_ms": 1000 * _percentile(tpot, 90)}
+        for name, reference in (("vs_vanilla", ("small", "none")), ("vs_ceiling", ("ample", "none"))):
+            ratios = [r.output_tokens_per_s / by_round[(*reference, r.round)] for r in runs
+                      if (*reference, r.round) in by_round]
+            row[name] = (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
+        rows.append(row)
     return rows
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _label(pool: str, method: str) -> str:
+    return "ceiling" if (pool, method) == ("ample", "none") else f"{method} ({pool})"
+
+
+def _ratio(value: tuple[float, float, float] | None) -> str:
+    return "-" if value is None else f"{value[0]:.2f}x ({value[1]:.2f}-{value[2]:.2f})"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    labels = [row["label"] for row in rows]
+    medians = [row["output_tokens_per_s"] for row in rows]
+    errors = [[m - row["min"] for m, row in zip(medians, rows)], [row["max"] - m for m, row in zip(medians, rows)]]
+    colours = ["tab:gray" if row["method"] == "none" else "tab:blue" if row["pool"] == "small" else "tab:orange"
+               for row in rows]
+    axis.bar(labels, medians, yerr=errors, color=colours, capsize=3)
+    axis.set_ylabel("output tokens/s (median, min-max)")
+    axis.set_title(title, fontsize=9)
+    axis.tick_params(axis="x", rotation=30, labelsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main() -> None:
-    from report import methods_of, write_report  # beside this script (benchmarks run as files)
+    from report import RESULTS, methods_of, write_report  # beside this script (benchmarks run as files)
+
+    from infokv_vllm.config import METHODS  # the plugin's registry of --kv-compression methods
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
-    from infokv_vllm.config import METHODS  # the plugin's registry of --kv-compression methods
-
-    parser.add_argument("--methods", default="none,streaming,infokv", type=methods_of(METHODS))
-    parser.add_argument("--requests", type=int, default=12)
-    parser.add_argument("--output-len", type=int, default=192)
-    parser.add_argument("--budget", type=int, default=64)
-    parser.add_argument("--interval", type=int, default=32)
-    parser.add_argument("--bound-blocks", type=int, default=32, help="pool size (32-token blocks) of 'bound'")
-    parser.add_argument("--unbound-blocks", type=int, default=256)
-    parser.add_argument("--pools", default="bound,unbound")
-    parser.add_argument("--modes", default="eager,compiled", help="eager (enforce_eager) and/or compiled")
+    parser.add_argument("--methods", default="none,streaming,snapkv,entropy,infokv", type=methods_of(METHODS),
+                        help="on the small pool")
+    parser.add_argument("--ample-methods", default="none,streaming,infokv", type=methods_of(METHODS),
+                        help="on the ample pool capped at the compressed concurrency ('none' is the ceiling)")
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--prompt-len", default="128,384", help="min,max prompt tokens (uniform)")
+    parser.add_argument("--output-len", type=int, default=384)
+    parser.add_argument("--budget", type=int, default=128)
+    parser.add_argument("--interval", type=int, default=64)
+    parser.add_argument("--small-blocks", type=int, default=61,
+                        help="the small pool in 32-token blocks (61: about 3 uncompressed requests)")
+    parser.add_argument("--memory-pressure", action="store_true",
+                        help="policies compress running requests before vLLM would preempt one (--kv-memory-pressure)")
+    parser.add_argument("--mode", default="eager", choices=("eager", "compiled"),
+                        help="eager (enforce_eager) or compiled (vLLM's default; compiled at engine start, which "
+                             "the timing excludes)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations (interleaved)")
     args = parser.parse_args()
     if args.smoke:
-        args.requests, args.output_len, args.bound_blocks, args.unbound_blocks, args.repeats = 2, 112, 8, 32, 1
-        args.modes = "eager"  # compiling takes a minute per engine on 2 cores
+        args.requests, args.prompt_len, args.output_len, args.budget, args.interval = 4, "40,80", 96, 48, 32
+        args.small_blocks, args.repeats, args.methods, args.ample_methods = 8, 1, "none,infokv", "none"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from infokv_vllm.testing.local_engine import BLOCK_SIZE
     from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
 
     model = ensure_model()
-    pool_blocks = {"bound": args.bound_blocks, "unbound": args.unbound_blocks}
-    configs = [(pool, pool_blocks[pool], mode, method) for pool in args.pools.split(",")
-               for mode in args.modes.split(",") for method in args.methods.split(",")]
-    # Rounds over every configuration, so slow drifts of the machine hit all of them alike.
-    results = [run(model, method, pool, blocks, mode, args.requests, args.output_len, args.budget, args.interval)
-               for _ in range(args.repeats) for pool, blocks, mode, method in configs]
-    summary = summarise(results, configs)
-    print(f"{'pool':8} {'mode':9} {'method':10} {'blocks':>6} {'tok/s':>8} {'cv':>6} {'vs none':>8} "
-          f"{'vs eager':>8} {'peak run':>8} {'preempt':>8} {'events':>7} {'freed':>6}")
+    low, high = map(int, args.prompt_len.split(","))
+    workload = Workload(args.requests, (low, high), args.output_len, args.budget, args.interval,
+                        args.memory_pressure)
+    ample_blocks = args.requests * -(-workload.max_model_len // BLOCK_SIZE) + 1
+    small = [("small", method) for method in args.methods.split(",")]
+    # Compressed configurations first: their peak concurrency in round one caps the ample pool.
+    small.sort(key=lambda config: config[1] == "none")
+    ample = [("ample", method) for method in args.ample_methods.split(",")]
+    results: list[RunResult] = []
+    ceiling_seqs = args.requests
+    for round_index in range(args.repeats):
+        for pool, method in small + ample:
+            if (round_index, pool) == (0, "ample"):
+                compressed = [r.peak_running for r in results if r.pool == "small" and r.method != "none"]
+                ceiling_seqs = max(compressed, default=args.requests)
+            blocks, seqs = (args.small_blocks, args.requests) if pool == "small" else (ample_blocks, ceiling_seqs)
+            result = run(model, workload, method, pool, blocks, seqs, args.mode, round_index)
+            print(f"round {round_index} {pool:5} {method:9} {result.output_tokens_per_s:8.2f} tok/s "
+                  f"peak {result.peak_running} mean {result.mean_running}", flush=True)
+            results.append(result)
+    summary = summarise(results, small + ample)
+    print(f"{'configuration':18} {'blocks':>6} {'seqs':>4} {'tok/s (min-max)':>20} {'vs vanilla':>20} "
+          f"{'vs ceiling':>20} {'peak':>4} {'mean':>5} {'preempt':>7} {'events':>6} {'TTFT p50/p90 s':>15} "
+          f"{'TPOT p50/p90 ms':>16}")
     for row in summary:
-        print(f"{row['pool']:8} {row['mode']:9} {row['method']:10} {row['pool_blocks']:>6} "
-              f"{row['output_tokens_per_s']:>8.2f} {row['cv']:>6.1%} {_ratio(row['vs_none']):>8} "
-              f"{_ratio(row['vs_eager']):>8} {row['peak_running']:>8} {row['preemptions']:>8} "
-              f"{row['compression_events']:>7} {row['blocks_freed']:>6}")
-    write_report("throughput", args.smoke, model=MODEL_NAME, dtype="float32", block_size=32,
-                 workload={"requests": args.requests, "output_len": args.output_len, "budget": args.budget,
-                           "decode_interval": args.interval},
-                 repeats=args.repeats, summary=summary, runs=[asdict(r) for r in results])
+        speed = f"{row['output_tokens_per_s']:.1f} ({row['min']:.0f}-{row['max']:.0f})"
+        print(f"{row['label']:18} {row['pool_blocks']:>6} {row['max_num_seqs']:>4} {speed:>20} "
+              f"{_ratio(row['vs_vanilla']):>20} {_ratio(row['vs_ceiling']):>20} {row['peak_running']:>4} "
+              f"{row['mean_running']:>5} {row['preemptions']:>7} {row['compression_events']:>6} "
+              f"{row['ttft_p50_s']:>7.1f}/{row['ttft_p90_s']:<7.1f} "
+              f"{row['tpot_p50_ms']:>7.1f}/{row['tpot_p90_ms']:<8.1f}")
+    path = write_report("throughput", args.smoke, model=MODEL_NAME, dtype="float32", block_size=BLOCK_SIZE,
+                        mode=args.mode, workload=asdict(workload), small_blocks=args.small_blocks,
+                        ample_blocks=ample_blocks, ceiling_max_num_seqs=ceiling_seqs, repeats=args.repeats,
+                        summary=summary, runs=[asdict(r) for r in results])
+    plot(summary, path.with_suffix(".png"),
+         f"{MODEL_NAME}, {args.mode}, {args.requests} requests x {args.output_len} output tokens, "
+         f"budget {args.budget} + {args.interval}; small pool {args.small_blocks} blocks")
 
 
 if __name__ == "__main__":

@@ -32,10 +32,11 @@ class PageLayout:
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def gather_keys(self, cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The keys of slots (blocks[i], offsets[i]) as [kv_heads, slots, head_size]."""
+    def block_keys(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The keys of whole blocks [n] as [n, kv_heads, block_size, head_size] (copied: whole pages are read,
+        which is far faster than gathering slot by slot)."""
         keys, _ = self.planes(cache)
-        return keys[blocks, :, offsets].transpose(0, 1)
+        return keys[blocks]
 
 
 class HeadMajorPageLayout(PageLayout):
@@ -60,32 +61,36 @@ class IndexedPageLayout(PageLayout):
     def __init__(self, token_index: torch.Tensor) -> None:
         super().__init__(token_index.shape[0], token_index.shape[1] // 2)
         self.token_index = token_index
+        # (offset, slot stride, dim stride) of the key and of the value elements, where the layout is affine
+        # (vLLM's CPU "vec" pages are: keys column-major, values row-major); found once, as the index is fixed.
+        self._strides = [self._affine_strides(index.cpu()) for index in
+                         (token_index[:, : self.head_size], token_index[:, self.head_size:])]
+
+    def _affine_strides(self, index: torch.Tensor) -> tuple[int, int, int] | None:
+        offset = int(index[0, 0])
+        slot_stride = int(index[1, 0] - index[0, 0]) if self.block_size > 1 else 0
+        dim_stride = int(index[0, 1] - index[0, 0]) if self.head_size > 1 else 0
+        expected = offset + torch.arange(self.block_size)[:, None] * slot_stride \
+            + torch.arange(self.head_size)[None, :] * dim_stride
+        return (offset, slot_stride, dim_stride) if torch.equal(index, expected) else None
 
     def pages(self, cache: torch.Tensor) -> torch.Tensor:
         return cache.view(cache.shape[0], cache.shape[1], -1)
 
-    def gather_keys(self, cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        key_index = self.token_index[:, : self.head_size]
-        return self.pages(cache)[blocks[:, None], :, key_index[offsets]].permute(2, 0, 1)
+    def block_keys(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        if self._strides[0] is not None:
+            return super().block_keys(cache, blocks)
+        return self.pages(cache)[blocks][..., self.token_index[:, : self.head_size]]
 
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Strided views, where the layout is affine (vLLM's CPU "vec" pages are: keys column-major, values
-        row-major)."""
+        """Strided views, where the layout is affine."""
+        if None in self._strides:
+            raise ValueError("this KV page layout is not a strided view; use the torch kernels")
         pages = self.pages(cache)
-        views = []
-        for index in (self.token_index[:, : self.head_size], self.token_index[:, self.head_size:]):
-            offset = int(index[0, 0])
-            slot_stride = int(index[1, 0] - index[0, 0]) if self.block_size > 1 else 0
-            dim_stride = int(index[0, 1] - index[0, 0]) if self.head_size > 1 else 0
-            expected = offset + torch.arange(self.block_size)[:, None] * slot_stride \
-                + torch.arange(self.head_size)[None, :] * dim_stride
-            if not torch.equal(index.cpu(), expected):
-                raise ValueError("this KV page layout is not a strided view; use the torch kernels")
-            views.append(pages.as_strided(
-                (pages.shape[0], pages.shape[1], self.block_size, self.head_size),
-                (pages.stride(0), pages.stride(1), slot_stride * pages.stride(2), dim_stride * pages.stride(2)),
-                pages.storage_offset() + offset * pages.stride(2)))
-        return views[0], views[1]
+        return tuple(pages.as_strided(
+            (pages.shape[0], pages.shape[1], self.block_size, self.head_size),
+            (pages.stride(0), pages.stride(1), slot_stride * pages.stride(2), dim_stride * pages.stride(2)),
+            pages.storage_offset() + offset * pages.stride(2)) for offset, slot_stride, dim_stride in self._strides)
 
 
 class PagedKVCompactor:

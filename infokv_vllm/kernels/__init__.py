@@ -58,14 +58,34 @@ class TorchKernels(KernelFamily):
 
     def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
                                     query_positions, seq_lens, scale) -> None:
-        block_size = accumulator.shape[2]
-        for row in query_rows.unique().tolist():
-            mine = query_rows == row
-            slots = torch.arange(int(seq_lens[row]), device=accumulator.device)
-            blocks = block_table[row, slots // block_size].long()
-            keys = layout.gather_keys(cache, blocks, slots % block_size)  # [kv_heads, S, D]
-            mass = window_attention_mass(queries[mine], keys, query_positions[mine].long(), scale)
-            accumulator[blocks, :, slots % block_size] += mass.T
+        # Decode steps give each request in its window one query: those requests go through one batched op.
+        # A prompt's window (many queries of one request, once per request) goes on its own, unpadded.
+        rows, counts = query_rows.unique(return_counts=True)
+        decoding = torch.isin(query_rows, rows[counts == 1]).nonzero().flatten()
+        if len(decoding):
+            _accumulate_rows(accumulator, queries, cache, layout, block_table, query_rows[decoding],
+                             decoding[:, None], query_positions, seq_lens, scale)
+        for row in rows[counts > 1]:
+            _accumulate_rows(accumulator, queries, cache, layout, block_table, row[None],
+                             (query_rows == row).nonzero().T, query_positions, seq_lens, scale)
+
+
+def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
+                     block_table: torch.Tensor, rows: torch.Tensor, query_index: torch.Tensor,
+                     query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> None:
+    """The window mass of `rows` [R] in one batched op; their queries are queries[query_index] ([R, T] indices,
+    the same number per row). Whole blocks are read up to the longest row. Slots past a row's length (padding,
+    or stale block-table entries past its blocks, which may be another request's) get exactly zero mass, as the
+    queries' positions mask them, and the adds accumulate, so they change nothing."""
+    num_blocks, kv_heads, block_size = accumulator.shape
+    lengths = seq_lens.to(rows.device)[rows].long()
+    blocks = block_table[rows, : -(-int(lengths.max()) // block_size)].long()  # [R, blocks]
+    keys = layout.block_keys(cache, blocks.flatten())  # [R * blocks, kv_heads, block_size, D]
+    keys = keys.view(len(rows), -1, kv_heads, block_size, keys.shape[-1]).transpose(1, 2)
+    mass = window_attention_mass(queries[query_index], keys.flatten(2, 3), query_positions[query_index].long(),
+                                 scale)  # [R, kv_heads, blocks * block_size]
+    mass = mass.view(len(rows), kv_heads, -1, block_size).transpose(1, 2).flatten(0, 1)
+    accumulator.index_put_((blocks.flatten(),), mass, accumulate=True)
 
 
 class TritonKernels(KernelFamily):

@@ -32,16 +32,17 @@ if TYPE_CHECKING:
 
 def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
                           scale: float) -> torch.Tensor:
-    """queries [T, q_heads, D], keys [kv_heads, S, D], query_positions [T] (physical slot of each query, which
-    attends slots 0..position) -> [kv_heads, S] summed probabilities."""
-    num_tokens, q_heads, _ = queries.shape
-    kv_heads, length, _ = keys.shape
+    """queries [..., T, q_heads, D], keys [..., kv_heads, S, D], query_positions [..., T] (physical slot of each
+    query, which attends slots 0..position) -> [..., kv_heads, S] summed probabilities. Leading dims batch
+    requests."""
+    *batch, num_tokens, q_heads, _ = queries.shape
+    kv_heads, length = keys.shape[-3], keys.shape[-2]
     group = q_heads // kv_heads
-    grouped = queries.float().view(num_tokens, kv_heads, group, -1)
-    logits = torch.einsum("tkgd,ksd->tkgs", grouped, keys.float()) * scale
-    future = torch.arange(length, device=keys.device)[None, :] > query_positions[:, None]
-    logits.masked_fill_(future[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).sum(dim=(0, 2))
+    grouped = queries.float().view(*batch, num_tokens, kv_heads, group, -1)
+    logits = torch.einsum("...tkgd,...ksd->...tkgs", grouped, keys.float()) * scale
+    future = torch.arange(length, device=keys.device) > query_positions[..., None]
+    logits.masked_fill_(future[..., None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=(-4, -2))
 
 
 def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:

@@ -47,8 +47,8 @@ def test_compaction_on_vllm_gpu_pages(kernels, layout, dtype):
 @pytest.mark.parametrize("q_heads", [2, 6], ids=["mha", "gqa3"])
 @pytest.mark.parametrize("kernels", FAMILIES, ids=lambda kernels: kernels.name)
 def test_window_attention_on_vllm_gpu_pages(kernels, q_heads, layout, dtype):
-    seq_lens = [37, 5, 70]
-    window = [3, 1, 8]  # a chunked prefill's tail, a decode query, a longer window
+    seq_lens = [37, 5, 70, 22]
+    window = [3, 1, 8, 1]  # a chunked prefill's tail, decode queries (batched by torch), a longer window
     caches, table, generator = caches_and_table(layout, dtype, 1, seq_lens)
     rows = torch.cat([torch.full((w,), r) for r, w in enumerate(window)])
     positions = torch.cat([torch.arange(n - w, n) for n, w in zip(seq_lens, window)])

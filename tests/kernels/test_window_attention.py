@@ -5,18 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infokv_vllm.core.compaction import IndexedPageLayout
+from infokv_vllm.kernels import TorchKernels
+from infokv_vllm.kernels.selfcheck import shuffled_block_table
 from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
 from infokv_vllm.signals.attention import window_attention_mass
-from infokv_vllm.kernels.selfcheck import shuffled_block_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def paged_case(seed: int, q_heads: int, kv_heads: int, head_dim: int = 32, block_size: int = 16):
-    """Ragged requests on shuffled blocks; some queries decode (last slot), some are a prefill chunk's tail."""
+    """Ragged requests on shuffled blocks; some queries decode (last slot, batched together by the torch family),
+    some are a prefill chunk's tail."""
     generator = torch.Generator().manual_seed(seed)
-    seq_lens = [37, 5, 70]
-    window = [3, 1, 8]  # window queries per request, the last ones of the sequence (a chunk's tail)
+    seq_lens = [37, 5, 70, 22, 1]
+    window = [3, 1, 8, 1, 1]  # window queries per request, the last ones of the sequence (a chunk's tail)
     table, num_blocks = shuffled_block_table(seq_lens, block_size, 3, generator)
     keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator)
     requests = torch.cat([torch.full((w,), r) for r, w in enumerate(window)]).int()
@@ -60,4 +63,26 @@ def test_adds_to_what_is_there_and_reads_strided_keys():
     accumulate_window_attention_triton(queries, key_plane, table, accumulator, requests, positions, seq_lens,
                                        scale)
     expected = previous + dense_reference(queries, keys, table, requests, positions, seq_lens, scale)
+    torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["strided", "not-strided"])
+def test_torch_family_on_vllm_cpu_pages(affine):
+    """vLLM's CPU attention page (keys column-major [dim, block_size], then values), read through the page
+    layout: the torch family's path on CPU, decode rows batched across requests. A layout that is no strided view
+    (slots stored in a shuffled order) is read through its element index instead."""
+    queries, keys, table, requests, positions, seq_lens = paged_case(2, 6, 2)
+    num_blocks, num_heads, block_size, dim = keys.shape
+    shuffled = torch.randperm(block_size, generator=torch.Generator().manual_seed(3))
+    order = torch.arange(block_size) if affine else shuffled
+    pages = torch.cat([keys[:, :, order].transpose(2, 3).reshape(num_blocks, num_heads, -1),
+                       torch.randn(num_blocks, num_heads, block_size * dim)], dim=2)
+    slot, column = order.argsort()[:, None], torch.arange(dim)[None, :]
+    layout = IndexedPageLayout(torch.cat([column * block_size + slot, block_size * dim + slot * dim + column], 1))
+    assert (layout._strides[0] is not None) == affine
+    previous = torch.rand(keys.shape[:3])
+    accumulator = previous.clone()
+    TorchKernels().accumulate_window_attention(accumulator, queries, pages, layout, table, requests, positions,
+                                               seq_lens, 0.3)
+    expected = previous + dense_reference(queries, keys, table, requests, positions, seq_lens, 0.3)
     torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,146 @@
+"""Where a compressing engine's time goes, per engine step: timers around the plugin's parts of the step.
+
+Each method runs the throughput benchmark's workload on an ample pool (so every method runs the same batch and the
+difference to `none` is the plugin's own cost), in a fresh in-process engine. Wall-clock timers wrap the
+plugin's functions (torch on CPU is synchronous, so wall time is compute time); timers nest, and the table
+indents each part under the one that contains it. Timers add a few microseconds per call; the per-layer ones
+are called layers x steps times, so `none` runs with the same wrappers installed where they exist.
+
+    .venv/bin/python benchmarks/step_profile.py                 # eager and compiled, about 8 minutes
+    .venv/bin/python benchmarks/step_profile.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import os
+import time
+
+# (owner module, attribute path, label, parent label): the timed parts, outermost first.
+TIMED = [
+    ("vllm.v1.engine.core", "EngineCore.step", "engine step", None),
+    ("infokv_vllm.core.scheduler", "CompressingScheduler.schedule", "schedule + compaction decisions",
+     "engine step"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", "vLLM schedule", "schedule + compaction decisions"),
+    ("infokv_vllm.core.runner", "CompressingRunnerMixin.execute_model", "worker: compactions + execute",
+     "engine step"),
+    ("infokv_vllm.signals.entropy", "EntropyRecorder.before_compactions", "entropy store",
+     "worker: compactions + execute"),
+    ("infokv_vllm.core.runner", "CompressingRunnerMixin._compact", "compaction (score + move)",
+     "worker: compactions + execute"),
+    ("infokv_vllm.core.compaction", "PagedKVCompactor.compact", "move KV pages", "compaction (score + move)"),
+    ("infokv_vllm.signals.storage", "SlotSignals.compact", "move signal planes", "compaction (score + move)"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", "vLLM execute_model",
+     "worker: compactions + execute"),
+    ("infokv_vllm.core.runner", "CompressingRunnerMixin._prepare_inputs", "prepare inputs + length shift",
+     "vLLM execute_model"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs", "vLLM prepare inputs",
+     "prepare inputs + length shift"),
+    ("infokv_vllm.signals.attention", "AttentionRecorder.before_forward", "observation window set-up",
+     "prepare inputs + length shift"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", "model forward", "vLLM execute_model"),
+    ("infokv_vllm.signals.attention", "accumulate_in_attention", "window attention (all layers)",
+     "model forward"),
+    ("infokv_vllm.signals.representation", "representation_evolution", "representation evolution (all layers)",
+     "model forward"),
+    ("infokv_vllm.signals.entropy", "EntropyRecorder.after_forward", "entropy (last + prompt logits)",
+     "worker: compactions + execute"),
+    ("infokv_vllm.signals.representation", "RepresentationRecorder.after_forward", "representation store",
+     "worker: compactions + execute"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens", "sample", "engine step"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", "update from output", "engine step"),
+]
+
+
+def install_timers() -> tuple[dict, dict]:
+    """Wrap every TIMED function in place (before the engine is built); returns (seconds, calls) by label."""
+    import importlib
+
+    seconds: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, int] = collections.defaultdict(int)
+    for module_name, path, label, _ in TIMED:
+        owner = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        original = getattr(owner, name)
+
+        def timed(*args, __original=original, __label=label, **kwargs):
+            started = time.perf_counter()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                seconds[__label] += time.perf_counter() - started
+                calls[__label] += 1
+
+        setattr(owner, name, functools.wraps(original)(timed))
+    return seconds, calls
+
+
+def profile(model, workload, method: str, mode: str, blocks: int, seconds: dict, calls: dict) -> dict:
+    from vllm import SamplingParams
+
+    from infokv_vllm.testing.local_engine import in_process_llm
+
+    params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
+    with in_process_llm(model, workload.compression(method), num_gpu_blocks_override=blocks,
+                        max_model_len=workload.max_model_len, max_num_seqs=workload.requests,
+                        enforce_eager=mode == "eager") as llm:
+        engine = llm.llm_engine
+        for request_id, prompt in workload.prompts().items():
+            engine.add_request(request_id, prompt, params)
+        seconds.clear()
+        calls.clear()
+        while engine.has_unfinished_requests():
+            engine.step()
+        steps = calls["engine step"]
+        return {"method": method, "mode": mode, "steps": steps,
+                "ms_per_step": {label: 1000 * seconds[label] / steps for label in seconds}}
+
+
+def main() -> None:
+    from report import write_report
+    from throughput import Workload
+
+    from infokv_vllm.config import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--methods", default="none,streaming,entropy,infokv")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--output-len", type=int, default=256)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    assert set(methods) <= set(METHODS), methods
+    workload = Workload(args.requests, (128, 384), args.output_len, budget=128, interval=64)
+    if args.smoke:
+        workload, methods, args.modes = Workload(2, (40, 80), 96, 48, 32), ["none", "infokv"], "eager"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from infokv_vllm.testing.local_engine import BLOCK_SIZE
+    from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
+
+    model = ensure_model()
+    seconds, calls = install_timers()
+    blocks = workload.requests * -(-workload.max_model_len // BLOCK_SIZE) + 1
+    results = [profile(model, workload, method, mode, blocks, seconds, calls)
+               for mode in args.modes.split(",") for method in methods]
+    depth = {}
+    for _, _, label, parent in TIMED:
+        depth[label] = 0 if parent is None else depth[parent] + 1
+    header = f"{'ms per engine step':44}" + "".join(f"{r['method'][:9] + '/' + r['mode'][:5]:>16}" for r in results)
+    print(header)
+    for _, _, label, _ in TIMED:
+        cells = [r["ms_per_step"].get(label) for r in results]
+        if any(cells):
+            print(f"{'  ' * depth[label] + label:44}" + "".join(f"{c:>16.2f}" if c else f"{'-':>16}" for c in cells))
+    print(f"{'steps':44}" + "".join(f"{r['steps']:>16}" for r in results))
+    write_report("step_profile", args.smoke, model=MODEL_NAME, workload=vars(workload) | {"blocks": blocks},
+                 parts=[{"label": label, "parent": parent} for _, _, label, parent in TIMED], results=results)
+
+
+if __name__ == "__main__":
+    main()
