@@ -52,11 +52,32 @@ class Budget:
         return cls(text, ("--kv-budget", str(int(text))))
 
 
+def policy_flags(spec: str) -> list[str]:
+    """A policy as `name[:setting=value...]` (e.g. `infokv:fusion=split:alpha=0.5`) -> its `vllm serve` flags."""
+    name, *settings = spec.split(":")
+    flags = ["--kv-compression", name]
+    for setting in settings:
+        key, value = setting.split("=")
+        flags += [f"--kv-{key.replace('_', '-')}", value]
+    return flags
+
+
+def wilson_interval(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion."""
+    if total == 0:
+        return 0.0, 1.0
+    share = hits / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    spread = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - spread), min(1.0, centre + spread)
+
+
 @dataclass
 class PasskeyResult:
     policy: str
     budget: str
     accuracy: float
+    interval: tuple[float, float]  # 95% Wilson
     prompt_tokens: float  # mean
 
 
@@ -83,14 +104,14 @@ def passkey_prompts(count: int, filler_repeats: int, seed: int) -> list[tuple[st
     return prompts
 
 
-def run_passkey(client, model: str, prompts: list[tuple[str, str]]) -> tuple[float, float]:
+def run_passkey(client, model: str, prompts: list[tuple[str, str]]) -> tuple[int, float]:
     def ask(prompt: str):
         return client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         replies = list(pool.map(ask, [prompt for prompt, _ in prompts]))
     hits = [key in reply.choices[0].text for reply, (_, key) in zip(replies, prompts)]
-    return sum(hits) / len(hits), sum(r.usage.prompt_tokens for r in replies) / len(replies)
+    return sum(hits), sum(r.usage.prompt_tokens for r in replies) / len(replies)
 
 
 def run_traces(client, model: str, prompts: list[str], new_tokens: int) -> list[list[tuple[str, dict]]]:
@@ -101,6 +122,8 @@ def run_traces(client, model: str, prompts: list[str], new_tokens: int) -> list[
         logprobs = reply.choices[0].logprobs
         return list(zip(logprobs.tokens, logprobs.top_logprobs))
 
+    if not prompts:
+        return []
     with ThreadPoolExecutor(len(prompts)) as pool:
         return list(pool.map(generate, prompts))
 
@@ -112,6 +135,8 @@ def kl_top(full: dict[str, float], compressed: dict[str, float]) -> float:
 
 def compare_traces(reference: list[list[tuple[str, dict]]], traces: list[list[tuple[str, dict]]]
                    ) -> tuple[float, float, float]:
+    if not reference:
+        return float("nan"), float("nan"), float("nan")
     prefix, agreement, kls = [], [], []
     for ref, run in zip(reference, traces):
         same = [a[0] == b[0] for a, b in zip(ref, run)]
@@ -129,13 +154,15 @@ def essay_prompts(tokenizer, count: int) -> list[str]:
 
 
 def main() -> None:
-    from report import methods_of, write_report  # beside this script (benchmarks run as files)
+    from report import write_report  # beside this script (benchmarks run as files)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     from infokv_vllm.scoring import POLICIES  # the plugin's registry: every --kv-compression method but none
 
-    parser.add_argument("--policies", default=",".join(POLICIES), type=methods_of(POLICIES))
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="comma-separated; each `name` or `name:setting=value:...` (e.g. infokv:fusion=split), "
+                             "settings as the --kv-* flags")
     parser.add_argument("--budgets", default="10%,25%,50%,64,128,256",
                         help="ratios of each request's length (with %%) or absolute KV tokens")
     parser.add_argument("--passkey-prompts", type=int, default=12)
@@ -144,7 +171,11 @@ def main() -> None:
     parser.add_argument("--trace-tokens", type=int, default=384)
     parser.add_argument("--decode-interval", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="quality", help="results/<name>.json")
     args = parser.parse_args()
+    unknown = [spec for spec in args.policies.split(",") if spec.split(":")[0] not in POLICIES]
+    if unknown:
+        parser.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
     if args.smoke:
         args.policies, args.budgets, args.passkey_prompts, args.traces, args.trace_tokens = "infokv", "50%", 2, 1, 16
         args.filler_repeats = 4
@@ -168,32 +199,33 @@ def main() -> None:
             # Eager: one server per cell, and compiled engines keep the same tokens (tests/test_compiled_e2e.py).
             flags = ["--max-num-seqs", str(max(len(passkeys), len(essays))), *EAGER]
             if budget is not None:
-                flags += ["--kv-compression", policy, *budget.flags, "--kv-decode-interval",
-                          str(args.decode_interval)]
+                flags += [*policy_flags(policy), *budget.flags, "--kv-decode-interval", str(args.decode_interval)]
             label = budget.label if budget else "full"
             with vllm_server(model, flags, Path(logs) / f"{policy}-{label}.log") as url:
                 client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=1800)
-                accuracy, prompt_tokens = run_passkey(client, str(model), passkeys)
+                hits, prompt_tokens = run_passkey(client, str(model), passkeys)
                 traces = run_traces(client, str(model), essays, args.trace_tokens)
             reference = reference or traces
-            passkey_results.append(PasskeyResult(policy, label, accuracy, prompt_tokens))
+            accuracy = hits / len(passkeys)
+            passkey_results.append(PasskeyResult(policy, label, accuracy, wilson_interval(hits, len(passkeys)),
+                                                 prompt_tokens))
             fidelity_results.append(FidelityResult(policy, label, *compare_traces(reference, traces),
                                                    args.trace_tokens))
-            print(f"[{time.perf_counter() - started:6.0f}s] {policy:9} {label:>5}: passkey {accuracy:.2f}, "
+            print(f"[{time.perf_counter() - started:6.0f}s] {policy:28} {label:>5}: passkey {accuracy:.2f}, "
                   f"prefix match {fidelity_results[-1].prefix_match:.2f}, KL {fidelity_results[-1].mean_kl:.4f}",
                   flush=True)
 
     print(f"\npasskey retrieval (~{passkey_results[0].prompt_tokens:.0f} prompt tokens, "
           f"{args.passkey_prompts} prompts)")
-    print(f"{'policy':10} {'budget':>6} {'accuracy':>9}")
+    print(f"{'policy':28} {'budget':>6} {'accuracy':>9} {'95% interval':>14}")
     for row in passkey_results:
-        print(f"{row.policy:10} {row.budget:>6} {row.accuracy:>9.2f}")
+        print(f"{row.policy:28} {row.budget:>6} {row.accuracy:>9.2f} {row.interval[0]:>7.2f}-{row.interval[1]:.2f}")
     print(f"\ndecode fidelity vs full cache ({args.traces} prompts x {args.trace_tokens} greedy tokens)")
-    print(f"{'policy':10} {'budget':>6} {'prefix':>7} {'agree':>7} {'mean KL':>9}")
+    print(f"{'policy':28} {'budget':>6} {'prefix':>7} {'agree':>7} {'mean KL':>9}")
     for row in fidelity_results:
-        print(f"{row.policy:10} {row.budget:>6} {row.prefix_match:>7.2f} {row.token_agreement:>7.2f} "
+        print(f"{row.policy:28} {row.budget:>6} {row.prefix_match:>7.2f} {row.token_agreement:>7.2f} "
               f"{row.mean_kl:>9.4f}")
-    write_report("quality", args.smoke, model=MODEL_NAME, dtype="float32",
+    write_report(args.name, args.smoke, model=MODEL_NAME, dtype="float32",
                  settings={k: v for k, v in vars(args).items() if k != "smoke"},
                  passkey=[asdict(r) for r in passkey_results], fidelity=[asdict(r) for r in fidelity_results])
 

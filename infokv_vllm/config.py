@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from infokv_vllm.scoring import POLICIES
+from infokv_vllm.scoring.infokv import FUSION_RULES
 
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 
@@ -19,6 +20,8 @@ ADDITIONAL_CONFIG_KEY = "kv_compression"
 METHODS: tuple[str, ...] = ("none", *POLICIES)
 CompressionMethod = Literal[METHODS]  # type: ignore[valid-type]
 EntropyScore = Literal["product", "sum", "entropy_only"]
+FUSIONS: tuple[str, ...] = tuple(FUSION_RULES)
+Fusion = Literal[FUSIONS]  # type: ignore[valid-type]
 Kernels = Literal["auto", "torch", "triton"]
 
 ENTROPY_SCORES: tuple[str, ...] = get_args(EntropyScore)
@@ -83,7 +86,14 @@ class CompressionConfig:
     )
     alpha: float = field(
         default=0.3,
-        metadata={"help": "InfoKV fusion weight: score = (1 - alpha) * attention + alpha * entropy."},
+        metadata={"help": "InfoKV: the entropy signal's share of the fused score (sum, rank) or of the budget "
+                          "(split); 1 - alpha goes to attention."},
+    )
+    fusion: Fusion = field(
+        default="rank",
+        metadata={"help": "InfoKV fusion rule: 'sum' (1-alpha)*A/sum(A) + alpha*E/sum(E); 'rank' the same on each "
+                          "signal's quantile; 'split' a share alpha of the budget reserved for entropy's top "
+                          "tokens, the rest by attention."},
     )
     entropy_top_k: int = field(
         default=10,
@@ -147,6 +157,8 @@ class CompressionConfig:
             fail("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
         if self.kernels not in KERNELS:
             fail("kernels", f"{self.kernels!r} is not one of {', '.join(KERNELS)}")
+        if self.fusion not in FUSIONS:
+            fail("fusion", f"{self.fusion!r} is not one of {', '.join(FUSIONS)}")
         if self.entropy_score not in ENTROPY_SCORES:
             fail("entropy_score", f"{self.entropy_score!r} is not one of {', '.join(ENTROPY_SCORES)}")
         if self.budget is not None and self.budget_ratio is not None:

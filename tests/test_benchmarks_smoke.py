@@ -45,6 +45,16 @@ def test_step_profile_smoke():
     assert none["ms_per_step"]["model forward"] > 0
 
 
+def test_bench_serve_smoke():
+    """`vllm bench serve` against a server without and one with compression: every request completes with its
+    fixed output length, and the numbers are vLLM's own."""
+    report = run_smoke("bench_serve.py")
+    assert [run["method"] for run in report["runs"]] == ["none", "infokv"]
+    assert all(run["completed"] == 3 and run["total_output_tokens"] == 3 * 64 for run in report["runs"])
+    assert all(run["output_throughput"] > 0 and run["median_ttft_ms"] > 0 for run in report["runs"])
+    assert report["summary"][0]["vs_none"][0] == 1.0
+
+
 def test_quality_smoke():
     report = run_smoke("quality.py")
     assert [(r["policy"], r["budget"]) for r in report["passkey"]] == [("none", "full"), ("infokv", "50%")]

@@ -18,8 +18,8 @@ LAYERS, HEADS, LENGTH, SINKS, WINDOW, KEEP = 2, 3, 40, 4, 8, 16
 
 
 def selection_input(**signals) -> SelectionInput:
-    return SelectionInput(request_id="r", num_layers=LAYERS, num_kv_heads=HEADS, kept_len=LENGTH, sinks=SINKS,
-                          window=WINDOW, device=torch.device("cpu"), signals=signals)
+    return SelectionInput(request_id="r", num_layers=LAYERS, num_kv_heads=HEADS, kept_len=LENGTH, keep_len=KEEP,
+                          sinks=SINKS, window=WINDOW, device=torch.device("cpu"), signals=signals)
 
 
 def kept(method: str, request: SelectionInput, **settings) -> torch.Tensor:
@@ -81,6 +81,40 @@ def test_infokv_fuses_both_signals():
     fused = kept("infokv", request, alpha=0.3)
     assert (only_attention == 10).any(dim=-1).all() and (only_entropy == 25).any(dim=-1).all()
     assert (fused == 10).any(dim=-1).all() and (fused == 25).any(dim=-1).all()
+
+
+def test_split_fusion_keeps_entropys_top_tokens_where_sum_fusion_loses_them():
+    """Attention concentrated on more favourites than the budget holds, entropy spread out with one clear peak:
+    the sum rule keeps attention's favourites only; `split` reserves alpha of the chosen tokens for entropy."""
+    attention, entropy, evolution = flat(0.001), flat(0.5), flat(1.0)
+    favourites = [6, 9, 13, 15, 18, 21, 23]  # 7 > the 4 candidates kept (KEEP - SINKS - WINDOW)
+    attention[:, :, favourites] = 1.0
+    entropy[:, :, 25] = 0.9
+    request = selection_input(**{ATTENTION: attention, ENTROPY: entropy, REPRESENTATION: evolution})
+    by_sum = kept("infokv", request, alpha=0.3, fusion="sum")
+    by_split = kept("infokv", request, alpha=0.3, fusion="split")
+    assert not (by_sum == 25).any()
+    assert (by_split == 25).any(dim=-1).all()
+    chosen = by_split[..., SINKS:KEEP - WINDOW]
+    assert torch.isin(chosen, torch.tensor([*favourites, 25])).all()  # round(0.3 * 4) = 1 for entropy
+
+
+def test_rank_fusion_weighs_quantiles_not_magnitudes():
+    """A huge attention peak counts no more than being first: with alpha 0.5 the token ranked second by both
+    signals wins under `rank`, while under `sum` attention's peak wins although entropy ranks it last."""
+    from infokv_vllm.scoring.infokv import fuse_rank, fuse_sum, quantile_over
+
+    # slot 0 is a sink and slot 7 the window; candidates are slots 1-6
+    attention = torch.tensor([0.0, 1000.0, 0.0, 3.0, 2.0, 1.0, 0.5, 0.0]).view(1, 1, 8)
+    entropy = torch.tensor([0.0, 0.0, 9.0, 3.0, 2.0, 1.0, 0.5, 0.0]).view(1, 1, 8)
+    request = SelectionInput(request_id="r", num_layers=1, num_kv_heads=1, kept_len=8, keep_len=3, sinks=1,
+                             window=1, device=torch.device("cpu"), signals={})
+    candidates = request.candidates()
+    assert quantile_over(attention, candidates)[0, 0, 1:7].tolist() == pytest.approx([1.0, 0.0, 0.8, 0.6, 0.4, 0.2])
+    assert int(fuse_rank(attention, entropy, candidates, 0.5, request)[0, 0, 1:7].argmax()) + 1 == 3
+    # a flat signal ranks every candidate alike (ties share their average rank): no bias to early or late slots
+    assert quantile_over(torch.ones(1, 1, 8), candidates)[0, 0, 1:7].tolist() == [0.5] * 6
+    assert int(fuse_sum(attention, entropy, candidates, 0.5, request)[0, 0, 1:7].argmax()) + 1 == 1
 
 
 def test_representation_evolution_weights_entropy_per_layer():

@@ -41,8 +41,8 @@ def snapkv_reference(model, prompt_ids: list[int]) -> tuple[torch.Tensor, list[i
     length = len(prompt_ids)
     window = CONFIG.prefill_window
     attention = window_attention_per_kv_head(out.attentions, window, config.num_key_value_heads)
-    request = SelectionInput("ref", len(out.attentions), config.num_key_value_heads, length, CONFIG.sinks, window,
-                             torch.device("cpu"), {ATTENTION: attention})
+    request = SelectionInput("ref", len(out.attentions), config.num_key_value_heads, length, CONFIG.budget,
+                             CONFIG.sinks, window, torch.device("cpu"), {ATTENTION: attention})
     keep = select_tokens(make_policy(CONFIG).scores(request), CONFIG.budget, CONFIG.sinks, window)
     keep_in_cache(cache, keep)
     generated = [int(out.logits[0, -1].argmax())]

@@ -215,7 +215,8 @@ class CompressingRunnerMixin:
         signals = self.signals.gather(block_ids, compaction.physical_len) if self.signals else {}
         scores = self.policy.scores(SelectionInput(
             request_id=compaction.request_id, num_layers=compactor.num_layers,
-            num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len, sinks=self.compression.sinks,
+            num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len,
+            keep_len=compaction.kept_len, sinks=self.compression.sinks,
             window=compaction.window, device=self.signals.device if self.signals else torch.device("cpu"),
             signals=signals))
         keep = select_tokens(scores, compaction.kept_len, self.compression.sinks, compaction.window)

@@ -20,6 +20,7 @@ class SelectionInput:
     num_layers: int
     num_kv_heads: int
     kept_len: int  # physical tokens currently cached (indices 0..kept_len-1, in logical order)
+    keep_len: int  # how many of them the compaction keeps (sinks and window included)
     sinks: int
     window: int
     device: torch.device
