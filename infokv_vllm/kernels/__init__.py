@@ -77,7 +77,7 @@ def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: to
     the same number per row). Whole blocks are read up to the longest row. Slots past a row's length (padding,
     or stale block-table entries past its blocks, which may be another request's) get exactly zero mass, as the
     queries' positions mask them, and the adds accumulate, so they change nothing."""
-    num_blocks, kv_heads, block_size = accumulator.shape
+    _, kv_heads, block_size = accumulator.shape
     lengths = seq_lens.to(rows.device)[rows].long()
     blocks = block_table[rows, : -(-int(lengths.max()) // block_size)].long()  # [R, blocks]
     keys = layout.block_keys(cache, blocks.flatten())  # [R * blocks, kv_heads, block_size, D]
