@@ -59,7 +59,7 @@ def bench(args, model: Path, url: str, result_dir: Path, name: str) -> dict:
 
 
 def main() -> None:
-    from report import RESULTS, methods_of, write_report
+    from report import RESULTS, median_range, methods_of, ratio_text, write_report
 
     from infokv_vllm.config import METHODS
 
@@ -105,15 +105,14 @@ def main() -> None:
                                            max(r["output_throughput"] for r in mine))}
         ratios = [r["output_throughput"] / v["output_throughput"] for r in mine for v in runs
                   if v["method"] == "none" and v["round"] == r["round"]]
-        row["vs_none"] = (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
+        row["vs_none"] = median_range(ratios)
         summary.append(row)
     print(f"{'method':10} {'output tok/s (min-max)':>24} {'vs none (min-max)':>22} {'req/s':>6} "
           f"{'TTFT p50/p90 ms':>18} {'TPOT p50/p90 ms':>17}")
     for row in summary:
         low, high = row["output_throughput_range"]
-        ratio = "-" if row["vs_none"] is None else f"{row['vs_none'][0]:.2f}x ({row['vs_none'][1]:.2f}-" \
-                                                   f"{row['vs_none'][2]:.2f})"
-        print(f"{row['method']:10} {row['output_throughput']:>10.1f} ({low:.0f}-{high:.0f}){'':>5} {ratio:>22} "
+        print(f"{row['method']:10} {row['output_throughput']:>10.1f} ({low:.0f}-{high:.0f}){'':>5} "
+              f"{ratio_text(row['vs_none']):>22} "
               f"{row['request_throughput']:>6.3f} {row['median_ttft_ms']:>8.0f}/{row['p90_ttft_ms']:<9.0f} "
               f"{row['median_tpot_ms']:>7.1f}/{row['p90_tpot_ms']:<9.1f}")
     write_report("bench_serve", args.smoke, model=MODEL_NAME,

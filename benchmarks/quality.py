@@ -54,11 +54,13 @@ class Budget:
 
 def policy_flags(spec: str) -> list[str]:
     """A policy as `name[:setting=value...]` (e.g. `infokv:fusion=split:alpha=0.5`) -> its `vllm serve` flags."""
+    from infokv_vllm.config import flag_name
+
     name, *settings = spec.split(":")
-    flags = ["--kv-compression", name]
+    flags = [flag_name("method"), name]
     for setting in settings:
         key, value = setting.split("=")
-        flags += [f"--kv-{key.replace('_', '-')}", value]
+        flags += [flag_name(key), value]
     return flags
 
 

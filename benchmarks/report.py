@@ -35,6 +35,17 @@ def write_report(benchmark: str, smoke: bool, **fields) -> Path:
     return path
 
 
+def median_range(values: list[float]) -> tuple[float, float, float] | None:
+    """(median, min, max) of per-round values, e.g. ratios taken round by round; None when there are none."""
+    import statistics
+
+    return (statistics.median(values), min(values), max(values)) if values else None
+
+
+def ratio_text(value: tuple[float, float, float] | None) -> str:
+    return "-" if value is None else f"{value[0]:.2f}x ({value[1]:.2f}-{value[2]:.2f})"
+
+
 def methods_of(known):
     """An argparse type: a comma-separated list of methods, each one the plugin registers (`known`)."""
     import argparse

@@ -101,20 +101,19 @@ def profile(model, workload, method: str, mode: str, blocks: int, seconds: dict,
 
 
 def main() -> None:
-    from report import write_report
+    from report import methods_of, write_report
     from throughput import Workload
 
     from infokv_vllm.config import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--methods", default="none,streaming,entropy,infokv")
+    parser.add_argument("--methods", default="none,streaming,entropy,infokv", type=methods_of(METHODS))
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--output-len", type=int, default=256)
     args = parser.parse_args()
     methods = args.methods.split(",")
-    assert set(methods) <= set(METHODS), methods
     workload = Workload(args.requests, (128, 384), args.output_len, budget=128, interval=64)
     if args.smoke:
         workload, methods, args.modes = Workload(2, (40, 80), 96, 48, 32), ["none", "infokv"], "eager"

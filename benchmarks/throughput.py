@@ -128,6 +128,8 @@ def _percentile(values: list[float], q: float) -> float:
 def summarise(results: list[RunResult], configs: list[tuple[str, str]]) -> list[dict]:
     """Per configuration: tokens/s median and range over rounds; ratios to vanilla on the small pool and to the
     ceiling, taken round by round (each round's engines ran back to back) and then summarised the same way."""
+    from report import median_range  # beside this script (benchmarks run as files)
+
     by_round = {(r.pool, r.method, r.round): r.output_tokens_per_s for r in results}
     rows = []
     for pool, method in configs:
@@ -148,17 +150,13 @@ def summarise(results: list[RunResult], configs: list[tuple[str, str]]) -> list[
         for name, reference in (("vs_vanilla", ("small", "none")), ("vs_ceiling", ("ample", "none"))):
             ratios = [r.output_tokens_per_s / by_round[(*reference, r.round)] for r in runs
                       if (*reference, r.round) in by_round]
-            row[name] = (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
+            row[name] = median_range(ratios)
         rows.append(row)
     return rows
 
 
 def _label(pool: str, method: str) -> str:
     return "ceiling" if (pool, method) == ("ample", "none") else f"{method} ({pool})"
-
-
-def _ratio(value: tuple[float, float, float] | None) -> str:
-    return "-" if value is None else f"{value[0]:.2f}x ({value[1]:.2f}-{value[2]:.2f})"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -183,7 +181,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    from report import RESULTS, methods_of, write_report  # beside this script (benchmarks run as files)
+    from report import methods_of, ratio_text, write_report  # beside this script (benchmarks run as files)
 
     from infokv_vllm.config import METHODS  # the plugin's registry of --kv-compression methods
 
@@ -243,7 +241,7 @@ def main() -> None:
     for row in summary:
         speed = f"{row['output_tokens_per_s']:.1f} ({row['min']:.0f}-{row['max']:.0f})"
         print(f"{row['label']:18} {row['pool_blocks']:>6} {row['max_num_seqs']:>4} {speed:>20} "
-              f"{_ratio(row['vs_vanilla']):>20} {_ratio(row['vs_ceiling']):>20} {row['peak_running']:>4} "
+              f"{ratio_text(row['vs_vanilla']):>20} {ratio_text(row['vs_ceiling']):>20} {row['peak_running']:>4} "
               f"{row['mean_running']:>5} {row['preemptions']:>7} {row['compression_events']:>6} "
               f"{row['ttft_p50_s']:>7.1f}/{row['ttft_p90_s']:<7.1f} "
               f"{row['tpot_p50_ms']:>7.1f}/{row['tpot_p90_ms']:<8.1f}")

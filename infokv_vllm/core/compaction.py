@@ -78,19 +78,26 @@ class IndexedPageLayout(PageLayout):
         return cache.view(cache.shape[0], cache.shape[1], -1)
 
     def block_keys(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        if self._strides[0] is not None:
-            return super().block_keys(cache, blocks)
+        key_strides = self._strides[0]
+        if key_strides is not None:
+            return self._plane(cache, key_strides)[blocks]
         return self.pages(cache)[blocks][..., self.token_index[:, : self.head_size]]
 
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Strided views, where the layout is affine."""
         if None in self._strides:
             raise ValueError("this KV page layout is not a strided view; use the torch kernels")
+        key_strides, value_strides = self._strides
+        return self._plane(cache, key_strides), self._plane(cache, value_strides)
+
+    def _plane(self, cache: torch.Tensor, strides: tuple[int, int, int]) -> torch.Tensor:
+        """[blocks, kv_heads, block_size, head_size] view of the elements at offset + slot * s + dim * d."""
+        offset, slot_stride, dim_stride = strides
         pages = self.pages(cache)
-        return tuple(pages.as_strided(
+        return pages.as_strided(
             (pages.shape[0], pages.shape[1], self.block_size, self.head_size),
             (pages.stride(0), pages.stride(1), slot_stride * pages.stride(2), dim_stride * pages.stride(2)),
-            pages.storage_offset() + offset * pages.stride(2)) for offset, slot_stride, dim_stride in self._strides)
+            pages.storage_offset() + offset * pages.stride(2))
 
 
 class PagedKVCompactor:

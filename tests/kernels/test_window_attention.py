@@ -66,20 +66,24 @@ def test_adds_to_what_is_there_and_reads_strided_keys():
     torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("affine", [True, False], ids=["strided", "not-strided"])
-def test_torch_family_on_vllm_cpu_pages(affine):
+@pytest.mark.parametrize(("keys_strided", "values_strided"), [(True, True), (False, False), (True, False)],
+                         ids=["strided", "not-strided", "values-not-strided"])
+def test_torch_family_on_vllm_cpu_pages(keys_strided, values_strided):
     """vLLM's CPU attention page (keys column-major [dim, block_size], then values), read through the page
-    layout: the torch family's path on CPU, decode rows batched across requests. A layout that is no strided view
-    (slots stored in a shuffled order) is read through its element index instead."""
+    layout: the torch family's path on CPU, decode rows batched across requests. Keys that are no strided view
+    (slots stored in a shuffled order) are read through the element index instead; values laid out any way do
+    not stop strided keys from being read as a plane."""
     queries, keys, table, requests, positions, seq_lens = paged_case(2, 6, 2)
     num_blocks, num_heads, block_size, dim = keys.shape
     shuffled = torch.randperm(block_size, generator=torch.Generator().manual_seed(3))
-    order = torch.arange(block_size) if affine else shuffled
-    pages = torch.cat([keys[:, :, order].transpose(2, 3).reshape(num_blocks, num_heads, -1),
+    key_order = torch.arange(block_size) if keys_strided else shuffled
+    value_slot = (torch.arange(block_size) if values_strided else shuffled)[:, None]
+    pages = torch.cat([keys[:, :, key_order].transpose(2, 3).reshape(num_blocks, num_heads, -1),
                        torch.randn(num_blocks, num_heads, block_size * dim)], dim=2)
-    slot, column = order.argsort()[:, None], torch.arange(dim)[None, :]
-    layout = IndexedPageLayout(torch.cat([column * block_size + slot, block_size * dim + slot * dim + column], 1))
-    assert (layout._strides[0] is not None) == affine
+    key_slot, column = key_order.argsort()[:, None], torch.arange(dim)[None, :]
+    layout = IndexedPageLayout(torch.cat([column * block_size + key_slot,
+                                          block_size * dim + value_slot * dim + column], 1))
+    assert [strides is not None for strides in layout._strides] == [keys_strided, values_strided]
     previous = torch.rand(keys.shape[:3])
     accumulator = previous.clone()
     TorchKernels().accumulate_window_attention(accumulator, queries, pages, layout, table, requests, positions,
