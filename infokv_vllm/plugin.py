@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 import typing
 from typing import Any
 
+from infokv_vllm import logger
 from infokv_vllm.compat import SUPPORTED_VLLM
 from infokv_vllm.config import (
     ADDITIONAL_CONFIG_KEY,
@@ -27,7 +27,6 @@ from infokv_vllm.config import (
     flag_name,
 )
 
-logger = logging.getLogger("infokv_vllm")
 
 SCHEDULER_CLS = "infokv_vllm.core.scheduler.CompressingScheduler"
 CLI_GROUP_TITLE = "InfoKV"
@@ -58,21 +57,9 @@ def register() -> None:
     from infokv_vllm import compat
     from infokv_vllm.core.block_manager import register_kv_cache_spec
 
-    _log_like_vllm()
     compat.apply(sys.modules[__name__])
     register_kv_cache_spec()
     _registered = True
-
-
-def _log_like_vllm() -> None:
-    """Send our log records where vLLM sends its own, at its level (VLLM_LOGGING_LEVEL): vLLM configures only its
-    `vllm` logger, so without this our debug line per compression event would never appear."""
-    vllm_logger = logging.getLogger("vllm")
-    for handler in vllm_logger.handlers:
-        if handler not in logger.handlers:
-            logger.addHandler(handler)
-    if vllm_logger.handlers:
-        logger.setLevel(vllm_logger.level)
 
 
 # --- CLI ------------------------------------------------------------------------------------------------

@@ -4,11 +4,11 @@ fail here, loudly (no engine is started)."""
 from __future__ import annotations
 
 import inspect
-import logging
 from importlib.metadata import entry_points
 
 import pytest
 
+import infokv_vllm
 from infokv_vllm import compat, plugin
 
 
@@ -104,8 +104,9 @@ def test_unsupported_vllm_version_refuses_to_register(monkeypatch, caplog):
 
     monkeypatch.setattr(vllm, "__version__", "0.40.1")
     monkeypatch.setattr(plugin, "_registered", False)
-    with caplog.at_level(logging.ERROR, logger="infokv_vllm"):
-        plugin.register()
+    # Our logger hands records to vLLM's, which does not propagate to the root logger where caplog listens.
+    monkeypatch.setattr(infokv_vllm.logger, "handlers", [caplog.handler])
+    plugin.register()
     assert plugin._registered is False
     assert "supports vLLM >=0.32,<0.33 but found 0.40.1" in caplog.text
 

@@ -15,6 +15,7 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+import infokv_vllm
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.core.compaction import HeadMajorPageLayout
 from infokv_vllm.core.runner import CompressingRunnerMixin
@@ -51,7 +52,7 @@ def test_full_cuda_graphs_are_downgraded_to_piecewise(mode, expected, downgraded
                                          {"cudagraph_mode": "FULL_AND_PIECEWISE"}], ids=["default", "full", "dict"])
 def test_engine_arguments_get_piecewise_graphs_with_one_log_line(compilation, smollm2_dir):
     engine_args = EngineArgs(model=str(smollm2_dir), compilation_config=compilation)
-    logger, records = logging.getLogger("infokv_vllm"), []
+    logger, records = infokv_vllm.logger, []
     handler, level = logging.Handler(logging.INFO), logger.level
     handler.emit = lambda record: records.append(record.getMessage())
     logger.addHandler(handler)

@@ -21,7 +21,6 @@ Schedules (method doc, "Schedules"):
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
@@ -29,6 +28,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from infokv_vllm import logger
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.core.block_manager import CompactingAttentionManager
 from infokv_vllm.core.messages import Compaction, StepPlan, TokenEntropies, attach_plan, report_of
@@ -36,7 +36,6 @@ from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 from infokv_vllm.scoring import make_policy
 from infokv_vllm.signals import ATTENTION
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass

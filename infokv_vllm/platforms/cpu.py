@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from typing import Any, ContextManager
 
@@ -25,7 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from infokv_vllm import compat
+from infokv_vllm import compat, logger
 from infokv_vllm.config import CompressionConfig, flag_name
 from infokv_vllm.core.compaction import IndexedPageLayout, PageLayout
 from infokv_vllm.core.runner import CompressingRunnerMixin
@@ -33,7 +32,6 @@ from infokv_vllm.platforms.base import PlatformAdapter, Refuse
 from infokv_vllm.signals import ATTENTION
 from infokv_vllm.signals.attention import WindowScoringImplMixin
 
-logger = logging.getLogger("infokv_vllm")
 
 # Probe values stay below 256 so they are exact in every cache dtype (float32, bfloat16, float16).
 _PROBE_RADIX = 128

@@ -18,7 +18,6 @@ compression's plan and report ride along unchanged.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +27,8 @@ from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.executor import ray_executor_v2
 from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
 
-logger = logging.getLogger("infokv_vllm")
+from infokv_vllm import logger
+
 
 RAY_CPU_RESOURCE = "CPU"
 

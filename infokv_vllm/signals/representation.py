@@ -46,9 +46,10 @@ class RecordingDecoderLayer(nn.Module):
                              persistent=False)
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):
-        # The residual stream entering the layer. vLLM's fused add-RMSNorm updates its inputs in place, so it
-        # is summed before the layer runs.
-        stream_in = hidden_states if residual is None else hidden_states + residual
+        # The residual stream entering the layer, summed before the layer runs: vLLM's fused add-RMSNorm updates
+        # its inputs in place. The first layer's input becomes its residual, which that norm updates too, so it
+        # is copied (vLLM's graph pass on CUDA refuses a graph that reads a donated input after the op).
+        stream_in = hidden_states.clone() if residual is None else hidden_states + residual
         hidden_states, residual = self.layer(positions, hidden_states, residual, *args, **kwargs)
         torch.ops.infokv.record_evolution(stream_in, hidden_states + residual, self.evolution)
         return hidden_states, residual

@@ -21,7 +21,9 @@ EAGER = ["--enforce-eager"]
 
 
 def vllm_cli() -> list[str]:
-    return [str(Path(sys.executable).with_name("vllm"))]
+    """vLLM's command line run by this interpreter as a module: it also works where vLLM was installed without
+    its console scripts (the GPU machines' bundle is unpacked onto PYTHONPATH, with no `bin/vllm`)."""
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 def free_port() -> int:

@@ -34,5 +34,9 @@ def gpu_model_dir() -> Path:
 
 
 # The GPU engine: bf16, vLLM's default compilation with (piecewise) CUDA graphs, FlashAttention's block size.
-GPU_ENGINE = {"dtype": "bfloat16", "enforce_eager": False, "block_size": 16, "kv_cache_memory_bytes": 2 * 2**30}
-GPU_SERVE_FLAGS = ["--dtype", "bfloat16", "--kv-cache-memory-bytes", "2G", "--max-model-len", "4096"]
+# vLLM checks the utilisation share against free memory even with a fixed KV size: half leaves room for the
+# test process, which holds a transformers model and CUDA context beside a `vllm serve` child.
+GPU_ENGINE = {"dtype": "bfloat16", "enforce_eager": False, "block_size": 16, "kv_cache_memory_bytes": 2 * 2**30,
+              "gpu_memory_utilization": 0.5}
+GPU_SERVE_FLAGS = ["--dtype", "bfloat16", "--kv-cache-memory-bytes", "2G", "--max-model-len", "4096",
+                   "--gpu-memory-utilization", "0.5"]

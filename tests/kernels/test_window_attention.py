@@ -52,6 +52,23 @@ def test_matches_dense_reference(q_heads, kv_heads):
     torch.testing.assert_close(accumulator.cpu(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_window_longer_than_one_query_tile():
+    """A prefill window of 80 queries with 4 query heads per KV head: 128 matrix rows hold 32 of them, so the
+    request's program takes its queries in three tiles (the last one partly padding), beside decode rows."""
+    generator = torch.Generator().manual_seed(4)
+    seq_lens, window = [100, 9, 33], [80, 1, 1]
+    table, num_blocks = shuffled_block_table(seq_lens, 16, 2, generator)
+    keys = torch.randn(num_blocks, 2, 16, 32, generator=generator)
+    requests = torch.cat([torch.full((w,), r) for r, w in enumerate(window)]).int()
+    positions = torch.cat([torch.arange(n - w, n) for n, w in zip(seq_lens, window)]).int()
+    queries = torch.randn(len(requests), 8, 32, generator=generator)
+    case = (queries, keys, table, requests, positions, torch.tensor(seq_lens, dtype=torch.int32))
+    expected = dense_reference(*case, 0.25)
+    accumulator = torch.zeros(keys.shape[:3])
+    accumulate_window_attention_triton(*case[:3], accumulator, *case[3:], 0.25)
+    torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_adds_to_what_is_there_and_reads_strided_keys():
     queries, keys, table, requests, positions, seq_lens = paged_case(1, 6, 2)
     scale = 0.2
