@@ -56,3 +56,20 @@ def methods_of(known):
             raise argparse.ArgumentTypeError(f"unknown method(s) {unknown}; known: {', '.join(known)}")
         return text
     return parse
+
+
+def figure_with_axes(columns: int, size: tuple[float, float]):
+    """A headless matplotlib figure (these machines have no display) and its row of `columns` axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, columns, figsize=size, squeeze=False)
+    return figure, list(axes[0])
+
+
+def save_figure(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")

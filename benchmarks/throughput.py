@@ -160,12 +160,9 @@ def _label(pool: str, method: str) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+    from report import figure_with_axes, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 4))
+    figure, (axis,) = figure_with_axes(1, (8, 4))
     labels = [row["label"] for row in rows]
     medians = [row["output_tokens_per_s"] for row in rows]
     errors = [[m - row["min"] for m, row in zip(medians, rows)], [row["max"] - m for m, row in zip(medians, rows)]]
@@ -175,9 +172,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axis.set_ylabel("output tokens/s (median, min-max)")
     axis.set_title(title, fontsize=9)
     axis.tick_params(axis="x", rotation=30, labelsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(figure, path)
 
 
 def main() -> None:

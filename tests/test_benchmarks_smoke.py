@@ -76,3 +76,14 @@ def test_kernels_smoke():
     report = run_smoke("kernels.py")
     assert {r["kernel"] for r in report["results"]} == {"window_attention", "compaction"}
     assert all(r["max_abs_error"] < 1e-4 for r in report["results"])
+
+
+def test_scenarios_smoke():
+    """Both suites through one `vllm serve` per policy, budgets and the full cache as per-request settings."""
+    report = run_smoke("scenarios.py")
+    cells = {(c["suite"], c["policy"], c["budget"]): c for c in report["cells"]}
+    assert set(cells) == {(suite, policy, budget) for suite in ("retrieval", "reasoning")
+                          for policy, budget in [("none", "full"), ("infokv", "64"), ("infokv", "50%")]}
+    assert all(c["samples"] == 2 and 0 <= c["accuracy"] <= 1 for c in cells.values())
+    assert all(c["mean_completion_tokens"] > 0 for c in cells.values())
+    assert (BENCHMARKS / "results" / "scenarios-smoke.png").stat().st_size > 0

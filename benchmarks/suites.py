@@ -1,0 +1,190 @@
+"""The paper's two scenarios as seeded suites (no downloads): long prefill and long decoding.
+
+- `retrieval` (long prefill): RULER-style needles in a generated haystack of `target_tokens` tokens, one task per
+  sample in turn: `niah_single` (one key's 7-digit number), `niah_multikey` (four keys, one asked) and
+  `variable_tracking` (a value passed along a chain of five variables, all of them asked). The cache is compressed
+  once, after the prompt; the answer is short.
+- `reasoning` (long decoding): a chain of one-digit additions and subtractions on one number, worked through one
+  line per step (chain of thought), then the final number. The trace is several times the budget and every line
+  needs its step from the prompt and the running total from the trace, so the cache is compressed many times on
+  the way and a step or total evicted too early changes the answer.
+
+Each sample is one chat message with its expected answer; `score` says whether a reply is exactly right (the
+number for the needles, every variable for tracking, the final number and the code for reasoning). The same
+samples and rule are packaged as lm-eval tasks (`benchmarks/lm_eval_tasks`, written by `python
+benchmarks/suites.py --lm-eval`), so `lm_eval --model local-chat-completions` scores them the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SUITES = ("retrieval", "reasoning")
+RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "variable_tracking")
+LM_EVAL_DIR = Path(__file__).parent / "lm_eval_tasks"
+
+# A haystack of plain, varied sentences: repeated filler would make every token alike to attention and entropy.
+SUBJECTS = ["The old farmer", "A tired engineer", "The village baker", "Our new neighbour", "The school teacher",
+            "A young painter", "The harbour master", "The quiet librarian", "A travelling musician", "The mayor",
+            "The night nurse", "A retired sailor", "The bus driver", "The head gardener", "A curious student"]
+VERBS = ["carried", "repaired", "painted", "sold", "borrowed", "cleaned", "described", "measured", "collected",
+         "wrapped", "counted", "examined", "hid", "found", "moved"]
+OBJECTS = ["a wooden chair", "three copper pots", "the broken lantern", "a basket of apples", "an old map",
+           "the blue bicycle", "a stack of letters", "the kitchen clock", "a box of nails", "the heavy door",
+           "a jar of honey", "the spare wheel", "a roll of canvas", "the iron gate", "a pair of boots"]
+PLACES = ["before sunrise", "near the river", "behind the market", "after the storm", "in the cold cellar",
+          "at the train station", "during the festival", "on the hill", "by the lighthouse", "in the small garden",
+          "at noon", "under the bridge", "next to the church", "in the attic", "along the canal"]
+KEY_WORDS = ["amber", "bishop", "cactus", "dolphin", "ember", "falcon", "glacier", "harbor", "iris", "jigsaw",
+             "kettle", "lantern", "meadow", "nectar", "orchid", "pepper", "quartz", "raven", "saddle", "tundra",
+             "umbra", "velvet", "walnut", "yonder", "zephyr", "bramble", "cobalt", "drizzle", "falafel", "gazebo"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    suite: str
+    task: str
+    id: str
+    prompt: str  # one user message
+    answer: str  # for variable tracking, the variables joined by ", "
+    max_tokens: int
+
+
+def haystack_sentence(rng: random.Random) -> str:
+    return f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+
+
+def _needle_key(rng: random.Random) -> str:
+    return "-".join(rng.sample(KEY_WORDS, 2))
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randint(1_000_000, 9_999_999))
+
+
+def _variable(rng: random.Random) -> str:
+    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+
+
+def _with_needles(rng: random.Random, needles: list[str], target_tokens: int, count_tokens) -> str:
+    """Haystack sentences up to about `target_tokens`, the needles at random depths in their given order."""
+    sentences, tokens = [], 0
+    while tokens < target_tokens:
+        sentences.append(haystack_sentence(rng))
+        tokens += count_tokens(" " + sentences[-1])
+    depths = sorted(rng.sample(range(len(sentences) + 1), len(needles)))
+    for offset, (depth, needle) in enumerate(zip(depths, needles)):
+        sentences.insert(depth + offset, needle)
+    return " ".join(sentences)
+
+
+def retrieval(count: int, seed: int, target_tokens: int, count_tokens) -> list[Sample]:
+    """`count_tokens(text) -> int` sizes the haystack in the served model's tokens."""
+    rng = random.Random(seed)
+    samples = []
+    for index in range(count):
+        task = RETRIEVAL_TASKS[index % len(RETRIEVAL_TASKS)]
+        if task == "variable_tracking":
+            names = [_variable(rng) for _ in range(5)]
+            value = str(rng.randint(10_000, 99_999))
+            needles = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+            question = (f"Find all variables that are assigned the value {value}, directly or through other "
+                        f"variables, in the text above. Answer with the variable names only, separated by commas.")
+            answer, max_tokens = ", ".join(names), 40
+        else:
+            keys = list(dict.fromkeys(_needle_key(rng) for _ in range(1 if task == "niah_single" else 4)))
+            values = [_number(rng) for _ in keys]
+            needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in zip(keys, values)]
+            rng.shuffle(needles)
+            asked = rng.randrange(len(keys))
+            question = (f"What is the special magic number for {keys[asked]} mentioned in the text above? "
+                        f"Answer with the number only.")
+            answer, max_tokens = values[asked], 16
+        text = _with_needles(rng, needles, target_tokens, count_tokens)
+        prompt = ("Some special information is hidden inside the following text. Read it carefully and remember "
+                  f"it.\n\n{text}\n\n{question}")
+        samples.append(Sample("retrieval", task, f"retrieval-{index}", prompt, answer, max_tokens))
+    return samples
+
+
+def reasoning(count: int, seed: int, steps: int) -> list[Sample]:
+    rng = random.Random(seed)
+    samples = []
+    for index in range(count):
+        value = rng.randint(10, 30)
+        start, lines = value, []
+        for step in range(1, steps + 1):
+            # Additions and subtractions of one digit, kept between 0 and 99: steps a small model mostly gets
+            # right, so that a wrong answer is mostly the compression's doing.
+            operand = rng.randint(2, 9)
+            if value + operand > 99 or (value - operand >= 0 and rng.random() < 0.5):
+                lines.append(f"Step {step}: subtract {operand}.")
+                value -= operand
+            else:
+                lines.append(f"Step {step}: add {operand}.")
+                value += operand
+        # Each trace line restates its step and the running total: about 30 tokens a step, so the trace is
+        # several times the budget, and every line needs its step from the prompt and the total from the trace.
+        prompt = (f"Start with the number {start} and apply these {steps} steps in order.\n" + "\n".join(lines)
+                  + "\n\nWork through every step in order, one line per step, each line in the form "
+                    f"\"Step <n> (<add or subtract> <number>): <total before> <+ or -> <number> = <total after>. "
+                    f"The total is now <total after>.\" After Step {steps} write one final line "
+                    "\"Answer: <final total>\".")
+        samples.append(Sample("reasoning", "arithmetic_chain", f"reasoning-{index}", prompt, str(value),
+                              max_tokens=40 * steps + 32))
+    return samples
+
+
+def score(sample: Sample, reply: str) -> bool:
+    """Exactly right: every expected name (variable tracking), the number (needles), or the last `Answer:` line's
+    number (reasoning)."""
+    if sample.suite == "reasoning":
+        final = re.findall(r"Answer:\s*(-?\d+)", reply)
+        return bool(final) and final[-1] == sample.answer
+    return all(part in reply for part in sample.answer.split(", "))
+
+
+def make_samples(suite: str, count: int, seed: int, tokenizer, retrieval_tokens: int, reasoning_steps: int
+                 ) -> list[Sample]:
+    if suite == "retrieval":
+        return retrieval(count, seed, retrieval_tokens, lambda text: len(tokenizer.encode(text)))
+    return reasoning(count, seed, reasoning_steps)
+
+
+def write_lm_eval_data(samples: list[Sample], suite: str) -> Path:
+    path = LM_EVAL_DIR / f"infokv_{suite}.jsonl"
+    path.write_text("".join(json.dumps(asdict(sample)) + "\n" for sample in samples))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lm-eval", action="store_true", help=f"write the JSONL data of the lm-eval tasks in "
+                                                               f"{LM_EVAL_DIR}")
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS "
+                                                                 "(its tokenizer sizes the haystacks)")
+    parser.add_argument("--count", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retrieval-tokens", type=int, default=2000)
+    parser.add_argument("--reasoning-steps", type=int, default=20)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from infokv_vllm.testing.models import MODELS
+
+    tokenizer = AutoTokenizer.from_pretrained(MODELS[args.model].ensure())
+    for suite in SUITES:
+        samples = make_samples(suite, args.count, args.seed, tokenizer, args.retrieval_tokens, args.reasoning_steps)
+        lengths = [len(tokenizer.encode(sample.prompt)) for sample in samples]
+        print(f"{suite}: {len(samples)} samples, prompts {min(lengths)}-{max(lengths)} tokens")
+        if args.lm_eval:
+            print(f"wrote {write_lm_eval_data(samples, suite)}")
+
+
+if __name__ == "__main__":
+    main()
