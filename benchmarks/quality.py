@@ -43,13 +43,28 @@ class Budget:
     """A budget as the user gives it: a ratio of each request's length or an absolute token count."""
 
     label: str
-    flags: tuple[str, ...]
+    setting: str  # the CompressionConfig field: "budget" or "budget_ratio"
+    value: int | float
 
     @classmethod
     def parse(cls, text: str) -> Budget:
         if text.endswith("%"):
-            return cls(text, ("--kv-budget-ratio", str(float(text[:-1]) / 100)))
-        return cls(text, ("--kv-budget", str(int(text))))
+            return cls(text, "budget_ratio", float(text[:-1]) / 100)
+        return cls(text, "budget", int(text))
+
+    @property
+    def flags(self) -> tuple[str, str]:
+        """The server's flags for this budget."""
+        from infokv_vllm.config import flag_name
+
+        return flag_name(self.setting), str(self.value)
+
+    @property
+    def request_settings(self) -> dict[str, int | float]:
+        """The per-request `vllm_xargs` for this budget."""
+        from infokv_vllm.config import REQUEST_SETTINGS
+
+        return {key: self.value for key, setting in REQUEST_SETTINGS.items() if setting == self.setting}
 
 
 def policy_flags(spec: str) -> list[str]:
@@ -156,13 +171,13 @@ def essay_prompts(tokenizer, count: int) -> list[str]:
 
 
 def main() -> None:
-    from report import write_report  # beside this script (benchmarks run as files)
+    from report import policy_specs_of, write_report  # beside this script (benchmarks run as files)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
     from infokv_vllm.scoring import POLICIES  # the plugin's registry: every --kv-compression method but none
 
-    parser.add_argument("--policies", default=",".join(POLICIES),
+    parser.add_argument("--policies", default=",".join(POLICIES), type=policy_specs_of(POLICIES),
                         help="comma-separated; each `name` or `name:setting=value:...` (e.g. infokv:fusion=split), "
                              "settings as the --kv-* flags")
     parser.add_argument("--budgets", default="10%,25%,50%,64,128,256",
@@ -175,9 +190,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="quality", help="results/<name>.json")
     args = parser.parse_args()
-    unknown = [spec for spec in args.policies.split(",") if spec.split(":")[0] not in POLICIES]
-    if unknown:
-        parser.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
     if args.smoke:
         args.policies, args.budgets, args.passkey_prompts, args.traces, args.trace_tokens = "infokv", "50%", 2, 1, 16
         args.filler_repeats = 4

@@ -46,6 +46,19 @@ def ratio_text(value: tuple[float, float, float] | None) -> str:
     return "-" if value is None else f"{value[0]:.2f}x ({value[1]:.2f}-{value[2]:.2f})"
 
 
+def policy_specs_of(known):
+    """An argparse type: comma-separated policies, each `name[:setting=value...]` with a name the plugin
+    registers (`known`)."""
+    import argparse
+
+    def parse(text: str) -> str:
+        unknown = [spec for spec in text.split(",") if spec.split(":")[0] not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown policies {unknown}; known: {', '.join(known)}")
+        return text
+    return parse
+
+
 def methods_of(known):
     """An argparse type: a comma-separated list of methods, each one the plugin registers (`known`)."""
     import argparse

@@ -2,7 +2,7 @@
 
 Suites (`benchmarks/suites.py`, seeded, no downloads): `retrieval` (RULER-style needles and variable tracking in a
 ~2k-token prompt: long prefill, compressed once) and `reasoning` (a chain of arithmetic steps worked through with
-chain of thought, the final line needing the prompt's first sentence: long decoding, compressed many times).
+chain of thought, each line needing its step from the prompt: long decoding, compressed many times).
 
 One `vllm serve` per policy (a request cannot switch policy); every budget is a per-request setting
 (`vllm_xargs`), so one server runs all of its cells at once and vLLM batches them. The full-cache cells run on the
@@ -20,6 +20,7 @@ one panel per suite).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -45,11 +46,8 @@ class Cell:
 
 
 def request_settings(policy: str, budget) -> dict:
-    """The per-request `vllm_xargs` of a cell: the full cache, or the budget as a count or a ratio."""
-    if policy == NONE:
-        return {"kv_compression": "none"}
-    flag, value = budget.flags
-    return {"kv_budget_ratio": float(value)} if flag == "--kv-budget-ratio" else {"kv_budget": int(value)}
+    """The per-request `vllm_xargs` of a cell: the full cache, or the budget."""
+    return {"kv_compression": NONE} if policy == NONE else budget.request_settings
 
 
 def ask_all(client, model: str, jobs: list[tuple], concurrency: int) -> list:
@@ -109,7 +107,7 @@ def plot(cells: list[Cell], budgets: list[str], path: Path, title: str) -> None:
 
 def main() -> None:
     from quality import Budget, policy_flags  # beside this script (benchmarks run as files)
-    from report import write_report
+    from report import policy_specs_of, write_report
     from suites import SUITES, make_samples
 
     from infokv_vllm.scoring import POLICIES
@@ -117,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="SmolLM2, tiny suites: checks the script runs")
     parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS")
-    parser.add_argument("--policies", default=",".join(POLICIES),
+    parser.add_argument("--policies", default=",".join(POLICIES), type=policy_specs_of(POLICIES),
                         help="comma-separated, each `name` or `name:setting=value:...` as in quality.py")
     parser.add_argument("--budgets", default="128,256,512,25%")
     parser.add_argument("--suites", default=",".join(SUITES))
@@ -130,16 +128,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="results/<name>.json (default: scenarios-<model>)")
     args = parser.parse_args()
-    unknown = [spec for spec in args.policies.split(",") if spec.split(":")[0] not in POLICIES]
-    if unknown:
-        parser.error(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
     if args.smoke:
         args.model, args.policies, args.budgets, args.count = "smollm2", "infokv", "64,50%", 2
         args.retrieval_tokens, args.reasoning_steps, args.kv_cache_gib = 200, 3, 1.0
     name = args.name or ("scenarios" if args.smoke else f"scenarios-{args.model}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    import json
 
     from openai import OpenAI
     from transformers import AutoTokenizer

@@ -8,7 +8,6 @@
 #     smoke:A,B      more of the bundle's smoke stages (vLLM alone: eager, fa3, compiled, serve, ...)
 #     kernels        benchmarks/kernels.py (time per call, vs attention, bytes/s vs HBM peak)
 #     tests          python -m pytest tests/gpu (the GPU suite; PYTEST_ARGS adds options, e.g. -k)
-#     throughput     benchmarks/throughput.py --smoke on the GPU (random weights: mechanics, not quality)
 #
 # Every step is set up idempotently, so a later call on a fresh machine runs `setup` again first. Logs and
 # results go to $OUT (default /tmp/out): gpu_check.log (every step's output), kernels.json, smoke_logs.txt.
@@ -40,10 +39,6 @@ step_tests() {
   eval "local options=(${PYTEST_ARGS:-})"  # shell words, so that PYTEST_ARGS="-k 'not serve'" keeps its quotes
   # within the device tool's 10 minutes per call, whatever the earlier steps took
   timeout $((${GPU_CHECK_SECONDS:-590} - SECONDS)) python3 -m pytest tests/gpu -v -rA --timeout 400 -p no:cacheprovider "${options[@]}"
-}
-
-step_throughput() {
-  timeout 400 python3 benchmarks/throughput.py --smoke && cp benchmarks/results/throughput-smoke.json "$OUT/"
 }
 
 for step in "$@"; do
