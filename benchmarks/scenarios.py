@@ -10,7 +10,8 @@ first server with `kv_compression: none`. Before any number, the model must pass
 full cache (`infokv_vllm.testing.models.sanity_check`). Accuracy is exact-answer, with 95% Wilson intervals; the
 reasoning rows also give the generated trace length, which must be at least 3x the budget for the cell to test
 long decoding. Results: `benchmarks/results/<name>.json` and a plot beside it (accuracy vs budget per policy,
-one panel per suite).
+one panel per suite), rewritten after every server, so a grid stopped part way keeps the policies it finished
+(`finished_policies` in the JSON).
 
     .venv/bin/python benchmarks/scenarios.py                      # the 0.5B grid (see the README for its cost)
     .venv/bin/python benchmarks/scenarios.py --model qwen2.5-1.5b --policies infokv,entropy,snapkv --budgets 25%
@@ -151,8 +152,17 @@ def main() -> None:
     policies = args.policies.split(",")
     base_flags = ["--dtype", dtype, "--kv-cache-memory-bytes", f"{int(args.kv_cache_gib * 2**30)}",
                   "--max-model-len", "4096", "--max-num-seqs", str(args.concurrency), *EAGER]
+    labels = [budget.label for budget in budgets]
     cells: list[Cell] = []
     started = time.perf_counter()
+
+    def save(finished: list[str]) -> None:
+        path = write_report(name, args.smoke, model=args.model, dtype=dtype,
+                            minutes=(time.perf_counter() - started) / 60, finished_policies=finished,
+                            settings={k: v for k, v in vars(args).items() if k != "smoke"},
+                            cells=[asdict(cell) for cell in cells])
+        plot(cells, labels, path.with_suffix(".png"), f"{args.model}: accuracy per KV budget")
+
     with tempfile.TemporaryDirectory() as logs:
         for index, policy in enumerate(policies):
             # Budgets and the full cache are per request; the server's own budget is only the default.
@@ -172,8 +182,8 @@ def main() -> None:
                     print(f"[{time.perf_counter() - started:6.0f}s] {cell.suite:9} {cell.policy:24} "
                           f"{cell.budget:>5}: {cell.accuracy:.2f} ({cell.interval[0]:.2f}-{cell.interval[1]:.2f}) "
                           f"{cell.mean_completion_tokens:.0f} completion tokens", flush=True)
+            save(policies[:index + 1])
 
-    labels = [budget.label for budget in budgets]
     print(f"\n{args.model}, {args.count} samples per suite and cell, exact-answer accuracy (95% Wilson)")
     for suite in dict.fromkeys(cell.suite for cell in cells):
         full = next(cell for cell in cells if cell.suite == suite and cell.policy == NONE)
@@ -185,10 +195,6 @@ def main() -> None:
             print(f"{policy:24} " + " ".join(
                 f"{row[label].accuracy:>5.2f} ({row[label].interval[0]:.2f}-{row[label].interval[1]:.2f})"
                 for label in labels))
-    path = write_report(name, args.smoke, model=args.model, dtype=dtype, minutes=(time.perf_counter() - started) / 60,
-                        settings={k: v for k, v in vars(args).items() if k != "smoke"},
-                        cells=[asdict(cell) for cell in cells])
-    plot(cells, labels, path.with_suffix(".png"), f"{args.model}: accuracy per KV budget")
 
 
 if __name__ == "__main__":

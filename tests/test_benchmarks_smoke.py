@@ -86,4 +86,5 @@ def test_scenarios_smoke():
                           for policy, budget in [("none", "full"), ("infokv", "64"), ("infokv", "50%")]}
     assert all(c["samples"] == 2 and 0 <= c["accuracy"] <= 1 for c in cells.values())
     assert all(c["mean_completion_tokens"] > 0 for c in cells.values())
+    assert report["finished_policies"] == ["infokv"]
     assert (BENCHMARKS / "results" / "scenarios-smoke.png").stat().st_size > 0
