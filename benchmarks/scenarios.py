@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 NONE = "none"
+WRONG_EXAMPLES, WRONG_EXAMPLE_CHARS = 3, 400
 
 
 @dataclass
@@ -44,6 +45,9 @@ class Cell:
     interval: tuple[float, float]  # 95% Wilson
     mean_completion_tokens: float
     by_task: dict[str, float]
+    # The ends of the first few wrong replies (expected answer, reply tail): how a policy fails, e.g. a
+    # reasoning trace that loses its place and runs to max_tokens.
+    wrong_examples: list[tuple[str, str]]
 
 
 def request_settings(policy: str, budget) -> dict:
@@ -74,9 +78,11 @@ def cells_of(model_name: str, policy: str, budget_label: str, jobs: list[tuple],
         tasks = dict.fromkeys(sample.task for sample, _ in mine)
         by_task = {task: sum(h for (s, _), h in zip(mine, hits) if s.task == task)
                    / sum(s.task == task for s, _ in mine) for task in tasks}
+        wrong = [(sample.answer, (reply.choices[0].message.content or "")[-WRONG_EXAMPLE_CHARS:])
+                 for (sample, reply), hit in zip(mine, hits) if not hit][:WRONG_EXAMPLES]
         cells.append(Cell(model_name, suite, policy, budget_label, sum(hits), len(hits), sum(hits) / len(hits),
                           wilson_interval(sum(hits), len(hits)),
-                          sum(reply.usage.completion_tokens for _, reply in mine) / len(mine), by_task))
+                          sum(reply.usage.completion_tokens for _, reply in mine) / len(mine), by_task, wrong))
     return cells
 
 

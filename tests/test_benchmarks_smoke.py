@@ -87,4 +87,5 @@ def test_scenarios_smoke():
     assert all(c["samples"] == 2 and 0 <= c["accuracy"] <= 1 for c in cells.values())
     assert all(c["mean_completion_tokens"] > 0 for c in cells.values())
     assert report["finished_policies"] == ["infokv"]
+    assert all(len(c["wrong_examples"]) == min(3, c["samples"] - c["correct"]) for c in cells.values())
     assert (BENCHMARKS / "results" / "scenarios-smoke.png").stat().st_size > 0
