@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS")
     parser.add_argument("--policies", default=",".join(POLICIES), type=policy_specs_of(POLICIES),
                         help="comma-separated, each `name` or `name:setting=value:...` as in quality.py")
-    parser.add_argument("--budgets", default="128,256,512,25%")
+    parser.add_argument("--budgets", default="128,256,25%",
+                        help="comma-separated KV tokens or shares (25%%); at ~2,100 tokens 512 is about 25%%")
     parser.add_argument("--suites", default=",".join(SUITES))
     parser.add_argument("--count", type=int, default=50, help="samples per suite (each cell runs all of them)")
     parser.add_argument("--retrieval-tokens", type=int, default=2000)
