@@ -45,8 +45,8 @@ class Cell:
     interval: tuple[float, float]  # 95% Wilson
     mean_completion_tokens: float
     by_task: dict[str, float]
-    # The ends of the first few wrong replies (expected answer, reply tail): how a policy fails, e.g. a
-    # reasoning trace that loses its place and runs to max_tokens.
+    # The ends of the first few wrong replies (expected answer, reply tail): how a cell fails, e.g. a
+    # variable-tracking reply that names only the first variable.
     wrong_examples: list[tuple[str, str]]
 
 
