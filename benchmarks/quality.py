@@ -40,31 +40,51 @@ TOP_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class Budget:
-    """A budget as the user gives it: a ratio of each request's length or an absolute token count."""
+    """A budget as the user gives it: `128` KV tokens, `25%` of each request's length so far, or `30%full`: that
+    share of the full-cache length (prompt + trace) of the same sample, the papers' ratio (R-KV), a per-request
+    token budget known once the full cache has run (benchmarks only). A `+prompt` suffix keeps the whole prompt
+    beside the budget (`kv_keep_prompt`); the peak KV each request held is measured, so cells with and without it
+    compare at their real memory."""
 
     label: str
     setting: str  # the CompressionConfig field: "budget" or "budget_ratio"
     value: int | float
+    of_full: bool = False
+    keep_prompt: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        if text.endswith("%"):
-            return cls(text, "budget_ratio", float(text[:-1]) / 100)
-        return cls(text, "budget", int(text))
+        body, plus, suffix = text.partition("+")
+        if plus and suffix != "prompt":
+            raise ValueError(f"budget {text!r}: the only suffix is +prompt")
+        keep_prompt = bool(plus)
+        if body.endswith("%full"):
+            return cls(text, "budget", float(body[:-5]) / 100, True, keep_prompt)
+        if body.endswith("%"):
+            return cls(text, "budget_ratio", float(body[:-1]) / 100, False, keep_prompt)
+        return cls(text, "budget", int(body), False, keep_prompt)
 
     @property
-    def flags(self) -> tuple[str, str]:
+    def flags(self) -> tuple[str, ...]:
         """The server's flags for this budget."""
         from infokv_vllm.config import flag_name
 
-        return flag_name(self.setting), str(self.value)
+        if self.of_full:
+            raise ValueError(f"budget {self.label} is a per-request budget (scenarios.py), not a server flag")
+        flags = (flag_name(self.setting), str(self.value))
+        return (*flags, flag_name("keep_prompt")) if self.keep_prompt else flags
 
-    @property
-    def request_settings(self) -> dict[str, int | float]:
-        """The per-request `vllm_xargs` for this budget."""
-        from infokv_vllm.config import REQUEST_SETTINGS
+    def request_settings(self, full_len: int | None = None) -> dict[str, int | float | bool]:
+        """The per-request `vllm_xargs` for this budget; `full_len`: the sample's full-cache length (`%full`)."""
+        from infokv_vllm.config import REQUEST_SETTINGS, CompressionConfig
 
-        return {key: self.value for key, setting in REQUEST_SETTINGS.items() if setting == self.setting}
+        value = self.value
+        if self.of_full:
+            if full_len is None:
+                raise ValueError(f"budget {self.label} needs the sample's full-cache length")
+            value = max(round(self.value * full_len), CompressionConfig().reserved_tokens + 1)
+        settings = {key: value for key, setting in REQUEST_SETTINGS.items() if setting == self.setting}
+        return {**settings, "kv_keep_prompt": True} if self.keep_prompt else settings
 
 
 def policy_flags(spec: str) -> list[str]:

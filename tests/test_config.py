@@ -24,10 +24,10 @@ def test_method_name_alone_is_accepted():
     ("settings", "message"),
     [
         ({"method": "bogus"}, "--kv-compression: 'bogus' is not one of"),
-        ({"method": "infokv", "budget": 128, "budget_ratio": 0.5}, "not both"),
         ({"method": "infokv", "budget": 20}, "must exceed sinks + window = 36"),
         ({"method": "infokv", "budget_ratio": 1.5}, "--kv-budget-ratio: 1.5 is outside (0, 1]"),
         ({"method": "infokv", "alpha": -0.1}, "--kv-alpha"),
+        ({"method": "infokv", "redundancy": 1.5}, "--kv-redundancy: 1.5 is outside [0, 1]"),
         ({"method": "infokv", "entropy_top_k": 1}, "--kv-entropy-top-k"),
         ({"method": "infokv", "pooling_kernel": 4}, "odd"),
         ({"method": "infokv", "sinks": -1}, "--kv-sinks"),
@@ -48,10 +48,51 @@ def test_non_dict_settings_are_rejected():
 
 
 def test_budgets():
-    assert CompressionConfig(method="infokv").budget_for(10_000) == DEFAULT_BUDGET_TOKENS
-    assert CompressionConfig(method="infokv", budget=128).budget_for(1000) == 128
+    assert CompressionConfig(method="infokv").budget_for(10_000, 100) == DEFAULT_BUDGET_TOKENS
+    assert CompressionConfig(method="infokv", budget=128).budget_for(1000, 100) == 128
     # A request shorter than its budget keeps everything.
-    assert CompressionConfig(method="infokv", budget=128).budget_for(100) == 100
-    assert CompressionConfig(method="infokv", budget_ratio=0.25).budget_for(1000) == 250
+    assert CompressionConfig(method="infokv", budget=128).budget_for(100, 50) == 100
+    assert CompressionConfig(method="infokv", budget_ratio=0.25).budget_for(1000, 100) == 250
     # A ratio never cuts into the sinks and window.
-    assert CompressionConfig(method="infokv", budget_ratio=0.01).budget_for(1000) == 37
+    assert CompressionConfig(method="infokv", budget_ratio=0.01).budget_for(1000, 100) == 37
+
+
+def test_a_budget_with_a_ratio_is_its_floor():
+    config = CompressionConfig(method="infokv", budget_ratio=0.25, budget=128)
+    assert config.budget_for(120, 120) == 120  # a short question is kept whole, not cut to 30 tokens
+    assert config.budget_for(400, 120) == 128
+    assert config.budget_for(1000, 120) == 250
+    assert config.kv_bound is None  # the ratio still grows with the length
+
+
+def test_keep_prompt_protects_the_prompt_and_budgets_the_rest():
+    config = CompressionConfig(method="infokv", budget=64, keep_prompt=True)
+    assert config.budget_for(120, 120) == 120  # never compressed after the prompt
+    assert config.budget_for(300, 120) == 120 + 64
+    assert config.protected_len(120) == 120
+    assert CompressionConfig(method="infokv", budget=64).protected_len(120) == 4  # the sinks
+    ratio = CompressionConfig(method="infokv", budget_ratio=0.5, keep_prompt=True)
+    assert ratio.budget_for(1120, 120) == 120 + 500  # a share of the generated tokens
+    assert config.kv_bound == 64 + 128  # beside the prompt, which admission adds
+
+
+@pytest.mark.parametrize(("extra_args", "expected"), [
+    ({"kv_keep_prompt": True}, {"keep_prompt": True, "budget": 256}),
+    ({"kv_budget": 64, "kv_budget_ratio": 0.5}, {"budget": 64, "budget_ratio": 0.5}),
+    ({"kv_budget_ratio": 0.5}, {"budget": None, "budget_ratio": 0.5}),
+])
+def test_per_request_budget_settings(extra_args, expected):
+    settings = CompressionConfig(method="infokv", budget=256).for_request(extra_args)
+    assert {name: getattr(settings, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (1, True), ("false", False), (0, False)])
+def test_per_request_keep_prompt_takes_what_vllm_xargs_carries(value, expected):
+    # vLLM's vllm_xargs schema has no booleans: JSON true arrives as 1.
+    assert CompressionConfig(method="infokv").for_request({"kv_keep_prompt": value}).keep_prompt is expected
+
+
+@pytest.mark.parametrize("value", ["yes", 2, 1.0])
+def test_per_request_keep_prompt_must_be_a_boolean(value):
+    with pytest.raises(CompressionConfigError, match=f"kv_keep_prompt: {value!r} is not true or false"):
+        CompressionConfig(method="infokv").for_request({"kv_keep_prompt": value})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -134,6 +135,8 @@ def test_policies_ask_only_for_the_signals_they_use():
     assert signals("infokv") == {ATTENTION, ENTROPY, REPRESENTATION}
     assert signals("infokv", entropy_score="entropy_only") == {ATTENTION, ENTROPY}
     assert signals("entropy") == {ENTROPY, REPRESENTATION}
+    assert signals("rkv") == {ATTENTION}
+    assert [name for name in POLICIES if make_policy(CompressionConfig(method=name)).reads_keys] == ["rkv"]
 
 
 def test_topk_entropy_bounds():
@@ -173,3 +176,63 @@ def test_pooling_spreads_peaks_to_neighbours():
     scores = torch.zeros(1, 1, 10)
     scores[0, 0, 5] = 1.0
     assert pool_scores(scores, 3)[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def rkv_redundancy_loop(keys: torch.Tensor, threshold: float) -> torch.Tensor:
+    """R-KV's redundancy written out token by token: [heads, n, d] -> [heads, n]."""
+    heads, n, _ = keys.shape
+    out = torch.zeros(heads, n)
+    for head in range(heads):
+        unit = [k / (k.norm() + 1e-8) for k in keys[head]]
+        similarity = [[float(unit[i] @ unit[j]) if i != j else 0.0 for j in range(n)] for i in range(n)]
+        for i in range(n):
+            similar = [j for j in range(n) if similarity[i][j] > threshold]
+            similarity[i][similar[-1] if similar else 0] = 0.0  # the most recent near-duplicate keeps its score
+        column_means = torch.tensor([sum(similarity[i][j] for i in range(n)) / n for j in range(n)])
+        out[head] = column_means.softmax(-1)
+    return out
+
+
+def test_rkv_redundancy_matches_the_token_by_token_reference():
+    from infokv_vllm.scoring.rkv import REDUNDANCY_THRESHOLD, key_redundancy
+
+    torch.manual_seed(0)
+    keys = torch.randn(2, 12, 4)
+    keys[:, 7] = keys[:, 2] * 2  # duplicates, to cross the threshold
+    torch.testing.assert_close(key_redundancy(keys), rkv_redundancy_loop(keys, REDUNDANCY_THRESHOLD))
+
+
+def repeated_step(copies: list[int]) -> SelectionInput:
+    """Unrelated keys except `copies`, one key restated; attention favours the copies a little."""
+    keys = torch.eye(64)[:LENGTH].expand(LAYERS, HEADS, LENGTH, 64).clone()
+    keys[:, :, copies] = torch.eye(64)[-1]
+    attention = flat(1.0 / LENGTH)
+    attention[:, :, copies] = 1.2 / LENGTH
+    signals = {ATTENTION: attention, ENTROPY: flat(0.5), REPRESENTATION: flat(1.0)}
+    return dataclasses.replace(selection_input(**signals), keys=keys)
+
+
+def test_rkv_keeps_the_latest_of_repeated_tokens():
+    """Candidates 10-30 restate one step (one key): attention favours all of them equally, more than the 4
+    candidate slots hold, so SnapKV keeps four copies; R-KV keeps the latest copy and spends the rest on other
+    tokens."""
+    copies = list(range(10, 31, 2))
+    request = repeated_step(copies)
+    chosen = kept("rkv", request)[..., SINKS:KEEP - WINDOW]  # the 4 candidates kept
+    assert (chosen == copies[-1]).any(dim=-1).all()
+    assert torch.isin(chosen, torch.tensor(copies)).sum(dim=-1).eq(1).all()
+    assert torch.isin(kept("snapkv", request)[..., SINKS:KEEP - WINDOW], torch.tensor(copies)).all()
+
+
+def test_infokv_redundancy_term_drops_the_older_copies():
+    copies = list(range(10, 31, 2))
+    request = repeated_step(copies)
+    without = kept("infokv", request)[..., SINKS:KEEP - WINDOW]
+    with_redundancy = kept("infokv", request, redundancy=1.0)[..., SINKS:KEEP - WINDOW]
+    assert torch.isin(without, torch.tensor(copies)).all()
+    assert (with_redundancy == copies[-1]).any(dim=-1).all()
+    # The latest copy and the one before it (R-KV's rule spares the latest copy's own latest duplicate a little):
+    # two kept copies where attention and entropy alone keep four.
+    assert torch.isin(with_redundancy, torch.tensor(copies)).sum(dim=-1).le(2).all()
+    assert make_policy(CompressionConfig(method="infokv", redundancy=0.5)).reads_keys
+    assert not make_policy(CompressionConfig(method="infokv")).reads_keys

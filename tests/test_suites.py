@@ -47,3 +47,32 @@ def test_scores_are_exact():
     assert score(chain, "Step 1 (add 2): 40 + 2 = 42. The total is now 42.\nAnswer: 42")
     assert not score(chain, "Answer: 41") and not score(chain, "The total is now 42.")
     assert score(chain, "Answer: 7\nAnswer: 42")  # the last answer line counts
+
+
+def test_math_answers_are_graded_by_value_not_by_text():
+    gsm = Sample("gsm8k", "gsm8k", "g", "", "1000", 640)
+    assert score(gsm, "... so she pays \\boxed{1,000} dollars.")
+    assert score(gsm, "The answer is \\boxed{\\$1000.00}")
+    assert score(gsm, "3 * 250 = 750, and 750 + 250 = 1000")  # no box: the last expression
+    assert not score(gsm, "\\boxed{100}") and not score(gsm, "I am not sure.")
+    math = Sample("math500", "level2", "m", "", "\\left( 3, \\frac{\\pi}{2} \\right)", 1024)
+    assert score(math, "Therefore the point is \\boxed{(3, \\pi/2)}.")
+    assert not score(math, "\\boxed{(3, \\pi)}")
+    assert score(Sample("math500", "level1", "f", "", "\\frac{1}{2}", 1024), "\\boxed{0.5}")
+
+
+def test_gsm8k_and_math500_samples_come_from_the_data_files(monkeypatch):
+    from benchmarks import suites
+    from infokv_vllm.testing.datasets import DATASETS
+
+    rows = {"gsm8k-test": [{"question": f"Q{i}?", "answer": f"work\n#### {i},000"} for i in range(5)],
+            "math500-test": [{"problem": f"P{i}", "answer": str(i), "level": i % 5 + 1, "unique_id": f"u{i}"}
+                             for i in range(10)]}
+    for name, data in rows.items():
+        monkeypatch.setitem(DATASETS, name, type("Rows", (), {"read_jsonl": staticmethod(lambda data=data: data)}))
+    drawn = suites.gsm8k(3, seed=0)
+    assert drawn == suites.gsm8k(3, seed=0) and len({s.id for s in drawn}) == 3
+    for sample in drawn:
+        index = int(sample.id.rsplit("-", 1)[1])
+        assert sample.prompt == f"Q{index}?\n{suites.COT_INSTRUCTION}" and sample.answer == f"{index}000"
+    assert {s.task for s in suites.math500(4, seed=1, levels=(1, 2))} <= {"level1", "level2"}

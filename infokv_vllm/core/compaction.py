@@ -118,6 +118,13 @@ class PagedKVCompactor:
     def block_size(self) -> int:
         return self.layout.block_size
 
+    def keys(self, block_ids: list[int], length: int) -> torch.Tensor:
+        """The keys of a request's first `length` slots, [layers, kv_heads, length, head_size] (a copy)."""
+        blocks = torch.tensor(block_ids[: -(-length // self.block_size)], dtype=torch.long,
+                              device=self.caches[0].device)
+        return torch.stack([self.layout.block_keys(cache, blocks).transpose(0, 1).flatten(1, 2)[:, :length]
+                            for cache in self.caches])
+
     def compact(self, block_ids: list[int], keep: torch.Tensor) -> None:
         """keep: [layers, kv_heads, kept_len] ascending token indices of the request's current slots."""
         device = self.caches[0].device

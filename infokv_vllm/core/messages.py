@@ -29,6 +29,7 @@ class Compaction:
     logical_len: int  # tokens whose KV exists (num_computed_tokens); positions keep counting from here
     physical_len: int  # slots the request holds before compaction
     kept_len: int  # slots after compaction
+    sinks: int  # leading tokens that are always kept (the sinks, or the whole prompt with keep_prompt)
     window: int  # most recent tokens that are always kept (the observation window)
 
 

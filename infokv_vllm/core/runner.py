@@ -216,10 +216,11 @@ class CompressingRunnerMixin:
         scores = self.policy.scores(SelectionInput(
             request_id=compaction.request_id, num_layers=compactor.num_layers,
             num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len,
-            keep_len=compaction.kept_len, sinks=self.compression.sinks,
+            keep_len=compaction.kept_len, sinks=compaction.sinks,
             window=compaction.window, device=self.signals.device if self.signals else torch.device("cpu"),
-            signals=signals))
-        keep = select_tokens(scores, compaction.kept_len, self.compression.sinks, compaction.window)
+            signals=signals,
+            keys=compactor.keys(block_ids, compaction.physical_len) if self.policy.reads_keys else None))
+        keep = select_tokens(scores, compaction.kept_len, compaction.sinks, compaction.window)
         chosen = time.perf_counter()
         compactor.compact(block_ids, keep)
         if self.signals is not None:

@@ -45,6 +45,7 @@ class CompressionRecord:
     events: int = 0
     tokens_evicted: int = 0
     blocks_freed: int = 0
+    peak_slots: int = 0  # the most KV slots it held (before a compaction, or when it finished)
 
 
 class CompressingScheduler(Scheduler):
@@ -114,12 +115,12 @@ class CompressingScheduler(Scheduler):
             end = request.num_computed_tokens  # already advanced past this step's tokens
             if request_id not in self._past_prompt:
                 prompt = request.num_prompt_tokens
-                if prompt <= settings.budget_for(prompt):
+                if prompt <= settings.budget_for(prompt, prompt):
                     continue
                 start = prompt - settings.prefill_window
             else:
                 logical = end - num_tokens
-                trigger = settings.budget_for(logical) + settings.decode_interval
+                trigger = settings.budget_for(logical, request.num_prompt_tokens) + settings.decode_interval
                 start = trigger - settings.decode_window + self.manager.evicted.get(request_id, 0)
             if end > start:
                 starts[request_id] = start
@@ -143,13 +144,14 @@ class CompressingScheduler(Scheduler):
             self._past_prompt.discard(request.request_id)
             return None
         physical = self.manager.physical_len(request.request_id, logical)
-        budget = settings.budget_for(logical)
+        budget = settings.budget_for(logical, request.num_prompt_tokens)
+        sinks = settings.protected_len(request.num_prompt_tokens)
         if request.request_id not in self._past_prompt:
             self._past_prompt.add(request.request_id)
             if physical > budget:
-                return Compaction(request.request_id, logical, physical, budget, settings.prefill_window)
+                return Compaction(request.request_id, logical, physical, budget, sinks, settings.prefill_window)
         elif physical >= budget + settings.decode_interval:
-            return Compaction(request.request_id, logical, physical, budget, settings.decode_window)
+            return Compaction(request.request_id, logical, physical, budget, sinks, settings.decode_window)
         return None
 
     def _relieve_memory_pressure(self, already_compacted: set[str]) -> list[Compaction]:
@@ -163,7 +165,8 @@ class CompressingScheduler(Scheduler):
             if request.request_id in already_compacted or logical < request.num_prompt_tokens \
                     or not settings.enabled:
                 continue
-            excess = self.manager.physical_len(request.request_id, logical) - settings.budget_for(logical)
+            excess = (self.manager.physical_len(request.request_id, logical)
+                      - settings.budget_for(logical, request.num_prompt_tokens))
             if excess > 0:
                 candidates.append((excess, request))
         for _, request in sorted(candidates, key=lambda item: -item[0]):
@@ -172,8 +175,9 @@ class CompressingScheduler(Scheduler):
             logical = request.num_computed_tokens
             physical = self.manager.physical_len(request.request_id, logical)
             settings = self.settings_of(request)
-            compaction = Compaction(request.request_id, logical, physical, settings.budget_for(logical),
-                                    settings.decode_window)
+            compaction = Compaction(request.request_id, logical, physical,
+                                    settings.budget_for(logical, request.num_prompt_tokens),
+                                    settings.protected_len(request.num_prompt_tokens), settings.decode_window)
             shortfall -= self._apply(compaction)
             compactions.append(compaction)
         return compactions
@@ -191,6 +195,7 @@ class CompressingScheduler(Scheduler):
         freed = self.manager.compact(compaction.request_id, compaction.physical_len, compaction.kept_len)
         evicted = compaction.physical_len - compaction.kept_len
         record = self.records.setdefault(compaction.request_id, CompressionRecord())
+        record.peak_slots = max(record.peak_slots, compaction.physical_len)
         for tally in (record, self.totals):
             tally.events += 1
             tally.tokens_evicted += evicted
@@ -203,9 +208,12 @@ class CompressingScheduler(Scheduler):
     def _free_request(self, request: Request, *args, **kwargs):
         self._past_prompt.discard(request.request_id)
         self._entropies.pop(request.request_id, None)
-        self._settings.pop(request.request_id, None)
         record = self.records.pop(request.request_id, None)
-        if record is not None:
+        if self.settings_of(request).enabled:
+            record = record or CompressionRecord()
+            held = self.manager.physical_len(request.request_id, request.num_computed_tokens)
             logger.debug("infokv: request %s finished after %d compressions: %d tokens evicted, %d blocks "
-                         "freed", request.request_id, record.events, record.tokens_evicted, record.blocks_freed)
+                         "freed, peak %d KV slots", request.request_id, record.events, record.tokens_evicted,
+                         record.blocks_freed, max(record.peak_slots, held))
+        self._settings.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)

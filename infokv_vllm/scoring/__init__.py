@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
 from infokv_vllm.scoring.infokv import EntropyPolicy, InfoKVPolicy
 from infokv_vllm.scoring.random import RandomPolicy
+from infokv_vllm.scoring.rkv import RKVPolicy
 from infokv_vllm.scoring.selection import select_tokens
 from infokv_vllm.scoring.snapkv import SnapKVPolicy
 from infokv_vllm.scoring.streaming import StreamingPolicy
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from infokv_vllm.config import CompressionConfig
 
 POLICIES: dict[str, type[ScoringPolicy]] = {
-    cls.name: cls for cls in (InfoKVPolicy, SnapKVPolicy, StreamingPolicy, RandomPolicy, EntropyPolicy)}
+    cls.name: cls for cls in (InfoKVPolicy, SnapKVPolicy, StreamingPolicy, RandomPolicy, EntropyPolicy, RKVPolicy)}
 
 
 def make_policy(config: CompressionConfig) -> ScoringPolicy:

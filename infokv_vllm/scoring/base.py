@@ -26,6 +26,8 @@ class SelectionInput:
     device: torch.device
     # [num_layers, num_kv_heads, kept_len] per signal in `ScoringPolicy.signals`
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    # [num_layers, num_kv_heads, kept_len, head_size], for a policy that `reads_keys`
+    keys: torch.Tensor | None = None
 
     def candidates(self) -> torch.Tensor:
         """Mask [kept_len] of the tokens that compete for the budget (neither sinks nor window)."""
@@ -39,10 +41,12 @@ class ScoringPolicy(ABC):
     """Scores every cached token of a request per (layer, KV head); higher means more worth keeping.
 
     `signals` names what the model runner must record for it (`infokv_vllm.signals`); it records nothing else.
+    A policy that `reads_keys` gets the request's cached keys too (read from the KV pages when it compacts).
     """
 
     name: ClassVar[str]
     signals: ClassVar[frozenset[str]] = frozenset()
+    reads_keys: ClassVar[bool] = False
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config

@@ -12,6 +12,10 @@ window). `alpha` is the entropy signal's share; the fusion rule (`FUSION_RULES`,
   ("Fusion"): at least as good as `sum` at every budget measured, and far closer to the full cache in decoding.
 - `split`: a share alpha of the candidates' budget is reserved for entropy's top tokens; attention fills the rest.
   Whatever each signal ranks highest is kept, by construction.
+
+`redundancy` (0 by default) subtracts R-KV's key redundancy (`rkv.key_redundancy`), as a quantile among the
+candidates times that weight, from the fused score: in a reasoning trace that restates a step, the older copies
+go first, whatever attention and entropy say of them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
+from infokv_vllm.scoring.rkv import key_redundancy
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.signals.attention import pool_scores
 
@@ -72,6 +77,10 @@ class InfoKVPolicy(ScoringPolicy):
         return self.config.alpha
 
     @property
+    def reads_keys(self) -> bool:  # type: ignore[override]
+        return self.config.redundancy > 0
+
+    @property
     def signals(self) -> frozenset[str]:  # type: ignore[override]
         needed = {ENTROPY}
         if self.alpha < 1.0:
@@ -93,9 +102,16 @@ class InfoKVPolicy(ScoringPolicy):
         candidates = request.candidates()
         entropy = self.entropy_signal(request, candidates)
         if self.alpha == 1.0:
-            return entropy
-        attention = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
-        return FUSION_RULES[self.config.fusion](attention, entropy, candidates, self.alpha, request)
+            fused = entropy
+        else:
+            attention = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
+            fused = FUSION_RULES[self.config.fusion](attention, entropy, candidates, self.alpha, request)
+        if not self.reads_keys:
+            return fused
+        redundancy = torch.stack([key_redundancy(layer_keys) for layer_keys in request.keys]).to(fused.device)
+        if self.alpha == 1.0 or self.config.fusion == "sum":
+            fused = quantile_over(fused, candidates)  # on the [0, 1] scale the penalty uses
+        return fused - self.config.redundancy * quantile_over(redundancy, candidates)
 
 
 class EntropyPolicy(InfoKVPolicy):

@@ -16,7 +16,7 @@ from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, ru
 from infokv_vllm.testing.local_server import vllm_server
 from tests.gpu.conftest import GPU_ENGINE, GPU_SERVE_FLAGS
 from tests.test_eviction_e2e import PROMPTS
-from tests.test_snapkv_reference import CONFIG, batch_prompts, snapkv_reference, vllm_kept_sets
+from tests.test_snapkv_reference import CONFIG, batch_prompts, policy_reference, vllm_kept_sets
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def test_snapkv_keeps_the_transformers_sets_on_a_batch(gpu_model_dir):
     kept, _ = vllm_kept_sets(gpu_model_dir, prompts, **GPU_ENGINE)
     model = AutoModelForCausalLM.from_pretrained(gpu_model_dir, dtype=torch.float32, attn_implementation="eager")
     for rid, ids in prompts.items():
-        reference_kept, _ = snapkv_reference(model.eval(), ids)
+        reference_kept, _ = policy_reference(model.eval(), ids, "snapkv")
         overlap = [len(set(a.tolist()) & set(b.tolist())) / CONFIG.budget
                    for a, b in zip(kept[rid].cpu().flatten(0, 1), reference_kept.flatten(0, 1))]
         assert sum(overlap) / len(overlap) >= 0.9, (rid, min(overlap))
