@@ -200,3 +200,34 @@ def test_requests_carry_their_own_budget_or_opt_out(smollm2_dir):
     assert kept["server"] == {BUDGET} and kept["big"] == {128}
     assert "opt_out" not in kept
     assert len(kept["ratio"]) >= 2 and max(kept["ratio"]) > BUDGET, "half of a growing length"
+
+
+def test_keep_prompt_never_evicts_the_prompt(smollm2_dir):
+    """With `kv_keep_prompt`, a prompt longer than the budget is not compressed after prefill, and every decode
+    compaction keeps all of its tokens, in their slots, plus the budget of generated ones; without it, the same
+    request is compressed to the budget at once."""
+    prompt = " ".join(PROMPTS.values()) * 3  # ~120 tokens: longer than the budget
+    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=SMALL_POOL) as llm:
+        runner, scheduler = model_runner_of(llm), scheduler_of(llm)
+        initial_free = free_blocks(llm)
+        kept, compact = [], runner.compactor.compact
+
+        def recording(block_ids, keep):
+            kept.append(keep.clone())
+            return compact(block_ids, keep)
+
+        runner.compactor.compact = recording
+        prompt_len = len(llm.get_tokenizer()(prompt)["input_ids"])
+        assert prompt_len > BUDGET + INTERVAL
+        keep_prompt = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True, extra_args={"kv_keep_prompt": True})
+        outputs = run_to_completion(llm, {"kept": prompt}, keep_prompt)
+        assert len(outputs["kept"]) == 150
+        assert len(kept) >= 2, "compressed during decoding"
+        for keep in kept:
+            assert keep.shape[-1] == prompt_len + BUDGET
+            assert torch.equal(keep[..., :prompt_len], torch.arange(prompt_len).expand(*keep.shape[:2], -1))
+        kept.clear()
+        run_to_completion(llm, {"plain": prompt}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        assert [keep.shape[-1] for keep in kept] == [BUDGET]  # the prompt itself is compressed
+        assert free_blocks(llm) == initial_free
+        assert not scheduler.requests
