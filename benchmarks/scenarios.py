@@ -269,7 +269,8 @@ def main() -> None:
         for index, policy in enumerate(policies):
             # Budgets and the full cache are per request (the server's budget is never used); DEBUG logging
             # carries the scheduler's per-request peak KV line.
-            flags = [*policy_flags(policy), "--kv-decode-interval", str(args.decode_interval)]
+            # A policy spec's own settings (e.g. `infokv:decode_interval=32`) come last, so they win.
+            flags = ["--kv-decode-interval", str(args.decode_interval), *policy_flags(policy)]
             log_path = Path(logs) / f"{index}.log"
             with vllm_server(model, flags, log_path, base_flags=base_flags,
                              env={"VLLM_LOGGING_LEVEL": "DEBUG"}) as url:

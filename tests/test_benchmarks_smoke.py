@@ -98,3 +98,11 @@ def test_scenarios_smoke():
     assert report["finished_policies"] == ["infokv"]
     assert all(len(c["wrong_examples"]) == min(3, c["samples"] - c["correct"]) for c in cells.values())
     assert (BENCHMARKS / "results" / "scenarios-smoke.png").stat().st_size > 0
+
+
+def test_plumbing_smoke():
+    """GSM8K prompts in the chat template, streaming eviction in vLLM and in transformers: in float32 (SmolLM2)
+    the two traces are the same token for token, through several compactions."""
+    report = run_smoke("plumbing.py")
+    assert len(report["rows"]) == 2 and report["summary"]["identical_traces"] == 2
+    assert all(row["vllm_tokens"] > report["settings"]["budget"] for row in report["rows"])  # compressed on the way

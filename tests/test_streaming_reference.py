@@ -13,7 +13,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion
-from infokv_vllm.testing.transformers_reference import continue_after_eviction, keep_in_cache
+from infokv_vllm.testing.transformers_reference import generate_with_streaming
 
 pytestmark = pytest.mark.e2e
 
@@ -23,27 +23,6 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "in Europe were copied by hand, mostly by monks working in the scriptoria of monasteries, and a single "
           "Bible could take a scribe more than a year. Printed books spread quickly: by 1500 presses operated in "
           "more than two hundred cities, and")
-
-
-def streaming_reference(model, prompt_ids: list[int]) -> list[int]:
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    logical = len(prompt_ids)
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids]), past_key_values=cache, use_cache=True).logits[0, -1]
-    generated, prompt_done = [], False
-    while len(generated) < NEW_TOKENS:
-        generated.append(int(logits.argmax()))
-        physical = cache.get_seq_length()
-        # The scheduler's rule (kv/scheduler.py): once after the prompt, then at budget + interval.
-        if (not prompt_done and physical > BUDGET) or (prompt_done and physical >= BUDGET + INTERVAL):
-            recent = torch.arange(physical - (BUDGET - SINKS), physical)
-            keep_in_cache(cache, torch.cat([torch.arange(SINKS), recent]))
-        prompt_done = True
-        logits = continue_after_eviction(model, cache, torch.tensor([generated[-1]]), logical)[-1]
-        logical += 1
-    return generated
 
 
 def test_vllm_streaming_matches_transformers_with_the_same_evictions(smollm2_dir):
@@ -56,7 +35,7 @@ def test_vllm_streaming_matches_transformers_with_the_same_evictions(smollm2_dir
     with in_process_llm(smollm2_dir, compression) as llm:
         vllm_tokens = run_to_completion(llm, {"doc": TokensPrompt(prompt_token_ids=prompt_ids)}, params)["doc"]
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    reference = streaming_reference(model, prompt_ids)
+    reference = generate_with_streaming(model, prompt_ids, BUDGET, INTERVAL, SINKS, NEW_TOKENS)
     full = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
                           min_new_tokens=NEW_TOKENS)[0, len(prompt_ids):].tolist()
     assert full != reference, "the schedule must change the output, or this test proves nothing"

@@ -76,3 +76,26 @@ def test_gsm8k_and_math500_samples_come_from_the_data_files(monkeypatch):
         index = int(sample.id.rsplit("-", 1)[1])
         assert sample.prompt == f"Q{index}?\n{suites.COT_INSTRUCTION}" and sample.answer == f"{index}000"
     assert {s.task for s in suites.math500(4, seed=1, levels=(1, 2))} <= {"level1", "level2"}
+
+
+def test_ruler_tasks_hide_their_answers_in_real_text(monkeypatch):
+    from benchmarks import suites
+    from infokv_vllm.testing.datasets import DATASETS
+
+    essays = " ".join(f"Essay sentence number {i} says something true." for i in range(3000))
+    squad = {"data": [{"paragraphs": [{"context": f"Paragraph {i} names the river Avon{i}.", "qas": [
+        {"question": f"Which river does paragraph {i} name?", "answers": [{"text": f"Avon{i}"}]}]}
+        for i in range(30)]}]}
+    hotpot = [{"question": f"Who wrote book {i}?", "answer": "yes" if i % 2 else f"Author{i}",
+               "context": [[f"Book {i}", [f"Book {i} was written by Author{i}."]]]} for i in range(30)]
+    for name, document in {"ruler-essays": {"text": essays}, "ruler-squad": squad, "ruler-hotpotqa": hotpot}.items():
+        monkeypatch.setitem(DATASETS, name, type("Json", (), {"read_json": staticmethod(lambda d=document: d)}))
+    samples = suites.ruler(8, seed=2, target_tokens=300, count_tokens=count_words)
+    assert [s.task for s in samples] == list(suites.RULER_TASKS) * 2
+    for sample in samples:
+        assert count_words(sample.prompt) >= 300
+        for reference in sample.answer.split("\n"):
+            assert reference in sample.prompt
+        assert score(sample, f"It is {sample.answer.split(chr(10))[0].upper()}.")  # QA is case-blind
+    assert all(s.answer != "yes" for s in samples if s.task == "qa_hotpotqa")  # yes/no questions left out
+    assert score(samples[0], samples[0].answer) and not score(samples[2], "I do not know")
