@@ -105,4 +105,6 @@ def test_plumbing_smoke():
     the two traces are the same token for token, through several compactions."""
     report = run_smoke("plumbing.py")
     assert len(report["rows"]) == 2 and report["summary"]["identical_traces"] == 2
-    assert all(row["vllm_tokens"] > report["settings"]["budget"] for row in report["rows"])  # compressed on the way
+    settings = report["settings"]
+    for row in report["rows"]:  # the prompt compressed, then the trace at least twice
+        assert row["prompt_tokens"] > settings["budget"] and row["vllm_tokens"] >= 2 * settings["interval"]
