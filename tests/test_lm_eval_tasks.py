@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.suites import SUITES, Sample, score
+from benchmarks.suites import MATH_MAX_TOKENS, RULER_QA_MAX_TOKENS, SEEDED_SUITES, SUITES, Sample, score
 
 TASKS_DIR = Path(__file__).parent.parent / "benchmarks" / "lm_eval_tasks"
 TASKS = {f"infokv_{suite}": suite for suite in SUITES}
@@ -42,6 +42,12 @@ def rows(suite: str) -> list[dict]:
     return [json.loads(line) for line in (TASKS_DIR / f"infokv_{suite}.jsonl").read_text().splitlines()]
 
 
+def max_tokens_asked(suite: str) -> int:
+    if suite in SEEDED_SUITES:
+        return max(row["max_tokens"] for row in rows(suite))
+    return MATH_MAX_TOKENS.get(suite, RULER_QA_MAX_TOKENS)
+
+
 def test_yaml_names_the_tasks_and_their_settings(utils):
     configs = {path.name: load_yaml(path.name) for path in TASKS_DIR.glob("*.yaml")}
     tasks = {config["task"]: config for config in configs.values() if "group" not in config}
@@ -53,7 +59,7 @@ def test_yaml_names_the_tasks_and_their_settings(utils):
         kwargs = config["generation_kwargs"]
         assert kwargs["temperature"] == 0 and kwargs["do_sample"] is False
         assert kwargs["until"] == []  # lm-eval's default, "\n\n", would cut a reasoning trace
-        assert kwargs["max_gen_toks"] >= max(row["max_tokens"] for row in rows(TASKS[name]))
+        assert kwargs["max_gen_toks"] >= max_tokens_asked(TASKS[name])
         assert config["metric_list"] == [{"metric": "accuracy", "aggregation": "mean", "higher_is_better": True}]
         # Every `!function` names a callable of utils.py.
         for field in ("custom_dataset", "process_results"):
@@ -62,7 +68,19 @@ def test_yaml_names_the_tasks_and_their_settings(utils):
         assert config["custom_dataset"] == f"utils.{TASKS[name]}"
 
 
-@pytest.mark.parametrize("suite", SUITES)
+def test_real_data_suites_are_drawn_from_the_fixtures_not_committed(utils, monkeypatch):
+    from infokv_vllm.testing.datasets import DATASETS
+
+    problems = [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(150)]
+    monkeypatch.setitem(DATASETS, "gsm8k-test", type("Rows", (), {"read_jsonl": staticmethod(lambda: problems)}))
+    loaded = utils.rows("gsm8k")
+    assert len(loaded) == utils.REAL_DATA_COUNTS["gsm8k"] and {row["suite"] for row in loaded} == {"gsm8k"}
+    assert utils.to_sample(loaded[0]).prompt.startswith("Q")
+    assert not list(TASKS_DIR.glob("infokv_gsm8k*.jsonl"))
+    assert set(utils.REAL_DATA_COUNTS) == set(SUITES) - set(SEEDED_SUITES)
+
+
+@pytest.mark.parametrize("suite", SEEDED_SUITES)
 def test_jsonl_rows_are_samples(utils, suite):
     loaded = utils.rows(suite)
     assert loaded == rows(suite) and len(loaded) > 0
@@ -76,9 +94,10 @@ def test_jsonl_rows_are_samples(utils, suite):
 def test_process_results_is_suites_score(utils):
     # One home for the rule: utils scores with the function defined in benchmarks/suites.py.
     assert Path(inspect.getsourcefile(utils.score)).resolve() == (TASKS_DIR.parent / "suites.py").resolve()
-    for suite in SUITES:
-        doc = rows(suite)[-1]
+    real = [Sample("gsm8k", "gsm8k", "g", "", "72", 640), Sample("ruler", "qa_squad", "q", "", "Avon", 32)]
+    for doc in [rows(suite)[-1] for suite in SEEDED_SUITES] + [asdict(sample) for sample in real]:
         sample = Sample(**doc)
+        suite = sample.suite
         if suite == "reasoning":
             right = f"Step 1: 1 + 1 = 2\nAnswer: {sample.answer}"
             wrong = f"Step 1: 1 + 1 = 2\nAnswer: {int(sample.answer) + 1}"
