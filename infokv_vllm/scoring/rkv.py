@@ -14,11 +14,11 @@ every copy of what the window attends to. R-KV scores each candidate by
   to the others, softmax-normalised over the sequence, is its redundancy.
 
 Both terms are distributions over the tokens, so lambda weighs like with like. The defaults are those of R-KV's
-reference code (`rkv/compression/r1_kv.py` and `rkv/utils.py` in Zefan-Cai/R-KV: `mix_lambda` 0.07, threshold
-0.5, `retain_direction="last"`). Two differences, both from sharing the engine's attention signal with SnapKV and
+reference code (`rkv/compression/r1_kv.py` and `rkv/utils.py` in Zefan-Cai/R-KV: `mix_lambda` 0.07 as first
+released, where later versions and TriAttention's copy use 0.1; threshold 0.5; `retain_direction="last"`). Two differences, both from sharing the engine's attention signal with SnapKV and
 InfoKV: the window's attention is the mean of each query head's softmax (R-KV takes the softmax of the group's
 largest logit), and its softmax also spans the window's own keys (a per-query rescaling); sinks and window are
-kept by the shared selection, as for every policy.
+kept by the shared selection, as for every policy (R-KV keeps no sinks).
 """
 
 from __future__ import annotations
