@@ -24,7 +24,9 @@ def selection_input(**signals) -> SelectionInput:
 
 
 def kept(method: str, request: SelectionInput, **settings) -> torch.Tensor:
-    config = CompressionConfig(method=method, sinks=SINKS, pooling_kernel=1, **settings)
+    """The kept indices; InfoKV's decode-time redundancy term is off unless a test turns it on (these hand-built
+    requests carry no keys)."""
+    config = CompressionConfig(method=method, sinks=SINKS, pooling_kernel=1, **{"redundancy": 0.0, **settings})
     return select_tokens(make_policy(config).scores(request), KEEP, SINKS, WINDOW)
 
 
@@ -136,7 +138,8 @@ def test_policies_ask_only_for_the_signals_they_use():
     assert signals("infokv", entropy_score="entropy_only") == {ATTENTION, ENTROPY}
     assert signals("entropy") == {ENTROPY, REPRESENTATION}
     assert signals("rkv") == {ATTENTION}
-    assert [name for name in POLICIES if make_policy(CompressionConfig(method=name)).reads_keys] == ["rkv"]
+    assert [name for name in POLICIES if make_policy(CompressionConfig(method=name)).reads_keys(True)] == [
+        "infokv", "rkv"]
 
 
 def test_topk_entropy_bounds():
@@ -234,5 +237,8 @@ def test_infokv_redundancy_term_drops_the_older_copies():
     # The latest copy and the one before it (R-KV's rule spares the latest copy's own latest duplicate a little):
     # two kept copies where attention and entropy alone keep four.
     assert torch.isin(with_redundancy, torch.tensor(copies)).sum(dim=-1).le(2).all()
-    assert make_policy(CompressionConfig(method="infokv", redundancy=0.5)).reads_keys
-    assert not make_policy(CompressionConfig(method="infokv")).reads_keys
+    with_term = make_policy(CompressionConfig(method="infokv", redundancy=0.5))
+    assert with_term.reads_keys(decoding=True) and not with_term.reads_keys(decoding=False)  # not on the prompt
+    assert not make_policy(CompressionConfig(method="infokv", redundancy=0.0)).reads_keys(decoding=True)
+    prompt = dataclasses.replace(request, decoding=False, keys=None)
+    assert torch.equal(kept("infokv", prompt, redundancy=1.0), kept("infokv", prompt))

@@ -31,6 +31,7 @@ class Compaction:
     kept_len: int  # slots after compaction
     sinks: int  # leading tokens that are always kept (the sinks, or the whole prompt with keep_prompt)
     window: int  # most recent tokens that are always kept (the observation window)
+    decoding: bool  # False for the compaction right after the prompt, True once the request decodes
 
 
 @dataclass(frozen=True)

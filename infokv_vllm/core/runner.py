@@ -218,8 +218,9 @@ class CompressingRunnerMixin:
             num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len,
             keep_len=compaction.kept_len, sinks=compaction.sinks,
             window=compaction.window, device=self.signals.device if self.signals else torch.device("cpu"),
-            signals=signals,
-            keys=compactor.keys(block_ids, compaction.physical_len) if self.policy.reads_keys else None))
+            signals=signals, decoding=compaction.decoding,
+            keys=compactor.keys(block_ids, compaction.physical_len) if self.policy.reads_keys(compaction.decoding)
+            else None))
         keep = select_tokens(scores, compaction.kept_len, compaction.sinks, compaction.window)
         chosen = time.perf_counter()
         compactor.compact(block_ids, keep)

@@ -149,9 +149,11 @@ class CompressingScheduler(Scheduler):
         if request.request_id not in self._past_prompt:
             self._past_prompt.add(request.request_id)
             if physical > budget:
-                return Compaction(request.request_id, logical, physical, budget, sinks, settings.prefill_window)
+                return Compaction(request.request_id, logical, physical, budget, sinks, settings.prefill_window,
+                                  decoding=False)
         elif physical >= budget + settings.decode_interval:
-            return Compaction(request.request_id, logical, physical, budget, sinks, settings.decode_window)
+            return Compaction(request.request_id, logical, physical, budget, sinks, settings.decode_window,
+                              decoding=True)
         return None
 
     def _relieve_memory_pressure(self, already_compacted: set[str]) -> list[Compaction]:
@@ -177,7 +179,8 @@ class CompressingScheduler(Scheduler):
             settings = self.settings_of(request)
             compaction = Compaction(request.request_id, logical, physical,
                                     settings.budget_for(logical, request.num_prompt_tokens),
-                                    settings.protected_len(request.num_prompt_tokens), settings.decode_window)
+                                    settings.protected_len(request.num_prompt_tokens), settings.decode_window,
+                                    decoding=True)
             shortfall -= self._apply(compaction)
             compactions.append(compaction)
         return compactions

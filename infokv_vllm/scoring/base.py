@@ -26,8 +26,9 @@ class SelectionInput:
     device: torch.device
     # [num_layers, num_kv_heads, kept_len] per signal in `ScoringPolicy.signals`
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
-    # [num_layers, num_kv_heads, kept_len, head_size], for a policy that `reads_keys`
+    # [num_layers, num_kv_heads, kept_len, head_size], where the policy `reads_keys`
     keys: torch.Tensor | None = None
+    decoding: bool = True  # False when the prompt itself is compressed, right after it is processed
 
     def candidates(self) -> torch.Tensor:
         """Mask [kept_len] of the tokens that compete for the budget (neither sinks nor window)."""
@@ -46,7 +47,10 @@ class ScoringPolicy(ABC):
 
     name: ClassVar[str]
     signals: ClassVar[frozenset[str]] = frozenset()
-    reads_keys: ClassVar[bool] = False
+
+    def reads_keys(self, decoding: bool) -> bool:
+        """Whether scoring a compaction (of the prompt, or while decoding) needs the request's cached keys."""
+        return False
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config

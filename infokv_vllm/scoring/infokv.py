@@ -14,8 +14,10 @@ window). `alpha` is the entropy signal's share; the fusion rule (`FUSION_RULES`,
   Whatever each signal ranks highest is kept, by construction.
 
 `redundancy` (0 by default) subtracts R-KV's key redundancy (`rkv.key_redundancy`), as a quantile among the
-candidates times that weight, from the fused score: in a reasoning trace that restates a step, the older copies
-go first, whatever attention and entropy say of them.
+candidates times that weight, from the fused score, in compactions while decoding: in a reasoning trace that
+restates a step, the older copies go first, whatever attention and entropy say of them. The prompt's own
+compaction leaves it out: a document does not restate itself the way a trace does, and its similarity matrix
+grows with the square of the prompt.
 """
 
 from __future__ import annotations
@@ -76,9 +78,8 @@ class InfoKVPolicy(ScoringPolicy):
     def alpha(self) -> float:
         return self.config.alpha
 
-    @property
-    def reads_keys(self) -> bool:  # type: ignore[override]
-        return self.config.redundancy > 0
+    def reads_keys(self, decoding: bool) -> bool:
+        return decoding and self.config.redundancy > 0
 
     @property
     def signals(self) -> frozenset[str]:  # type: ignore[override]
@@ -106,7 +107,7 @@ class InfoKVPolicy(ScoringPolicy):
         else:
             attention = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
             fused = FUSION_RULES[self.config.fusion](attention, entropy, candidates, self.alpha, request)
-        if not self.reads_keys:
+        if not self.reads_keys(request.decoding):
             return fused
         redundancy = torch.stack([key_redundancy(layer_keys) for layer_keys in request.keys]).to(fused.device)
         if self.alpha == 1.0 or self.config.fusion == "sum":
@@ -115,10 +116,13 @@ class InfoKVPolicy(ScoringPolicy):
 
 
 class EntropyPolicy(InfoKVPolicy):
-    """InfoKV without attention (alpha = 1), for ablation."""
+    """InfoKV's entropy signal alone (alpha = 1, no redundancy term), for ablation."""
 
     name = "entropy"
 
     @property
     def alpha(self) -> float:
         return 1.0
+
+    def reads_keys(self, decoding: bool) -> bool:
+        return False

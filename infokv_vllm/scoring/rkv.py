@@ -49,7 +49,9 @@ def key_redundancy(keys: torch.Tensor, threshold: float = REDUNDANCY_THRESHOLD) 
 class RKVPolicy(ScoringPolicy):
     name = "rkv"
     signals = frozenset({ATTENTION})
-    reads_keys = True
+
+    def reads_keys(self, decoding: bool) -> bool:
+        return True
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
         importance = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
