@@ -77,7 +77,8 @@ def main() -> None:
     rows = []
     for sample in samples:
         ours, theirs = served[sample.id], reference[sample.id]
-        rows.append({"id": sample.id, "prompt_tokens": len(prompts[sample.id]), "vllm_correct": score(sample, tokenizer.decode(ours, skip_special_tokens=True)),
+        rows.append({"id": sample.id, "prompt_tokens": len(prompts[sample.id]),
+                     "vllm_correct": score(sample, tokenizer.decode(ours, skip_special_tokens=True)),
                      "transformers_correct": score(sample, tokenizer.decode(theirs, skip_special_tokens=True)),
                      "vllm_tokens": len(ours), "transformers_tokens": len(theirs),
                      "shared_prefix": shared_prefix(ours, theirs), "identical": ours == theirs})

@@ -14,10 +14,10 @@
   answer, case-blind (RULER's `string_match_part`); HotpotQA's yes/no questions are left out, as any reply with
   "yes" in it would pass. Sentences are split on end punctuation (RULER's `nltk.sent_tokenize` needs data no
   registry ships).
-- `retrieval` (long prefill, the development suite): RULER-style needles in a generated haystack of `target_tokens` tokens, one task per
-  sample in turn: `niah_single` (one key's 7-digit number), `niah_multikey` (four keys, one asked) and
-  `variable_tracking` (a value passed along a chain of five variables, all of them asked). The cache is compressed
-  once, after the prompt; the answer is short.
+- `retrieval` (long prefill, the development suite): RULER-style needles in a generated haystack of
+  `target_tokens` tokens, one task per sample in turn: `niah_single` (one key's 7-digit number),
+  `niah_multikey` (four keys, one asked) and `variable_tracking` (a value passed along a chain of five variables,
+  all of them asked). The cache is compressed once, after the prompt; the answer is short.
 - `reasoning` (long decoding): a chain of one-digit additions and subtractions on one number, worked through one
   line per step (chain of thought), then the final number. The trace is several times the budget and every line
   needs its step from the prompt and the running total from the trace, so the cache is compressed many times on
@@ -243,8 +243,8 @@ def gsm8k(count: int, seed: int, split: str = "test") -> list[Sample]:
     samples = []
     for index in _draw(len(rows), count, seed):
         answer = rows[index]["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-        samples.append(Sample("gsm8k", "gsm8k", f"gsm8k-{split}-{index}", f"{rows[index]['question']}\n{COT_INSTRUCTION}",
-                              answer, MATH_MAX_TOKENS["gsm8k"]))
+        prompt = f"{rows[index]['question']}\n{COT_INSTRUCTION}"
+        samples.append(Sample("gsm8k", "gsm8k", f"gsm8k-{split}-{index}", prompt, answer, MATH_MAX_TOKENS["gsm8k"]))
     return samples
 
 

@@ -219,7 +219,8 @@ def test_keep_prompt_never_evicts_the_prompt(smollm2_dir):
         runner.compactor.compact = recording
         prompt_len = len(llm.get_tokenizer()(prompt)["input_ids"])
         assert prompt_len > BUDGET + INTERVAL
-        keep_prompt = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True, extra_args={"kv_keep_prompt": True})
+        keep_prompt = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True,
+                                     extra_args={"kv_keep_prompt": True})
         outputs = run_to_completion(llm, {"kept": prompt}, keep_prompt)
         assert len(outputs["kept"]) == 150
         assert len(kept) >= 2, "compressed during decoding"

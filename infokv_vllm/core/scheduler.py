@@ -145,16 +145,22 @@ class CompressingScheduler(Scheduler):
             return None
         physical = self.manager.physical_len(request.request_id, logical)
         budget = settings.budget_for(logical, request.num_prompt_tokens)
-        sinks = settings.protected_len(request.num_prompt_tokens)
         if request.request_id not in self._past_prompt:
             self._past_prompt.add(request.request_id)
             if physical > budget:
-                return Compaction(request.request_id, logical, physical, budget, sinks, settings.prefill_window,
-                                  decoding=False)
+                return self._to_budget(request, settings, physical, decoding=False)
         elif physical >= budget + settings.decode_interval:
-            return Compaction(request.request_id, logical, physical, budget, sinks, settings.decode_window,
-                              decoding=True)
+            return self._to_budget(request, settings, physical, decoding=True)
         return None
+
+    @staticmethod
+    def _to_budget(request: Request, settings: CompressionConfig, physical: int, decoding: bool) -> Compaction:
+        """A compaction of the request's `physical` slots down to its budget, with the prompt's or the decode
+        observation window."""
+        logical, prompt = request.num_computed_tokens, request.num_prompt_tokens
+        return Compaction(request.request_id, logical, physical, settings.budget_for(logical, prompt),
+                          settings.protected_len(prompt),
+                          settings.decode_window if decoding else settings.prefill_window, decoding)
 
     def _relieve_memory_pressure(self, already_compacted: set[str]) -> list[Compaction]:
         compactions = []
@@ -174,13 +180,8 @@ class CompressingScheduler(Scheduler):
         for _, request in sorted(candidates, key=lambda item: -item[0]):
             if shortfall <= 0:
                 break
-            logical = request.num_computed_tokens
-            physical = self.manager.physical_len(request.request_id, logical)
-            settings = self.settings_of(request)
-            compaction = Compaction(request.request_id, logical, physical,
-                                    settings.budget_for(logical, request.num_prompt_tokens),
-                                    settings.protected_len(request.num_prompt_tokens), settings.decode_window,
-                                    decoding=True)
+            physical = self.manager.physical_len(request.request_id, request.num_computed_tokens)
+            compaction = self._to_budget(request, self.settings_of(request), physical, decoding=True)
             shortfall -= self._apply(compaction)
             compactions.append(compaction)
         return compactions

@@ -15,10 +15,11 @@ every copy of what the window attends to. R-KV scores each candidate by
 
 Both terms are distributions over the tokens, so lambda weighs like with like. The defaults are those of R-KV's
 reference code (`rkv/compression/r1_kv.py` and `rkv/utils.py` in Zefan-Cai/R-KV: `mix_lambda` 0.07 as first
-released, where later versions and TriAttention's copy use 0.1; threshold 0.5; `retain_direction="last"`). Two differences, both from sharing the engine's attention signal with SnapKV and
-InfoKV: the window's attention is the mean of each query head's softmax (R-KV takes the softmax of the group's
-largest logit), and its softmax also spans the window's own keys (a per-query rescaling); sinks and window are
-kept by the shared selection, as for every policy (R-KV keeps no sinks).
+released, where later versions and TriAttention's copy use 0.1; threshold 0.5; `retain_direction="last"`). Two
+differences, both from sharing the engine's attention signal with SnapKV and InfoKV: the window's attention is
+the mean of each query head's softmax (R-KV takes the softmax of the group's largest logit), and its softmax also
+spans the window's own keys (a per-query rescaling); sinks and window are kept by the shared selection, as for
+every policy (R-KV keeps no sinks).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def key_redundancy(keys: torch.Tensor, threshold: float = REDUNDANCY_THRESHOLD) 
     return similarity.mean(dim=-2).softmax(dim=-1)
 
 
+def request_redundancy(request: SelectionInput) -> torch.Tensor:
+    """`key_redundancy` of every layer of a request, [layers, kv_heads, kept_len]; one layer at a time, as the
+    similarity matrices are [kv_heads, n, n]."""
+    return torch.stack([key_redundancy(layer_keys) for layer_keys in request.keys])
+
+
 class RKVPolicy(ScoringPolicy):
     name = "rkv"
     signals = frozenset({ATTENTION})
@@ -55,6 +62,4 @@ class RKVPolicy(ScoringPolicy):
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
         importance = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
-        # One layer at a time: the similarity matrices are [kv_heads, n, n].
-        redundancy = torch.stack([key_redundancy(layer_keys) for layer_keys in request.keys])
-        return MIX_LAMBDA * importance - (1.0 - MIX_LAMBDA) * redundancy.to(importance.device)
+        return MIX_LAMBDA * importance - (1.0 - MIX_LAMBDA) * request_redundancy(request).to(importance.device)
