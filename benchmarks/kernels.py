@@ -57,8 +57,7 @@ def paged_keys(shape: Shape, dtype: torch.dtype, device: str):
 
 
 def bench_window_attention(shape: Shape, dtype: torch.dtype, device: str, timed: bool) -> KernelResult:
-    from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
-    from infokv_vllm.signals.attention import window_attention_mass
+    from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton, window_attention_mass
 
     keys, table, dense_keys = paged_keys(shape, dtype, device)
     queries = torch.randn(shape.requests * shape.window, shape.q_heads, shape.head_dim, dtype=dtype, device=device)

@@ -41,7 +41,7 @@ TIMED = [
     ("infokv_vllm.signals.attention", "AttentionRecorder.before_forward", "observation window set-up",
      "prepare inputs + length shift"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", "model forward", "vLLM execute_model"),
-    ("infokv_vllm.signals.attention", "accumulate_in_attention", "window attention (all layers)",
+    ("infokv_vllm.attention.backends", "accumulate_in_attention", "window attention (all layers)",
      "model forward"),
     ("infokv_vllm.signals.representation", "representation_evolution", "representation evolution (all layers)",
      "model forward"),

@@ -83,7 +83,7 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  source_has=("self.req_id_to_index", "self.block_table =", "self._req_ids")),
     VllmInternal("vllm.model_executor.models.utils.extract_layer_index", "maps attention layers to decoder layers",
                  ("layer_name",)),
-    # --- attention (platforms/cpu.py, compat.cpu_attention_backend) ---
+    # --- attention (attention/backends.py, platforms/, compat.attention_backends) ---
     VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward", "wrapped by the scoring "
                  "impl, which reads the metadata's seq_lens, query_start_loc and block_table",
                  ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
@@ -113,18 +113,41 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal("vllm.v1.worker.gpu_worker.Worker._make_model_runner", "overridden: the CUDA worker builds the "
                  "compressing V1 runner", ("self",)),
     VllmInternal("vllm.config.compilation.CompilationConfig", "CUDA: cudagraph_mode is set to PIECEWISE, so "
-                 "attention (and the window accumulation in it) runs outside CUDA graphs",
-                 fields=("cudagraph_mode",)),
+                 "attention (and the window accumulation in it) runs outside CUDA graphs; the runner finds each KV "
+                 "cache group's attention layers (and their caches) in static_forward_context",
+                 fields=("cudagraph_mode", "static_forward_context")),
+    VllmInternal("vllm.v1.worker.gpu_worker.Worker.__init__", "the CUDA worker refuses Model Runner V2, which it "
+                 "would build when use_v2_model_runner is set", source_has=("self.use_v2_model_runner =",)),
+    VllmInternal("vllm.v1.worker.gpu_input_batch.CachedRequestState", "the runner's per-request block ids, "
+                 "shortened after a compaction", fields=("block_ids",)),
     VllmInternal("vllm._custom_ops.cpu_attn_reshape_and_cache", "writes a marked page to probe the CPU page layout",
                  ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
     # --- scheduler and KV cache manager (core/scheduler.py, core/block_manager.py) ---
     VllmInternal(f"{_SCHEDULER}.schedule", "overridden: compactions are decided before vLLM allocates slots",
                  ("self",)),
+    VllmInternal(f"{_SCHEDULER}.__init__", "the requests and the running list decisions are made for, and the KV "
+                 "cache manager they go through", source_has=("self.requests:", "self.running:",
+                                                              "self.kv_cache_manager = KVCacheManager(")),
+    VllmInternal("vllm.v1.core.kv_cache_manager.KVCacheManager.__init__", "the scheduler reaches the one "
+                 "single-type manager (coordinator.single_type_managers) and the free-block count (block_pool)",
+                 source_has=("self.coordinator = get_kv_cache_coordinator(",
+                             "self.block_pool = self.coordinator.block_pool")),
+    VllmInternal("vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.__init__", "one manager per KV cache "
+                 "group; compression runs with exactly one, ours", source_has=("self.single_type_managers = tuple(",)),
+    VllmInternal("vllm.v1.core.block_pool.BlockPool.get_num_free_blocks", "memory pressure compares it with the "
+                 "blocks the next step needs", ("self",)),
+    VllmInternal("vllm.v1.core.block_pool.BlockPool.free_blocks", "a compaction returns the request's tail blocks",
+                 ("self", "ordered_blocks")),
+    VllmInternal("vllm.v1.request.Request.num_tokens_with_spec", "memory pressure: the tokens a request computes "
+                 "next (with num_output_placeholders)"),
+    VllmInternal("vllm.v1.request.Request.__init__", "memory pressure reads the output placeholders of a request",
+                 source_has=("self.num_output_placeholders =",)),
     VllmInternal(f"{_SCHEDULER}.update_from_output", "overridden: the worker's report is read",
                  ("self", "scheduler_output", "model_runner_output")),
     VllmInternal(f"{_SCHEDULER}.make_stats", "overridden: compression stats join vLLM's", ("self",)),
     VllmInternal(f"{_SCHEDULER}._free_request", "overridden: per-request compression state is dropped",
                  ("self", "request")),
+    VllmInternal(f"{_SCHEDULER}._preempt_request", "counted by the tests and benchmarks", ("self", "request")),
     VllmInternal("vllm.v1.core.sched.output.SchedulerOutput", "what the workers need to forget and zero",
                  fields=("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
                          "finished_req_ids", "preempted_req_ids")),
@@ -138,12 +161,13 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal(f"{_MANAGER}.pop_blocks_for_free", "overridden: a freed request forgets its evicted count",
                  ("self", "request_id")),
     VllmInternal("vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager.__init__", "the block lists "
-                 "a compaction shortens", source_has=("self.req_to_blocks", "self.num_cached_block")),
+                 "a compaction shortens, and the pool it frees their tails into",
+                 source_has=("self.req_to_blocks", "self.num_cached_block", "self.block_pool = block_pool")),
     VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry._ensure_registered", "the built-in specs "
                  "register only while the registry is empty, so they are registered before ours"),
     VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register", "maps CompressedAttentionSpec to "
                  "CompactingAttentionManager"),
-    # --- Ray on CPU (platforms/cpu_ray.py) ---
+    # --- Ray on CPU (platforms/cpu_ray.py, compat.ray_on_cpu) ---
     VllmInternal("vllm.platforms.cpu.CpuPlatform.ray_device_key", "empty, so vLLM refuses Ray on CPU; Ray's "
                  "\"CPU\" resource while our executor starts"),
     VllmInternal("vllm.v1.executor.ray_executor_v2.RayWorkerProc", "the module global the executor builds its "
@@ -164,10 +188,10 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  source_has=("ray.remote(RayWorkerProc)", "initialize_ray_cluster(")),
     VllmInternal("vllm.v1.executor.ray_executor_v2.RayExecutorV2.shutdown", "overridden: the placement group "
                  "vLLM created is removed", ("self",)),
-    VllmInternal("vllm.v1.executor.ray_utils.initialize_ray_cluster", "creates the placement group unless "
-                 "parallel_config has one, and stores it there", source_has=("parallel_config.placement_group = ",)),
-    # --- test support (infokv_vllm/testing/local_engine.py) ---
-    VllmInternal(f"{_SCHEDULER}._preempt_request", "counted by the tests and benchmarks", ("self", "request")),
+    VllmInternal("vllm.v1.executor.ray_utils.initialize_ray_cluster", "refuses a platform whose ray_device_key "
+                 "is empty; creates the placement group unless parallel_config has one, and stores it there",
+                 source_has=("device_str = current_platform.ray_device_key",
+                             "parallel_config.placement_group = ")),
 )
 
 
@@ -314,3 +338,24 @@ def attention_backends(class_paths: dict[str, str]) -> Iterator[None]:
             else:
                 register_backend(member, path)
         selector._cached_get_attn_backend.cache_clear()
+
+
+@contextlib.contextmanager
+def ray_on_cpu(worker_proc_cls: type, device_key: str) -> Iterator[None]:
+    """While active (vLLM's V2 Ray executor starting on the CPU platform): the CPU platform names `device_key`
+    (Ray's CPU resource) as its Ray device, and the executor builds its worker actors from `worker_proc_cls`.
+
+    vLLM 0.32's CPU platform has an empty `ray_device_key`, so `initialize_ray_cluster` refuses Ray on CPU, and
+    `RayExecutorV2._init_executor` creates its actors through the module-global name `RayWorkerProc`; both are
+    swapped for the duration of that call only.
+    """
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor import ray_executor_v2
+
+    device_key_before, worker_proc_before = CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc
+    CpuPlatform.ray_device_key = device_key
+    ray_executor_v2.RayWorkerProc = worker_proc_cls
+    try:
+        yield
+    finally:
+        CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc = device_key_before, worker_proc_before

@@ -11,19 +11,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from infokv_vllm.scoring import POLICIES
-from infokv_vllm.scoring.infokv import FUSION_RULES
-
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 
-# `none` plus every registered policy, in registry order: the `--kv-compression` choices.
-METHODS: tuple[str, ...] = ("none", *POLICIES)
-CompressionMethod = Literal[METHODS]  # type: ignore[valid-type]
+# The names are declared here, at the bottom of the package, and the registries that implement them are keyed by
+# them (`scoring.POLICIES`, `scoring.infokv.FUSION_RULES`; a test checks they match), so that settings need
+# nothing above them.
+CompressionMethod = Literal["none", "infokv", "snapkv", "streaming", "random", "entropy", "rkv"]
 EntropyScore = Literal["product", "sum", "entropy_only"]
-FUSIONS: tuple[str, ...] = tuple(FUSION_RULES)
-Fusion = Literal[FUSIONS]  # type: ignore[valid-type]
+Fusion = Literal["sum", "rank", "split"]
 Kernels = Literal["auto", "torch", "triton"]
 
+# The `--kv-compression` choices: `none`, then every scoring policy.
+METHODS: tuple[str, ...] = get_args(CompressionMethod)
+FUSIONS: tuple[str, ...] = get_args(Fusion)
 ENTROPY_SCORES: tuple[str, ...] = get_args(EntropyScore)
 KERNELS: tuple[str, ...] = get_args(Kernels)
 
@@ -285,6 +285,19 @@ class CompressionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_PARSED_ATTRIBUTE = "_infokv_compression"
+
+
+def compression_of(vllm_config: Any) -> CompressionConfig:
+    """The compression settings of a vLLM config (read from its `additional_config`), parsed once per config
+    object: the scheduler, each worker, the frontend's admission of every request and the metrics all ask."""
+    parsed = vllm_config.__dict__.get(_PARSED_ATTRIBUTE)
+    if parsed is None:
+        parsed = CompressionConfig.from_additional_config(vllm_config.additional_config)
+        object.__setattr__(vllm_config, _PARSED_ATTRIBUTE, parsed)
+    return parsed
 
 
 def flag_name(field_name: str) -> str:

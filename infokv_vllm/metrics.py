@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
-from infokv_vllm.config import CompressionConfig
+from infokv_vllm.config import compression_of
 
 METRIC_PREFIX = "infokv:"  # not "vllm:": vLLM unregisters every "vllm:" collector when it builds its own logger
 
@@ -50,7 +50,7 @@ class CompressionStatLogger(AggregateStatLoggerBase):
     """Publishes `CompressionStats` as Prometheus metrics labelled like vLLM's (model_name, engine)."""
 
     def __init__(self, vllm_config, engine_indexes: list[int] | None = None) -> None:
-        self.enabled = CompressionConfig.from_additional_config(vllm_config.additional_config).enabled
+        self.enabled = compression_of(vllm_config).enabled
         if not self.enabled:
             return
         _unregister_previous_engines_metrics()

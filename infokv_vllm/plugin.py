@@ -24,6 +24,7 @@ from infokv_vllm.config import (
     ADDITIONAL_CONFIG_KEY,
     CompressionConfig,
     CompressionConfigError,
+    compression_of,
     flag_name,
 )
 
@@ -175,7 +176,7 @@ def admit_request(vllm_config: Any, request: Any) -> None:
     params = request.sampling_params
     if params is None:
         return
-    server = CompressionConfig.from_additional_config(vllm_config.additional_config)
+    server = compression_of(vllm_config)
     try:
         settings = server.for_request(params.extra_args)
     except CompressionConfigError as error:
@@ -205,7 +206,7 @@ def admit_request(vllm_config: Any, request: Any) -> None:
 
 def check_engine_config(vllm_config: Any) -> None:
     """Refuse, at start-up and with the reason, vLLM features that compression cannot work with."""
-    compression = CompressionConfig.from_additional_config(vllm_config.additional_config)
+    compression = compression_of(vllm_config)
     if not compression.enabled:
         return
     method = f"{flag_name('method')} {compression.method}"

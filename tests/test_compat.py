@@ -123,18 +123,32 @@ def test_cpu_worker_builds_its_runner_through_the_module_name_we_swap():
     assert cpu_worker.CPUModelRunner is original
 
 
+def test_ray_on_cpu_swaps_the_device_key_and_actor_class_for_its_scope_only():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor import ray_executor_v2
+
+    from infokv_vllm.compat import ray_on_cpu
+
+    device_key, worker_proc = CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc
+    assert "ray.remote(RayWorkerProc)" in inspect.getsource(ray_executor_v2.RayExecutorV2._init_executor)
+    with ray_on_cpu(int, "CPU"):
+        assert (CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc) == ("CPU", int)
+    assert (CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc) == (device_key, worker_proc)
+
+
 def test_cpu_attention_backend_override_is_scoped():
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from infokv_vllm.compat import attention_backends
-    from infokv_vllm.platforms.cpu import ScoringCPUAttentionBackend
+    from infokv_vllm.platforms.cpu import SCORING_BACKENDS
 
+    scoring = SCORING_BACKENDS.backends["CPU_ATTN"]
     assert hasattr(selector._cached_get_attn_backend, "cache_clear")
     default = AttentionBackendEnum.CPU_ATTN.get_path()
-    path = f"{ScoringCPUAttentionBackend.__module__}.{ScoringCPUAttentionBackend.__qualname__}"
+    path = f"{scoring.__module__}.{scoring.__qualname__}"
     with attention_backends({"CPU_ATTN": path}):
-        assert AttentionBackendEnum.CPU_ATTN.get_class() is ScoringCPUAttentionBackend
+        assert AttentionBackendEnum.CPU_ATTN.get_class() is scoring
     assert AttentionBackendEnum.CPU_ATTN.get_path() == default
 
 

@@ -139,7 +139,7 @@ def record_signals(llm) -> list[tuple[str, int, dict]]:
     original, log = policy.scores, []
 
     def recording(request):
-        log.append((request.request_id, request.kept_len, {k: v.clone() for k, v in request.signals.items()}))
+        log.append((request.request_id, request.physical_len, {k: v.clone() for k, v in request.signals.items()}))
         return original(request)
 
     policy.scores = recording

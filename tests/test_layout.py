@@ -1,12 +1,31 @@
-"""The package has no import circles: imports between infokv_vllm's modules form a DAG, deferred ones inside
-functions included (only those under TYPE_CHECKING, which never run, are not counted)."""
+"""The package's floors: imports between infokv_vllm's modules run only down the layering below (or within one
+floor), and form no circle. Every import counts: deferred ones inside functions and those under TYPE_CHECKING too
+(an annotation that needs a module above is a dependency on it all the same)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+from infokv_vllm.config import FUSIONS, METHODS
+
 PACKAGE = Path(__file__).parent.parent / "infokv_vllm"
+
+# Bottom floor first. A module may import its own floor and the floors below it, never one above.
+FLOORS = (
+    ("infokv_vllm", "infokv_vllm.config"),  # the package's logger and the settings
+    ("infokv_vllm.kernels",),  # page layouts and the torch/Triton kernels
+    ("infokv_vllm.messages",),  # what the scheduler and the workers tell each other
+    ("infokv_vllm.signals",),  # what the workers record
+    ("infokv_vllm.scoring",),  # the policies that score with it
+    ("infokv_vllm.metrics",),
+    ("infokv_vllm.compat",),  # every vLLM internal relied on, and the patches
+    ("infokv_vllm.core",),  # scheduler, block manager, runner; the platform adapter interface
+    ("infokv_vllm.attention",),  # vLLM's attention backends, extended to record the attention signal
+    ("infokv_vllm.platforms",),  # one adapter per platform
+    ("infokv_vllm.plugin",),  # registration and CLI
+    ("infokv_vllm.testing",),  # test and benchmark support
+)
 
 
 def module_name(path: Path) -> str:
@@ -16,27 +35,31 @@ def module_name(path: Path) -> str:
 
 def imported_modules(tree: ast.Module, modules: set[str]) -> set[str]:
     found = set()
-
-    def scan(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
                 found.add(submodule if submodule in modules else node.module)
-        for child in ast.iter_child_nodes(node):
-            scan(child)
-
-    scan(tree)
     return found & modules
 
 
-def test_no_import_cycles():
+def import_graph() -> dict[str, set[str]]:
     paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
     modules = set(paths)
-    graph = {name: imported_modules(ast.parse(path.read_text()), modules) - {name} for name, path in paths.items()}
+    return {name: imported_modules(ast.parse(path.read_text()), modules) - {name} for name, path in paths.items()}
+
+
+def floor_of(module: str) -> int:
+    matches = [(len(prefix), index) for index, floor in enumerate(FLOORS) for prefix in floor
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module} stands on no floor of FLOORS: give it one"
+    return max(matches)[1]
+
+
+def test_no_import_cycles():
+    graph = import_graph()
     state: dict[str, str] = {}
 
     def visit(name: str, trail: list[str]) -> None:
@@ -51,3 +74,21 @@ def test_no_import_cycles():
     for name in sorted(graph):
         visit(name, [])
     assert "infokv_vllm.core.runner" in graph and graph["infokv_vllm.plugin"], "the scan found the modules"
+
+
+def test_imports_run_down_the_floors():
+    graph = import_graph()
+    upward = [f"{module} (floor {floor_of(module)}) imports {imported} (floor {floor_of(imported)})"
+              for module, imports in sorted(graph.items()) for imported in sorted(imports)
+              if floor_of(imported) > floor_of(module)]
+    assert not upward, "\n".join(upward)
+    assert "infokv_vllm.core.platform" in graph["infokv_vllm.platforms.cpu"], "the scan found the imports"
+
+
+def test_the_registries_implement_exactly_the_names_config_declares():
+    from infokv_vllm.scoring import POLICIES
+    from infokv_vllm.scoring.infokv import FUSION_RULES
+
+    assert ("none", *POLICIES) == METHODS
+    assert {name: policy.name for name, policy in POLICIES.items()} == {name: name for name in POLICIES}
+    assert tuple(FUSION_RULES) == FUSIONS

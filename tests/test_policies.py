@@ -10,7 +10,8 @@ import torch
 
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.scoring import SelectionInput, make_policy, POLICIES, select_tokens
-from infokv_vllm.signals.attention import pool_scores, window_attention_mass
+from infokv_vllm.kernels.window_attention import window_attention_mass
+from infokv_vllm.signals.attention import pool_scores
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.signals.entropy import topk_entropy
 from infokv_vllm.signals.representation import representation_evolution
@@ -19,7 +20,7 @@ LAYERS, HEADS, LENGTH, SINKS, WINDOW, KEEP = 2, 3, 40, 4, 8, 16
 
 
 def selection_input(**signals) -> SelectionInput:
-    return SelectionInput(request_id="r", num_layers=LAYERS, num_kv_heads=HEADS, kept_len=LENGTH, keep_len=KEEP,
+    return SelectionInput(request_id="r", num_layers=LAYERS, num_kv_heads=HEADS, physical_len=LENGTH, kept_len=KEEP,
                           sinks=SINKS, window=WINDOW, device=torch.device("cpu"), signals=signals)
 
 
@@ -110,7 +111,7 @@ def test_rank_fusion_weighs_quantiles_not_magnitudes():
     # slot 0 is a sink and slot 7 the window; candidates are slots 1-6
     attention = torch.tensor([0.0, 1000.0, 0.0, 3.0, 2.0, 1.0, 0.5, 0.0]).view(1, 1, 8)
     entropy = torch.tensor([0.0, 0.0, 9.0, 3.0, 2.0, 1.0, 0.5, 0.0]).view(1, 1, 8)
-    request = SelectionInput(request_id="r", num_layers=1, num_kv_heads=1, kept_len=8, keep_len=3, sinks=1,
+    request = SelectionInput(request_id="r", num_layers=1, num_kv_heads=1, physical_len=8, kept_len=3, sinks=1,
                              window=1, device=torch.device("cpu"), signals={})
     candidates = request.candidates()
     assert quantile_over(attention, candidates)[0, 0, 1:7].tolist() == pytest.approx([1.0, 0.0, 0.8, 0.6, 0.4, 0.2])

@@ -11,7 +11,7 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from infokv_vllm.core.messages import TokenEntropies, attach_plan, plan_of
+from infokv_vllm.messages import TokenEntropies, attach_plan, plan_of
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.signals.entropy import topk_entropy
 from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of

@@ -16,6 +16,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from infokv_vllm.config import compression_of
+
 
 @dataclass(frozen=True, kw_only=True)
 class CompressedAttentionSpec(FullAttentionSpec):
@@ -29,10 +31,8 @@ class CompressedAttentionSpec(FullAttentionSpec):
         Prompts longer than the pool admits are refused per request (`plugin.admit_request`), and so are
         requests that opt out and would outgrow the pool.
         """
-        from infokv_vllm.config import CompressionConfig
-
         full = super().max_memory_usage_bytes(vllm_config)
-        bound = CompressionConfig.from_additional_config(vllm_config.additional_config).kv_bound
+        bound = compression_of(vllm_config).kv_bound
         if bound is None:
             return full
         return min(full, (cdiv(bound, self.block_size) + 1) * self.page_size_bytes)

@@ -28,11 +28,11 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
-from infokv_vllm.config import CompressionConfig
+from infokv_vllm.config import compression_of
 from infokv_vllm.core.block_manager import CompressedAttentionSpec
 from infokv_vllm.core.compaction import PagedKVCompactor
-from infokv_vllm.core.messages import Compaction, StepPlan, WorkerReport, attach_report, plan_of
-from infokv_vllm.kernels import kernel_family
+from infokv_vllm.messages import Compaction, StepPlan, WorkerReport, attach_report, plan_of
+from infokv_vllm.kernels.families import kernel_family
 from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
 from infokv_vllm.signals import (
     ATTENTION,
@@ -49,7 +49,7 @@ from infokv_vllm.signals.representation import RepresentationRecorder, wrap_deco
 from infokv_vllm.signals.storage import SlotSignals
 
 if TYPE_CHECKING:
-    from infokv_vllm.platforms.base import PlatformAdapter
+    from infokv_vllm.core.platform import PlatformAdapter
 
 
 class CompressingRunnerMixin:
@@ -57,7 +57,7 @@ class CompressingRunnerMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.compression = CompressionConfig.from_additional_config(self.vllm_config.additional_config)
+        self.compression = compression_of(self.vllm_config)
         self.evicted: dict[str, int] = {}
         self.policy = make_policy(self.compression) if self.compression.enabled else None
         self.kernels = kernel_family(self.platform.kernel_family(self.compression)) if self.policy else None
@@ -215,8 +215,8 @@ class CompressingRunnerMixin:
         signals = self.signals.gather(block_ids, compaction.physical_len) if self.signals else {}
         scores = self.policy.scores(SelectionInput(
             request_id=compaction.request_id, num_layers=compactor.num_layers,
-            num_kv_heads=compactor.num_kv_heads, kept_len=compaction.physical_len,
-            keep_len=compaction.kept_len, sinks=compaction.sinks,
+            num_kv_heads=compactor.num_kv_heads, physical_len=compaction.physical_len,
+            kept_len=compaction.kept_len, sinks=compaction.sinks,
             window=compaction.window, device=self.signals.device if self.signals else torch.device("cpu"),
             signals=signals, decoding=compaction.decoding,
             keys=compactor.keys(block_ids, compaction.physical_len) if self.policy.reads_keys(compaction.decoding)

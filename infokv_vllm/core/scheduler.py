@@ -29,9 +29,9 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from infokv_vllm import logger
-from infokv_vllm.config import CompressionConfig
+from infokv_vllm.config import CompressionConfig, compression_of
 from infokv_vllm.core.block_manager import CompactingAttentionManager
-from infokv_vllm.core.messages import Compaction, StepPlan, TokenEntropies, attach_plan, report_of
+from infokv_vllm.messages import Compaction, StepPlan, TokenEntropies, attach_plan, report_of
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 from infokv_vllm.scoring import make_policy
 from infokv_vllm.signals import ATTENTION
@@ -51,7 +51,7 @@ class CompressionRecord:
 class CompressingScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.compression = CompressionConfig.from_additional_config(self.vllm_config.additional_config)
+        self.compression = compression_of(self.vllm_config)
         managers = self.kv_cache_manager.coordinator.single_type_managers
         if len(managers) != 1 or not isinstance(managers[0], CompactingAttentionManager):
             raise RuntimeError(

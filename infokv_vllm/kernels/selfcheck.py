@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from infokv_vllm.core.compaction import HeadMajorPageLayout
-from infokv_vllm.kernels import TorchKernels, TritonKernels
+from infokv_vllm.kernels.families import TorchKernels, TritonKernels
+from infokv_vllm.kernels.layouts import HeadMajorPageLayout
 
 BLOCK_SIZE, HEAD_SIZE, KV_HEADS, QUERY_HEADS = 16, 64, 2, 4
 LENGTHS = (37, 5, 64)  # ragged requests

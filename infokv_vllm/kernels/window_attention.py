@@ -7,12 +7,12 @@ One program handles one (request, KV head): the request's window queries are con
 the program of the first one takes them all (the others return at once), as one matrix of (query, query head of
 the KV head's group) rows. It walks the request's slots twice with matrix products (tensor cores on a GPU),
 first for every row's softmax maximum and normaliser (online, in float32), then to add each slot's probability
-summed over the rows. Reading the keys twice per request, not twice per query, is what makes it memory-bound:
-a prefill window of 32 queries read them 64 times in the first version (66x the attention's own time on an
-H100). Slots after a query's own position are masked (causal). Each slot of a (request, KV head) has one
-program, so the adds need no atomics.
+summed over the rows. Reading the keys twice per request, not twice per query, keeps it memory-bound: a
+per-query walk would read them twice per window query. Slots after a query's own position are masked (causal).
+Each slot of a (request, KV head) has one program, so the adds need no atomics.
 
-Reference: `infokv_vllm.signals.attention.window_attention_mass` (dense torch), tested under TRITON_INTERPRET=1.
+Reference: `window_attention_mass` below (dense torch, also the torch family's path), tested against the kernel
+under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -145,3 +145,18 @@ def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor
         PRECISION="ieee" if keys.dtype == torch.float32 or dot_float32 else "tf32",
         num_warps=8 if query_tile * group_tile >= 64 else 4,
     )
+
+
+def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """queries [..., T, q_heads, D], keys [..., kv_heads, S, D], query_positions [..., T] (physical slot of each
+    query, which attends slots 0..position) -> [..., kv_heads, S] summed probabilities. Leading dims batch
+    requests."""
+    *batch, num_tokens, q_heads, _ = queries.shape
+    kv_heads, length = keys.shape[-3], keys.shape[-2]
+    group = q_heads // kv_heads
+    grouped = queries.float().view(*batch, num_tokens, kv_heads, group, -1)
+    logits = torch.einsum("...tkgd,...ksd->...tkgs", grouped, keys.float()) * scale
+    future = torch.arange(length, device=keys.device) > query_positions[..., None]
+    logits.masked_fill_(future[..., None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=(-4, -2))

@@ -1,8 +1,9 @@
 """Platform adapters: what compression needs that differs between vLLM platforms, and nothing else.
 
-The compression core (`core/`) is the same on every platform. An adapter (`base.PlatformAdapter`) names the
-worker class vLLM starts, the attention backend whose impl records the attention signal, the layout of that
-backend's KV pages, and the kernel family (torch or Triton) the worker runs, chosen once from `--kv-kernels`.
+The compression core (`core/`) is the same on every platform and defines the interface an adapter implements
+(`core.platform.PlatformAdapter`): the worker class vLLM starts, which of vLLM's attention backends are wrapped to
+record the attention signal (`infokv_vllm.attention`), the layout of their KV pages, and the kernel family (torch
+or Triton) the worker runs, chosen once from `--kv-kernels`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from infokv_vllm.platforms.base import PlatformAdapter
+    from infokv_vllm.core.platform import PlatformAdapter
 
 
 def adapter_for_current_platform() -> PlatformAdapter | None:

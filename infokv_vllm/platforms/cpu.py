@@ -1,9 +1,8 @@
 """vLLM's CPU platform: its CPU worker and V1 runner, its CPU attention backend, its page layout, torch kernels.
 
 - Worker: vLLM's `CPUWorker`, building `CompressingCPUModelRunner` (the core mixin over `CPUModelRunner`).
-- Attention: vLLM's CPU platform always selects its `CPU_ATTN` backend; while the runner builds a model whose
-  policy needs attention scores, that name points at `ScoringCPUAttentionBackend`
-  (`compat.attention_backends`), so the attention output is vLLM's own kernel's.
+- Attention: vLLM's CPU platform always selects its `CPU_ATTN` backend, the one backend wrapped
+  (`infokv_vllm.attention`).
 - Pages: vLLM's CPU attention stores a page's keys column-major and its values row-major, depending on the
   instruction set; instead of hard-coding that, a marked page is written through the backend's own cache-write op
   once and the layout read back.
@@ -15,36 +14,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from infokv_vllm import compat, logger
+from infokv_vllm.attention.backends import ScoringBackends
 from infokv_vllm.config import CompressionConfig, flag_name
-from infokv_vllm.core.compaction import IndexedPageLayout, PageLayout
+from infokv_vllm.core.platform import PlatformAdapter, Refuse
 from infokv_vllm.core.runner import CompressingRunnerMixin
-from infokv_vllm.platforms.base import PlatformAdapter, Refuse
-from infokv_vllm.signals import ATTENTION
-from infokv_vllm.signals.attention import WindowScoringImplMixin
+from infokv_vllm.kernels.layouts import IndexedPageLayout, PageLayout
 
+
+# vLLM's backend name -> vLLM's backend class: the one backend vLLM's CPU platform selects, wrapped
+SCORING_BACKENDS = ScoringBackends({"CPU_ATTN": CPUAttentionBackend})
 
 # Probe values stay below 256 so they are exact in every cache dtype (float32, bfloat16, float16).
 _PROBE_RADIX = 128
-
-
-class ScoringCPUAttentionImpl(WindowScoringImplMixin, CPUAttentionBackendImpl):
-    pass
-
-
-class ScoringCPUAttentionBackend(CPUAttentionBackend):
-    @staticmethod
-    def get_impl_cls() -> type[ScoringCPUAttentionImpl]:
-        return ScoringCPUAttentionImpl
 
 
 def probe_cpu_page_layout(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> PageLayout:
@@ -79,6 +69,7 @@ def probe_cpu_page_layout(dtype: torch.dtype, block_size: int, head_size: int, i
 class CPUAdapter(PlatformAdapter):
     name = "cpu"
     worker_cls = "infokv_vllm.platforms.cpu.CompressingCPUWorker"
+    scoring_backends = SCORING_BACKENDS
 
     def kernel_family(self, config: CompressionConfig) -> str:
         return "triton" if config.kernels == "triton" else "torch"
@@ -91,19 +82,8 @@ class CPUAdapter(PlatformAdapter):
                         "with Ray's CPU resource as the device)", CPURayExecutor.__qualname__)
             engine_args.distributed_executor_backend = CPURayExecutor
 
-    def model_build_context(self, signals: frozenset[str]) -> ContextManager:
-        if ATTENTION not in signals:
-            return contextlib.nullcontext()
-        backend = ScoringCPUAttentionBackend
-        return compat.attention_backends({"CPU_ATTN": f"{backend.__module__}.{backend.__qualname__}"})
-
     def page_layout(self, attention_layer, spec) -> PageLayout:
         return probe_cpu_page_layout(spec.dtype, spec.block_size, spec.head_size, attention_layer.isa)
-
-    def check_scoring_attention(self, attention_layers) -> None:
-        if not all(isinstance(layer.impl, ScoringCPUAttentionImpl) for layer in attention_layers):
-            raise RuntimeError("infokv-vllm: the attention layers were built without the scoring backend; the "
-                               "attention signal would silently stay zero")
 
     def check_engine_config(self, vllm_config, config: CompressionConfig, refuse: Refuse) -> None:
         if config.kernels == "triton" and os.environ.get("TRITON_INTERPRET") != "1":

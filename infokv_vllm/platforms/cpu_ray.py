@@ -17,17 +17,13 @@ compression's plan and report ride along unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import ray
-from vllm.platforms.cpu import CpuPlatform
-from vllm.v1.executor import ray_executor_v2
 from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
 
-from infokv_vllm import logger
+from infokv_vllm import compat
 
 
 RAY_CPU_RESOURCE = "CPU"
@@ -48,19 +44,6 @@ def cores_per_rank(world_size: int) -> list[set[int]] | None:
             cores.update(range(int(first), int(last or first) + 1))
         ranks.append(cores)
     return ranks
-
-
-@contextlib.contextmanager
-def _ray_on_cpu() -> Iterator[None]:
-    """While the executor starts: the CPU platform names Ray's CPU resource as its device, and the executor
-    creates our worker actor class (`ray_executor_v2` refers to it through the module-global name)."""
-    device_key, worker_proc = CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc
-    CpuPlatform.ray_device_key = RAY_CPU_RESOURCE
-    ray_executor_v2.RayWorkerProc = CPURayWorkerProc
-    try:
-        yield
-    finally:
-        CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc = device_key, worker_proc
 
 
 class CPURayWorkerProc(RayWorkerProc):
@@ -97,7 +80,7 @@ class CPURayExecutor(RayExecutorV2):
         # vLLM creates a placement group unless one was given, and never removes it: a second engine in the same
         # Ray cluster (tests, notebooks) would wait forever for the CPUs the first one's group still holds.
         self._own_placement_group = self.parallel_config.placement_group is None
-        with _ray_on_cpu():
+        with compat.ray_on_cpu(CPURayWorkerProc, RAY_CPU_RESOURCE):
             super()._init_executor()
 
     def shutdown(self) -> None:

@@ -1,15 +1,14 @@
 """vLLM's CUDA platform: its GPU worker and V1 runner, FLASH_ATTN and TRITON_ATTN, their page view, Triton kernels.
 
-EXPERIMENTAL: run on one GPU so far (H100, 2026-11-24: `tests/gpu` passed with FLASH_ATTN, bf16, piecewise CUDA
-graphs, on random weights in SmolLM2's shapes). Every part that can run without a GPU is tested on CPU in CI (the
-kernels on these page views under TRITON_INTERPRET=1, the start-up self-check, the adapter's decisions). The
-plugin logs one warning saying so when it compresses on CUDA.
+Experimental: what has run on GPU hardware, and when, is in the README ("Supported versions and platforms");
+every part that can run without a GPU is tested on CPU in CI (the kernels on these page views under
+TRITON_INTERPRET=1, the start-up self-check, the adapter's decisions). The plugin logs one warning saying so when
+it compresses on CUDA.
 
 - Worker: vLLM's GPU `Worker`, whose documented `_make_model_runner` builds `CompressingGPUModelRunner` (the core
   mixin over vLLM's V1 `GPUModelRunner`; the V1 runner is forced when compressing, Model Runner V2 is refused).
-- Attention: while the runner builds the model, FLASH_ATTN and TRITON_ATTN point at subclasses whose impl runs
-  vLLM's kernel, then, for observation-window queries only, the Triton accumulation. Any other backend vLLM
-  picks is refused at start-up by name.
+- Attention: FLASH_ATTN and TRITON_ATTN are wrapped (`infokv_vllm.attention`); their impls add the observation
+  window's mass with the Triton accumulation. Any other backend vLLM picks is refused at start-up by name.
 - CUDA graphs: attention is vLLM's piecewise split point, so it runs outside captured graphs and the
   accumulation runs on every step. FULL graph modes would capture attention and replay it without the
   accumulation, so they are downgraded to PIECEWISE with one log line (vLLM's default is FULL_AND_PIECEWISE).
@@ -23,53 +22,29 @@ plugin logs one warning saying so when it compresses on CUDA.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
-from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
-from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from infokv_vllm import compat, logger
+from infokv_vllm import logger
+from infokv_vllm.attention.backends import ScoringBackends
 from infokv_vllm.config import CompressionConfig, flag_name
-from infokv_vllm.core.compaction import HeadMajorPageLayout, PageLayout
+from infokv_vllm.core.platform import PlatformAdapter, Refuse
 from infokv_vllm.core.runner import CompressingRunnerMixin
+from infokv_vllm.kernels.layouts import HeadMajorPageLayout, PageLayout
 from infokv_vllm.kernels.selfcheck import kernel_disagreements
-from infokv_vllm.platforms.base import PlatformAdapter, Refuse
-from infokv_vllm.signals import ATTENTION
-from infokv_vllm.signals.attention import WindowScoringImplMixin
 
 
-EXPERIMENTAL_WARNING = ("infokv-vllm: compression on CUDA is experimental: its GPU suite has passed on one H100 "
-                        "(FLASH_ATTN, bf16) with random weights; answer quality is measured on CPU only")
+EXPERIMENTAL_WARNING = ("infokv-vllm: compression on CUDA is experimental (the README's platform table says what has "
+                        "run on GPUs); answer quality is measured on CPU only")
 
 
-class ScoringFlashAttentionImpl(WindowScoringImplMixin, FlashAttentionImpl):
-    pass
-
-
-class ScoringFlashAttentionBackend(FlashAttentionBackend):
-    @staticmethod
-    def get_impl_cls() -> type[ScoringFlashAttentionImpl]:
-        return ScoringFlashAttentionImpl
-
-
-class ScoringTritonAttentionImpl(WindowScoringImplMixin, TritonAttentionImpl):
-    pass
-
-
-class ScoringTritonAttentionBackend(TritonAttentionBackend):
-    @staticmethod
-    def get_impl_cls() -> type[ScoringTritonAttentionImpl]:
-        return ScoringTritonAttentionImpl
-
-
-# vLLM's backend name -> our scoring backend in its place
-SCORING_BACKENDS: dict[str, type] = {"FLASH_ATTN": ScoringFlashAttentionBackend,
-                                     "TRITON_ATTN": ScoringTritonAttentionBackend}
-SCORING_IMPLS = (ScoringFlashAttentionImpl, ScoringTritonAttentionImpl)
+# vLLM's backend name -> vLLM's backend class: the backends whose impl records the attention signal on CUDA
+SCORING_BACKENDS = ScoringBackends({"FLASH_ATTN": FlashAttentionBackend, "TRITON_ATTN": TritonAttentionBackend})
 
 
 def piecewise_graph_mode(mode: Any) -> tuple[Any, bool]:
@@ -90,6 +65,7 @@ def piecewise_graph_mode(mode: Any) -> tuple[Any, bool]:
 class CUDAAdapter(PlatformAdapter):
     name = "cuda"
     worker_cls = "infokv_vllm.platforms.cuda.CompressingGPUWorker"
+    scoring_backends = SCORING_BACKENDS
 
     def kernel_family(self, config: CompressionConfig) -> str:
         return "torch" if config.kernels == "torch" else "triton"
@@ -110,30 +86,16 @@ class CUDAAdapter(PlatformAdapter):
         logger.info("infokv-vllm: async scheduling is off while compressing: compaction runs on vLLM's "
                     "synchronous schedule")
 
-    def model_build_context(self, signals: frozenset[str]) -> ContextManager:
-        if ATTENTION not in signals:
-            return contextlib.nullcontext()
-        return compat.attention_backends({name: f"{cls.__module__}.{cls.__qualname__}"
-                                          for name, cls in SCORING_BACKENDS.items()})
-
     def page_layout(self, attention_layer: Any, spec: Any) -> PageLayout:
         layout = HeadMajorPageLayout(spec.block_size, spec.head_size)
         layout.planes(attention_layer.kv_cache)  # refuses kernel block splitting and other views, with the shape
         return layout
 
-    def check_scoring_attention(self, attention_layers: list[Any]) -> None:
-        for layer in attention_layers:
-            if not isinstance(layer.impl, SCORING_IMPLS):
-                raise RuntimeError(
-                    f"infokv-vllm: layer {layer.layer_name} runs the attention impl {type(layer.impl).__name__}, "
-                    f"which does not record the attention signal; compression supports "
-                    f"{', '.join(SCORING_BACKENDS)} on CUDA (choose one with --attention-backend)")
-
     def check_engine_config(self, vllm_config: Any, config: CompressionConfig, refuse: Refuse) -> None:
         backend = vllm_config.attention_config.backend
-        if backend is not None and backend.name not in SCORING_BACKENDS:
+        if backend is not None and backend.name not in SCORING_BACKENDS.backends:
             refuse(f"--attention-backend {backend.name}",
-                   f"the attention signal is recorded inside {', '.join(SCORING_BACKENDS)} only")
+                   f"the attention signal is recorded inside {', '.join(SCORING_BACKENDS.backends)} only")
         mode = vllm_config.compilation_config.cudagraph_mode
         if mode is not None and piecewise_graph_mode(mode)[1]:
             refuse(f"CUDA graph mode {mode.name}", "captured attention would replay without the window scoring; "

@@ -19,22 +19,24 @@ class SelectionInput:
     request_id: str
     num_layers: int
     num_kv_heads: int
-    kept_len: int  # physical tokens currently cached (indices 0..kept_len-1, in logical order)
-    keep_len: int  # how many of them the compaction keeps (sinks and window included)
+    # The lengths as a `Compaction` names them: slots the request holds now (indices 0..physical_len-1, in
+    # logical order), and slots it holds after the compaction (sinks and window included).
+    physical_len: int
+    kept_len: int
     sinks: int
     window: int
     device: torch.device
-    # [num_layers, num_kv_heads, kept_len] per signal in `ScoringPolicy.signals`
+    # [num_layers, num_kv_heads, physical_len] per signal in `ScoringPolicy.signals`
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
-    # [num_layers, num_kv_heads, kept_len, head_size], where the policy `reads_keys`
+    # [num_layers, num_kv_heads, physical_len, head_size], where the policy `reads_keys`
     keys: torch.Tensor | None = None
     decoding: bool = True  # False when the prompt itself is compressed, right after it is processed
 
     def candidates(self) -> torch.Tensor:
-        """Mask [kept_len] of the tokens that compete for the budget (neither sinks nor window)."""
-        mask = torch.ones(self.kept_len, dtype=torch.bool, device=self.device)
+        """Mask [physical_len] of the tokens that compete for the budget (neither sinks nor window)."""
+        mask = torch.ones(self.physical_len, dtype=torch.bool, device=self.device)
         mask[: self.sinks] = False
-        mask[self.kept_len - self.window:] = False
+        mask[self.physical_len - self.window:] = False
         return mask
 
 
@@ -57,5 +59,5 @@ class ScoringPolicy(ABC):
 
     @abstractmethod
     def scores(self, request: SelectionInput) -> torch.Tensor:
-        """A float tensor [num_layers, num_kv_heads, kept_len]."""
+        """A float tensor [num_layers, num_kv_heads, physical_len]."""
 

@@ -59,7 +59,7 @@ def fuse_rank(attention, entropy, candidates, alpha: float, request: SelectionIn
 
 
 def fuse_split(attention, entropy, candidates, alpha: float, request: SelectionInput) -> torch.Tensor:
-    chosen = request.keep_len - request.sinks - request.window  # candidates the compaction keeps
+    chosen = request.kept_len - request.sinks - request.window  # candidates the compaction keeps
     reserved = round(alpha * chosen)
     scores = quantile_over(attention, candidates)  # in [0, 1]
     if reserved:

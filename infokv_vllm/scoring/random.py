@@ -15,7 +15,7 @@ class RandomPolicy(ScoringPolicy):
     def scores(self, request: SelectionInput) -> torch.Tensor:
         # Seeded from the request and its length, not from process state, so every tensor-parallel rank and a
         # rerun of the same workload draw the same tokens.
-        seed = zlib.crc32(f"{self.config.seed}:{request.request_id}:{request.kept_len}".encode())
+        seed = zlib.crc32(f"{self.config.seed}:{request.request_id}:{request.physical_len}".encode())
         generator = torch.Generator().manual_seed(seed)
-        shape = (request.num_layers, request.num_kv_heads, request.kept_len)
+        shape = (request.num_layers, request.num_kv_heads, request.physical_len)
         return torch.rand(shape, generator=generator).to(request.device)

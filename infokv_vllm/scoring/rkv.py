@@ -48,7 +48,7 @@ def key_redundancy(keys: torch.Tensor, threshold: float = REDUNDANCY_THRESHOLD) 
 
 
 def request_redundancy(request: SelectionInput) -> torch.Tensor:
-    """`key_redundancy` of every layer of a request, [layers, kv_heads, kept_len]; one layer at a time, as the
+    """`key_redundancy` of every layer of a request, [layers, kv_heads, physical_len]; one layer at a time, as the
     similarity matrices are [kv_heads, n, n]."""
     return torch.stack([key_redundancy(layer_keys) for layer_keys in request.keys])
 

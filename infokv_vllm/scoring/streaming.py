@@ -11,5 +11,5 @@ class StreamingPolicy(ScoringPolicy):
     name = "streaming"
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
-        recency = torch.arange(request.kept_len, dtype=torch.float32, device=request.device)
-        return recency.expand(request.num_layers, request.num_kv_heads, request.kept_len)
+        recency = torch.arange(request.physical_len, dtype=torch.float32, device=request.device)
+        return recency.expand(request.num_layers, request.num_kv_heads, request.physical_len)

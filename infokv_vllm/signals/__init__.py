@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager
 import torch
 
 if TYPE_CHECKING:
-    from infokv_vllm.core.messages import StepPlan, WorkerReport
+    from infokv_vllm.messages import StepPlan, WorkerReport
     from infokv_vllm.signals.storage import SlotSignals
 
 ATTENTION, ENTROPY, REPRESENTATION = "attention", "entropy", "representation"

@@ -3,14 +3,12 @@
 Probabilities are over the full kept KV of the request (causal), summed over the window's queries and over the
 query heads that share each KV head, and added into a per-slot plane laid out like the KV pages.
 
-Where it is recorded: inside each layer's attention op, by the platform's attention-impl wrapper
-(`platforms/`), which calls `accumulate_in_attention` after vLLM's own kernel. vLLM calls attention as an
-opaque custom op from its compiled graphs (and leaves it out of piecewise CUDA graphs), so this Python runs on
-every call, compiled or eager. The runner opens an `ObservationWindow` only around the forward of steps whose
-tokens fall in some request's window (the scheduler says where windows start); other steps do no scoring work.
-
-`window_attention_mass` is the dense torch formulation: the torch kernel family's path and the reference the
-Triton kernel is tested against.
+Where it is recorded: inside each layer's attention op, by the scoring attention impls (`infokv_vllm.attention`),
+which call `accumulate_in_attention` after vLLM's own kernel. vLLM calls attention as an opaque custom op from
+its compiled graphs (and leaves it out of piecewise CUDA graphs), so this Python runs on every call, compiled or
+eager. The runner opens an `ObservationWindow` only around the forward of steps whose tokens fall in some
+request's window (the scheduler says where windows start); other steps do no scoring work. The mass itself is
+computed by the worker's kernel family (`kernels/families.py`).
 """
 
 from __future__ import annotations
@@ -25,24 +23,9 @@ import torch
 from infokv_vllm.signals import ATTENTION, SignalRecorder, StepView
 
 if TYPE_CHECKING:
-    from infokv_vllm.core.compaction import PageLayout
-    from infokv_vllm.core.messages import StepPlan
-    from infokv_vllm.kernels import KernelFamily
-
-
-def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
-                          scale: float) -> torch.Tensor:
-    """queries [..., T, q_heads, D], keys [..., kv_heads, S, D], query_positions [..., T] (physical slot of each
-    query, which attends slots 0..position) -> [..., kv_heads, S] summed probabilities. Leading dims batch
-    requests."""
-    *batch, num_tokens, q_heads, _ = queries.shape
-    kv_heads, length = keys.shape[-3], keys.shape[-2]
-    group = q_heads // kv_heads
-    grouped = queries.float().view(*batch, num_tokens, kv_heads, group, -1)
-    logits = torch.einsum("...tkgd,...ksd->...tkgs", grouped, keys.float()) * scale
-    future = torch.arange(length, device=keys.device) > query_positions[..., None]
-    logits.masked_fill_(future[..., None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).sum(dim=(-4, -2))
+    from infokv_vllm.kernels.families import KernelFamily
+    from infokv_vllm.kernels.layouts import PageLayout
+    from infokv_vllm.messages import StepPlan
 
 
 def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -97,19 +80,6 @@ def accumulate_in_attention(layer_name: str, query: torch.Tensor, kv_cache: torc
     window.kernels.accumulate_window_attention(
         window.accumulators[layer_name], query[tokens.to(device)], kv_cache, window.layout, block_table,
         rows.to(device), positions.to(device), seq_lens, scale)
-
-
-class WindowScoringImplMixin:
-    """Goes in front of a vLLM attention impl (`forward(layer, query, key, value, kv_cache, attn_metadata,
-    output, ...)` whose metadata has seq_lens, query_start_loc and block_table): runs vLLM's attention, then adds
-    the window queries' mass. Each platform adapter builds its scoring impls from it."""
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if attn_metadata is not None:
-            accumulate_in_attention(layer.layer_name, query, kv_cache, attn_metadata.seq_lens,
-                                    attn_metadata.query_start_loc, attn_metadata.block_table, self.scale)
-        return output
 
 
 class AttentionRecorder(SignalRecorder):

@@ -10,15 +10,13 @@ tensor-parallel rank score with the reporting rank's values.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
+from infokv_vllm.messages import StepPlan, TokenEntropies, WorkerReport
 from infokv_vllm.signals import ENTROPY, ForwardOutputs, RequestPages, SignalRecorder, StepView
-
-if TYPE_CHECKING:
-    from infokv_vllm.core.messages import StepPlan, WorkerReport
 
 # Prompt logits are computed this many positions at a time: never prompt_len x vocab at once.
 ENTROPY_CHUNK_TOKENS = 256
@@ -67,8 +65,6 @@ class EntropyRecorder(SignalRecorder):
 
         Every rank computes them, as `compute_logits` gathers across tensor-parallel ranks, but only the
         reporting rank's values are used."""
-        from infokv_vllm.core.messages import TokenEntropies  # core imports signals: imported when first used
-
         starts = step.query_starts
         count = starts[-1]
         entropies = torch.empty(count)

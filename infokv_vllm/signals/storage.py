@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from infokv_vllm.kernels import KernelFamily
+    from infokv_vllm.kernels.families import KernelFamily
 
 
 class SlotSignals:

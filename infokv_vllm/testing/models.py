@@ -227,7 +227,7 @@ MODELS: dict[str, GgufModel] = {
         size=491_400_064,
         architecture="qwen2", block_count=24, head_count=14, head_count_kv=2,
         dtype="bfloat16",
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # measured here, 2026-11-24
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # the assembled file
     ),
     "qwen2.5-1.5b": GgufModel(
         name="Qwen2.5-Coder-1.5B-Instruct",

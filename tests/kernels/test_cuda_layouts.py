@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infokv_vllm.core.compaction import HeadMajorPageLayout
-from infokv_vllm.kernels import TorchKernels, TritonKernels
+from infokv_vllm.kernels.families import TorchKernels, TritonKernels
+from infokv_vllm.kernels.layouts import HeadMajorPageLayout
 from infokv_vllm.kernels.selfcheck import kernel_disagreements
 from infokv_vllm.kernels.selfcheck import shuffled_block_table
 from tests.kernels.test_compaction import LENGTHS, check_compacted, random_keep
@@ -70,10 +70,10 @@ def test_start_up_self_check_passes(dtype):
 
 
 def test_start_up_self_check_catches_a_broken_kernel(monkeypatch):
-    import infokv_vllm.kernels as kernels
+    from infokv_vllm.kernels import families
 
-    monkeypatch.setattr(kernels, "compact_plane_triton", lambda *args, **kwargs: None)
-    monkeypatch.setattr(kernels, "accumulate_window_attention_triton", lambda *args, **kwargs: None)
+    monkeypatch.setattr(families, "compact_plane_triton", lambda *args, **kwargs: None)
+    monkeypatch.setattr(families, "accumulate_window_attention_triton", lambda *args, **kwargs: None)
     compaction, window = kernel_disagreements("cpu", torch.float16)
     assert compaction == "compaction moved different bytes"
     assert window.startswith("window attention differs by up to ")

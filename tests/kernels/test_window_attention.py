@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infokv_vllm.core.compaction import IndexedPageLayout
-from infokv_vllm.kernels import TorchKernels
+from infokv_vllm.kernels.families import TorchKernels
+from infokv_vllm.kernels.layouts import IndexedPageLayout
 from infokv_vllm.kernels.selfcheck import shuffled_block_table
-from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
-from infokv_vllm.signals.attention import window_attention_mass
+from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton, window_attention_mass
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,0 +1,107 @@
+"""The kernel families a worker runs compression on, chosen once per worker: torch or Triton.
+
+The torch family serves any page layout (through `PageLayout.token_index` where the layout gives one, else on
+the strided key and value planes); the Triton family needs strided planes (`PageLayout.planes`), which vLLM's
+CPU pages and the CUDA backends' caches are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_torch, compact_plane_triton
+from infokv_vllm.kernels.layouts import PageLayout
+from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton, window_attention_mass
+
+
+class KernelFamily:
+    """Compaction of KV pages and signal planes, and the window-attention accumulation."""
+
+    name: str
+
+    def compact_kv(self, cache: torch.Tensor, layout: PageLayout, block_table: torch.Tensor, keep: torch.Tensor,
+                   n_keep: torch.Tensor) -> None:
+        """Compact one layer's KV cache; block_table [reqs, blocks] int32, keep [reqs, heads, n] int32."""
+        raise NotImplementedError
+
+    def compact_signal(self, plane: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor,
+                       n_keep: torch.Tensor) -> None:
+        """Compact one per-slot signal plane [blocks, heads, block_size]."""
+        raise NotImplementedError
+
+    def accumulate_window_attention(self, accumulator: torch.Tensor, queries: torch.Tensor, cache: torch.Tensor,
+                                    layout: PageLayout, block_table: torch.Tensor, query_rows: torch.Tensor,
+                                    query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> None:
+        """Add into accumulator [blocks, kv_heads, block_size] the softmax mass queries [T, q_heads, D] give each
+        slot of their request (batch row `query_rows`), attending slots 0..query_positions (physical)."""
+        raise NotImplementedError
+
+
+class TorchKernels(KernelFamily):
+    name = "torch"
+
+    def compact_kv(self, cache, layout, block_table, keep, n_keep) -> None:
+        if layout.token_index is not None:
+            compact_pages_torch(layout.pages(cache), layout.token_index, block_table, keep, n_keep)
+            return
+        for plane in layout.planes(cache):
+            compact_plane_torch(plane, block_table, keep, n_keep)
+
+    def compact_signal(self, plane, block_table, keep, n_keep) -> None:
+        compact_plane_torch(plane[..., None], block_table, keep, n_keep)
+
+    def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
+                                    query_positions, seq_lens, scale) -> None:
+        # Decode steps give each request in its window one query: those requests go through one batched op.
+        # A prompt's window (many queries of one request, once per request) goes on its own, unpadded.
+        rows, counts = query_rows.unique(return_counts=True)
+        decoding = torch.isin(query_rows, rows[counts == 1]).nonzero().flatten()
+        if len(decoding):
+            _accumulate_rows(accumulator, queries, cache, layout, block_table, query_rows[decoding],
+                             decoding[:, None], query_positions, seq_lens, scale)
+        for row in rows[counts > 1]:
+            _accumulate_rows(accumulator, queries, cache, layout, block_table, row[None],
+                             (query_rows == row).nonzero().T, query_positions, seq_lens, scale)
+
+
+def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
+                     block_table: torch.Tensor, rows: torch.Tensor, query_index: torch.Tensor,
+                     query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> None:
+    """The window mass of `rows` [R] in one batched op; their queries are queries[query_index] ([R, T] indices,
+    the same number per row). Whole blocks are read up to the longest row. Slots past a row's length (padding,
+    or stale block-table entries past its blocks, which may be another request's) get exactly zero mass, as the
+    queries' positions mask them, and the adds accumulate, so they change nothing."""
+    _, kv_heads, block_size = accumulator.shape
+    lengths = seq_lens.to(rows.device)[rows].long()
+    blocks = block_table[rows, : -(-int(lengths.max()) // block_size)].long()  # [R, blocks]
+    keys = layout.block_keys(cache, blocks.flatten())  # [R * blocks, kv_heads, block_size, D]
+    keys = keys.view(len(rows), -1, kv_heads, block_size, keys.shape[-1]).transpose(1, 2)
+    mass = window_attention_mass(queries[query_index], keys.flatten(2, 3), query_positions[query_index].long(),
+                                 scale)  # [R, kv_heads, blocks * block_size]
+    mass = mass.view(len(rows), kv_heads, -1, block_size).transpose(1, 2).flatten(0, 1)
+    accumulator.index_put_((blocks.flatten(),), mass, accumulate=True)
+
+
+class TritonKernels(KernelFamily):
+    name = "triton"
+
+    def compact_kv(self, cache, layout, block_table, keep, n_keep) -> None:
+        for plane in layout.planes(cache):
+            compact_plane_triton(plane, block_table, keep, n_keep)
+
+    def compact_signal(self, plane, block_table, keep, n_keep) -> None:
+        compact_plane_triton(plane[..., None], block_table, keep, n_keep)
+
+    def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
+                                    query_positions, seq_lens, scale) -> None:
+        key_plane, _ = layout.planes(cache)
+        accumulate_window_attention_triton(queries, key_plane, block_table.to(torch.int32), accumulator,
+                                           query_rows.to(torch.int32), query_positions.to(torch.int32),
+                                           seq_lens.to(torch.int32), scale)
+
+
+KERNEL_FAMILIES: dict[str, type[KernelFamily]] = {cls.name: cls for cls in (TorchKernels, TritonKernels)}
+
+
+def kernel_family(name: str) -> KernelFamily:
+    return KERNEL_FAMILIES[name]()
