@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -51,6 +52,12 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  fields=("prompt_token_ids", "sampling_params")),
     VllmInternal("vllm.v1.kv_cache_interface.FullAttentionSpec.max_memory_usage_bytes", "overridden: vLLM's "
                  "start-up check sizes one request with it", ("self", "vllm_config")),
+    VllmInternal("vllm.entrypoints.cli.serve.ServeSubcommand.cmd", "wrapped: with compression on, `vllm serve` "
+                 "exits with status 1 after its engine core died (vLLM exits 0)", ("args",)),
+    VllmInternal("vllm.v1.engine.core_client.BackgroundResources.validate_alive", "wrapped: the engine core's "
+                 "fatal-error message arrives here (EngineDeadError), which marks the process for the exit status "
+                 "above", ("self", "frames"),
+                 source_has=("EngineCoreProc.ENGINE_CORE_DEAD", "raise EngineDeadError()")),
     VllmInternal("vllm.v1.engine.EngineCoreOutputs", "annotation `scheduler_stats` widened: the frontend's msgspec "
                  "decoder drops undeclared fields, our compression stats among them", fields=("scheduler_stats",)),
     # --- worker and runner (platforms/cpu.py, core/runner.py) ---
@@ -147,7 +154,8 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal(f"{_SCHEDULER}.make_stats", "overridden: compression stats join vLLM's", ("self",)),
     VllmInternal(f"{_SCHEDULER}._free_request", "overridden: per-request compression state is dropped",
                  ("self", "request")),
-    VllmInternal(f"{_SCHEDULER}._preempt_request", "counted by the tests and benchmarks", ("self", "request")),
+    VllmInternal(f"{_SCHEDULER}._preempt_request", "overridden: a preempted compressed request is logged (its "
+                 "recompute is compressed afresh); counted by the tests and benchmarks", ("self", "request")),
     VllmInternal("vllm.v1.core.sched.output.SchedulerOutput", "what the workers need to forget and zero",
                  fields=("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
                          "finished_req_ids", "preempted_req_ids")),
@@ -226,8 +234,12 @@ class EngineArgsHooks(Protocol):
 
     def admit_request(self, vllm_config: Any, request: Any) -> None: ...
 
+    def compression_enabled(self, args: Any) -> bool: ...
+
 
 _PATCHED_MARK = "__infokv_patched__"
+# Set in a frontend process whose engine core reported a fatal error (not a shutdown it was asked for).
+ENGINE_DIED = threading.Event()
 
 
 def _wrap(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable], kind: type | None = None) -> None:
@@ -290,6 +302,35 @@ def apply(hooks: EngineArgsHooks) -> None:
     from infokv_vllm.metrics import CompressionSchedulerStats
 
     EngineCoreOutputs.__annotations__["scheduler_stats"] = CompressionSchedulerStats | None
+
+    # vLLM's API server stops when its engine core dies, but `vllm serve` then exits with status 0, as after a
+    # clean shutdown. With compression on, a failing step exits with status 1, so a supervisor sees the failure.
+    # The engine core reports a fatal error with a last message (ENGINE_CORE_DEAD), which the client's
+    # `validate_alive` turns into EngineDeadError; a shutdown that was asked for sends no such message.
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.v1.engine.core_client import BackgroundResources
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    def validate_alive(original: Callable) -> Callable:
+        def wrapper(self, frames):
+            try:
+                return original(self, frames)
+            except EngineDeadError:
+                ENGINE_DIED.set()
+                raise
+        return wrapper
+
+    _wrap(BackgroundResources, "validate_alive", validate_alive)
+
+    def serve_cmd(original: Callable) -> Callable:
+        def wrapper(args):
+            original(args)
+            if ENGINE_DIED.is_set() and hooks.compression_enabled(args):
+                raise SystemExit("infokv-vllm: the engine core died (see its error above); vllm serve exits with "
+                                 "status 1")
+        return wrapper
+
+    _wrap(ServeSubcommand, "cmd", serve_cmd, staticmethod)
 
 
 @contextlib.contextmanager

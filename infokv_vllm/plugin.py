@@ -113,6 +113,12 @@ def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any] | 
     return merged
 
 
+def compression_enabled(args: argparse.Namespace) -> bool:
+    """Whether the command line (`--kv-*` flags and `--additional-config`) turns compression on."""
+    folded = fold_cli_args(args, getattr(args, "additional_config", None))
+    return CompressionConfig.from_additional_config(folded).enabled
+
+
 # --- engine configuration ---------------------------------------------------------------------------------
 
 def prepare_engine_args(engine_args: Any) -> CompressionConfig:

@@ -108,3 +108,16 @@ def test_plumbing_smoke():
     settings = report["settings"]
     for row in report["rows"]:  # the prompt compressed, then the trace at least twice
         assert row["prompt_tokens"] > settings["budget"] and row["vllm_tokens"] >= 2 * settings["interval"]
+
+
+def test_soak_smoke():
+    """A short mixed load through `vllm serve` (streams, aborts, n = 2, per-request settings, bad inputs): no engine
+    error, every bad input refused, greedy replays alone equal, and nothing left held once idle."""
+    report = run_smoke("soak.py")
+    assert report["outcomes"].get("ok", 0) > 0 and "error" not in report["outcomes"], report["errors"]
+    assert report["refused_bad_inputs"] == report["bad_inputs"]
+    assert report["replayed"] > 0 and report["replay_mismatches"] == []
+    assert report["final_kv_usage"] == 0.0 and report["final_running"] == 0.0
+    assert report["idle_state"] and not report["leaked_state"], report["idle_state"]
+    assert report["compression_events"] > 0
+    assert (BENCHMARKS / "results" / "soak-smoke.png").stat().st_size > 0

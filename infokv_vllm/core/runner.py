@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from typing import TYPE_CHECKING, ClassVar
 
@@ -28,6 +29,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
+from infokv_vllm import logger
 from infokv_vllm.config import compression_of
 from infokv_vllm.core.block_manager import CompressedAttentionSpec
 from infokv_vllm.core.compaction import PagedKVCompactor
@@ -51,6 +53,11 @@ from infokv_vllm.signals.storage import SlotSignals
 if TYPE_CHECKING:
     from infokv_vllm.core.platform import PlatformAdapter
 
+# Tests only: a worker started with this variable set to "compaction" raises inside its first compaction, so tests
+# see how a failure inside a step reaches the client (vLLM's engine-dead error and a server that exits, not a hang
+# or wrong tokens). Read once per worker at start-up; no flag or request can set it.
+FAULT_INJECTION_ENV = "INFOKV_TEST_FAULT"
+
 
 class CompressingRunnerMixin:
     platform: ClassVar[PlatformAdapter]  # set by each platform's runner class
@@ -68,6 +75,7 @@ class CompressingRunnerMixin:
         self._report = WorkerReport()  # until it leaves with the step's ModelRunnerOutput
         self._plan: StepPlan | None = None  # the current step's
         self._step: StepView | None = None  # the current step's, once its inputs are prepared
+        self._inject_compaction_fault = os.environ.get(FAULT_INJECTION_ENV) == "compaction"
 
     # --- set-up ---------------------------------------------------------------------------------------
 
@@ -126,6 +134,10 @@ class CompressingRunnerMixin:
             return super().execute_model(scheduler_output, *args, **kwargs)
         plan = plan_of(scheduler_output)
         self._forget(_restarted_request_ids(scheduler_output))
+        if not scheduler_output.num_scheduled_tokens:
+            # A step that only hands the last finished requests to the worker: it is idle now, and its
+            # per-request state must be empty (the soak benchmark reads this line).
+            logger.debug("infokv: idle worker holds per-request state of %s", self.requests_held())
         for recorder in self.recorders:
             recorder.before_compactions(plan, self._request_pages)
         for compaction in plan.compactions:
@@ -198,6 +210,11 @@ class CompressingRunnerMixin:
         (block_ids,) = self.requests[request_id].block_ids
         return RequestPages(block_ids, self.evicted.get(request_id, 0))
 
+    def requests_held(self) -> dict[str, int]:
+        """How many requests each piece of the worker's per-request compression state holds."""
+        return {"evicted": len(self.evicted), **{recorder.name: recorder.requests_held()
+                                                 for recorder in self.recorders}}
+
     def _forget(self, request_ids: list[str]) -> None:
         """New, resumed (after preemption: recomputed in full) and finished requests hold no evicted slots."""
         for request_id in request_ids:
@@ -206,6 +223,9 @@ class CompressingRunnerMixin:
             recorder.forget(request_ids)
 
     def _compact(self, compaction: Compaction) -> None:
+        if self._inject_compaction_fault:
+            raise RuntimeError(f"infokv-vllm: fault injected into the compaction of {compaction.request_id} "
+                               f"({FAULT_INJECTION_ENV}=compaction, for tests)")
         state = self.requests[compaction.request_id]
         (block_ids,) = state.block_ids
         assert self.evicted.get(compaction.request_id, 0) == compaction.logical_len - compaction.physical_len, (

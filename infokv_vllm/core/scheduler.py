@@ -69,7 +69,7 @@ class CompressingScheduler(Scheduler):
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
         compactions = [c for request in self.running if (c := self._decide(request)) is not None]
         for compaction in compactions:
-            self._apply(compaction)
+            self._apply(compaction, "decode" if compaction.decoding else "prompt")
         if self.compression.memory_pressure:
             compactions += self._relieve_memory_pressure({c.request_id for c in compactions})
         output = super().schedule(*args, **kwargs)
@@ -77,6 +77,10 @@ class CompressingScheduler(Scheduler):
         # its entropies will be measured again when it is recomputed.
         for request_id in output.preempted_req_ids:
             self._entropies.pop(request_id, None)
+        if not self.requests:
+            # Every request has finished (this step hands the last of them to the workers): the per-request state
+            # must be empty (the soak benchmark reads this line).
+            logger.debug("infokv: idle scheduler holds per-request state of %s", self.requests_held())
         attach_plan(output, StepPlan(
             compactions=[c for c in compactions if c.request_id not in output.preempted_req_ids],
             window_starts=self._window_starts(output) if self._scores_attention else {},
@@ -125,6 +129,12 @@ class CompressingScheduler(Scheduler):
             if end > start:
                 starts[request_id] = start
         return starts
+
+    def requests_held(self) -> dict[str, int]:
+        """How many requests each piece of the scheduler's per-request compression state holds."""
+        return {"records": len(self.records), "past_prompt": len(self._past_prompt),
+                "entropies": len(self._entropies), "settings": len(self._settings),
+                "evicted": len(self.manager.evicted)}
 
     def settings_of(self, request: Request) -> CompressionConfig:
         """The compression settings of one request: the server's, with the request's own overrides."""
@@ -182,7 +192,7 @@ class CompressingScheduler(Scheduler):
                 break
             physical = self.manager.physical_len(request.request_id, request.num_computed_tokens)
             compaction = self._to_budget(request, self.settings_of(request), physical, decoding=True)
-            shortfall -= self._apply(compaction)
+            shortfall -= self._apply(compaction, "memory pressure")
             compactions.append(compaction)
         return compactions
 
@@ -194,8 +204,10 @@ class CompressingScheduler(Scheduler):
         needed = cdiv(self.manager.physical_len(request.request_id, logical) + pending, self.manager.block_size)
         return max(0, needed - len(self.manager.req_to_blocks[request.request_id]))
 
-    def _apply(self, compaction: Compaction) -> int:
-        """Compact in the block manager now; the workers move the KV before the step's forward. Returns #freed."""
+    def _apply(self, compaction: Compaction, cause: str) -> int:
+        """Compact in the block manager now; the workers move the KV before the step's forward. Returns #freed.
+        `cause` (prompt, decode, memory pressure) goes into the debug line: under memory pressure a request is
+        compressed when the batch needs it, so its tokens depend on the other requests."""
         freed = self.manager.compact(compaction.request_id, compaction.physical_len, compaction.kept_len)
         evicted = compaction.physical_len - compaction.kept_len
         record = self.records.setdefault(compaction.request_id, CompressionRecord())
@@ -204,10 +216,16 @@ class CompressingScheduler(Scheduler):
             tally.events += 1
             tally.tokens_evicted += evicted
             tally.blocks_freed += freed
-        logger.debug("infokv: request %s compressed %d -> %d KV tokens (logical %d), %d blocks freed",
+        logger.debug("infokv: request %s compressed %d -> %d KV tokens (logical %d, %s), %d blocks freed",
                      compaction.request_id, compaction.physical_len, compaction.kept_len,
-                     compaction.logical_len, freed)
+                     compaction.logical_len, cause, freed)
         return freed
+
+    def _preempt_request(self, request: Request, *args, **kwargs) -> None:
+        # A preempted request is recomputed in full and compressed afresh, so its tokens depend on the batch.
+        logger.debug("infokv: request %s preempted after %d compressions", request.request_id,
+                     self.records[request.request_id].events if request.request_id in self.records else 0)
+        return super()._preempt_request(request, *args, **kwargs)
 
     def _free_request(self, request: Request, *args, **kwargs):
         self._past_prompt.discard(request.request_id)

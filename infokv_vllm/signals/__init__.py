@@ -65,6 +65,10 @@ class SignalRecorder:
     def forget(self, request_ids: list[str]) -> None:
         """The requests are new, restarted after preemption, or finished: drop what is pending for them."""
 
+    def requests_held(self) -> int:
+        """How many requests this recorder holds state for (0 once every request has finished)."""
+        return 0
+
     def before_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
         """Store what the scheduler sent, before this step's compactions score with it."""
 

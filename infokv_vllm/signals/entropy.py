@@ -44,6 +44,9 @@ class EntropyRecorder(SignalRecorder):
         for request_id in request_ids:
             self._next_token_entropy.pop(request_id, None)
 
+    def requests_held(self) -> int:
+        return len(self._next_token_entropy)
+
     def before_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
         """All but the last value belong to tokens computed in the request's previous step, which sit
         contiguously after its last compaction; the last belongs to the first token of this step, whose slot is

@@ -36,6 +36,16 @@ def free_port() -> int:
 def vllm_server(model: Path, flags: list[str], log_path: Path, timeout_s: float = 600,
                 env: dict[str, str] | None = None, base_flags: list[str] = CPU_SERVE_FLAGS) -> Iterator[str]:
     """Yield the base URL of a `vllm serve` process (with `env` added to its environment); stop it on exit."""
+    with vllm_server_process(model, flags, log_path, timeout_s, env, base_flags) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def vllm_server_process(model: Path, flags: list[str], log_path: Path, timeout_s: float = 600,
+                        env: dict[str, str] | None = None, base_flags: list[str] = CPU_SERVE_FLAGS
+                        ) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`vllm_server`, yielding the process too (its own process group), for tests that signal it or wait for it
+    to exit; on exit it is stopped if it still runs."""
     port = free_port()
     command = [*vllm_cli(), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *base_flags, *flags]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -55,7 +65,7 @@ def vllm_server(model: Path, flags: list[str], log_path: Path, timeout_s: float 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vllm serve not healthy after {timeout_s}s:\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
-        yield url
+        yield url, process
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, 15)

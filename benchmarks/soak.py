@@ -1,0 +1,310 @@
+"""Reliability soak: a long mixed load through `vllm serve --kv-compression infokv`, then checks that the answers
+are the answers and that nothing leaked.
+
+One `vllm serve` (SmolLM2 float32, vLLM's default compilation, `--kv-budget 128 --kv-memory-pressure`, a 100 MB KV
+pool of about 2,200 tokens under `--max-model-len 4096`) is driven by `--concurrency` client threads for at least
+`--minutes` and `--requests`: chat and completions, streaming or not, n = 1 or 2, the server's budget or a
+request's own (`vllm_xargs`: budgets, ratios with a floor, keep-prompt, opt-outs), client aborts at a random chunk
+of a stream, and malformed or out-of-range inputs, each of which must get HTTP 400. A sampler records KV usage and
+running requests (vLLM's `/metrics`) and the memory of the server's process tree every few seconds.
+
+Afterwards:
+- every 10th greedy request is replayed alone and must return the same tokens (token ids where the API returns
+  them, the text of a stream). Requests compressed under memory pressure or preempted are left out of the
+  comparison: the batch decides when those are compressed, by design; the server's debug log says which they are;
+- KV usage and running requests are back to 0, and the plugin's per-request state is empty: the last "idle ...
+  holds per-request state" debug lines of the scheduler and of every worker show only zeros;
+- the memory of the server's processes grows by less than 2% over the second half of the load.
+Results: `benchmarks/results/<name>.json` and a plot beside it (KV usage, running requests, memory over time).
+
+    .venv/bin/python benchmarks/soak.py                          # >= 1,000 requests over >= 20 minutes
+    .venv/bin/python benchmarks/soak.py --tp 2 --name soak-tp2   # two tensor-parallel ranks, one core each
+    .venv/bin/python benchmarks/soak.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SENTENCES = ["The river runs past the old mill.", "Seven boats leave the harbour at dawn.",
+             "A quiet library keeps its maps in the basement.", "The baker sells bread with figs on Tuesdays.",
+             "Wind turns the blades of the tall white turbines.", "Her notebook lists forty kinds of beetles."]
+QUESTIONS = ["Summarise the text in one sentence.", "What happens at dawn?", "Write a short poem about the mill.",
+             "Continue the story.", "List three facts from the text."]
+# Inputs that must be refused with HTTP 400 while the server goes on serving the others.
+BAD_INPUTS = [
+    {"vllm_xargs": {"kv_budget": 3}},
+    {"vllm_xargs": {"kv_budget_ratio": 1.5}},
+    {"vllm_xargs": {"kv_budget": "many"}},
+    {"vllm_xargs": {"kv_compression": "snapkv"}},
+    {"vllm_xargs": {"kv_unknown": 1}},
+    {"vllm_xargs": {"kv_compression": "none"}, "max_tokens": 4000},  # an opt-out that cannot fit the pool
+    {"max_tokens": -1},
+    {"temperature": -2.0},
+]
+IDLE_LINE = re.compile(r"^\((.*?)\).*infokv: idle (scheduler|worker) holds per-request state of (\{.*\})")
+BATCH_DEPENDENT_LINE = re.compile(r"infokv: request (\S+) (?:compressed .*memory pressure|preempted after)")
+
+
+@dataclass
+class Job:
+    index: int
+    chat: bool
+    stream: bool
+    n: int
+    temperature: float
+    max_tokens: int
+    prompt: str
+    xargs: dict | None
+    abort_after: int | None = None  # stream chunks read before the client goes away
+    bad: dict | None = None  # a malformed or out-of-range input: must get HTTP 400
+
+    @property
+    def request_id(self) -> str:
+        return f"soak-{self.index}"
+
+    @property
+    def greedy(self) -> bool:
+        return self.bad is None and self.abort_after is None and self.n == 1 and self.temperature == 0
+
+
+@dataclass
+class Outcome:
+    status: str  # ok, aborted, refused (HTTP 400), error
+    tokens: list[int] | str | None = None  # token ids, or the text of a stream
+    detail: str = ""
+
+
+def make_job(index: int, rng: random.Random) -> Job:
+    chat, stream = rng.random() < 0.5, rng.random() < 0.5
+    n = 2 if rng.random() < 0.15 else 1
+    prompt = " ".join(rng.choice(SENTENCES) for _ in range(rng.choice([4, 12, 40, 80]))) + " " + rng.choice(QUESTIONS)
+    xargs = rng.choice([None, None, {"kv_budget": rng.choice([64, 96, 192, 256])},
+                        {"kv_budget_ratio": rng.choice([0.3, 0.5]), "kv_budget": 64}, {"kv_keep_prompt": True},
+                        {"kv_compression": "none"}])
+    job = Job(index, chat, stream, n, 0.0 if n == 1 and rng.random() < 0.6 else 0.8, rng.choice([16, 64, 160, 320]),
+              prompt, xargs)
+    if stream and rng.random() < 0.15:
+        job.abort_after = rng.randint(1, 40)
+    if rng.random() < 0.05:
+        job.bad = rng.choice(BAD_INPUTS)
+    return job
+
+
+def send(client, model: str, job: Job) -> Outcome:
+    import openai
+
+    body = {"max_tokens": job.max_tokens, "temperature": job.temperature, "n": job.n, "seed": job.index,
+            "return_token_ids": True, "vllm_xargs": job.xargs, **(job.bad or {})}
+    arguments = {key: body.pop(key) for key in ("max_tokens", "temperature", "n", "seed")}
+    if job.chat:
+        create, content = client.chat.completions.create, {"messages": [{"role": "user", "content": job.prompt}]}
+    else:
+        create, content = client.completions.create, {"prompt": job.prompt}
+    try:
+        reply = create(model=model, stream=job.stream, extra_body=body, **arguments, **content,
+                       extra_headers={"X-Request-Id": job.request_id})
+        if job.stream:
+            texts = []
+            for received, chunk in enumerate(reply):
+                if job.abort_after is not None and received >= job.abort_after:
+                    reply.response.close()  # the client goes away mid-stream
+                    return Outcome("aborted")
+                if chunk.choices:
+                    delta = chunk.choices[0].delta.content if job.chat else chunk.choices[0].text
+                    texts.append(delta or "")
+            return Outcome("ok", "".join(texts))
+        token_ids = reply.choices[0].model_extra.get("token_ids")
+        if not token_ids:  # nothing to compare a replay with
+            return Outcome("error", detail="the reply carries no token ids")
+        return Outcome("ok", list(token_ids))
+    except openai.BadRequestError as error:
+        return Outcome("refused", detail=str(error)[:200])
+    except openai.APIError as error:
+        return Outcome("error", detail=f"{type(error).__name__}: {str(error)[:300]}")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """vLLM's /metrics as name -> value (summed over label sets)."""
+    values: dict[str, float] = {}
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                name = name.split("{")[0]
+                values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+def tree_rss_mib(pid: int) -> float:
+    import psutil
+
+    root = psutil.Process(pid)
+    processes = [root, *root.children(recursive=True)]
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def sample_forever(url: str, pid: int, started: float, samples: list[dict], stop: threading.Event) -> None:
+    while not stop.wait(3.0):
+        try:
+            metrics = scrape(url)
+        except OSError:
+            continue
+        samples.append({"t": time.monotonic() - started, "kv_usage": metrics.get("vllm:kv_cache_usage_perc", 0.0),
+                        "running": metrics.get("vllm:num_requests_running", 0.0),
+                        "waiting": metrics.get("vllm:num_requests_waiting", 0.0), "rss_mib": tree_rss_mib(pid)})
+
+
+def idle_state(log: str) -> dict[str, dict]:
+    """The last idle line of the scheduler and of each worker, by process ("worker (EngineCore pid=12)")."""
+    last: dict[str, dict] = {}
+    for line in log.splitlines():
+        match = IDLE_LINE.search(line)
+        if match:
+            last[f"{match.group(2)} ({match.group(1)})"] = ast.literal_eval(match.group(3))
+    return last
+
+
+@dataclass
+class Report:
+    requests: int
+    minutes: float
+    outcomes: dict[str, int]
+    errors: list[str]
+    refused_bad_inputs: int
+    bad_inputs: int
+    bad_inputs_served: list[int]  # bad inputs that were not refused
+    replayed: int
+    replay_mismatches: list[int]
+    replay_skipped_batch_dependent: int
+    final_kv_usage: float
+    final_running: float
+    idle_state: dict[str, dict]
+    leaked_state: bool
+    rss_growth_second_half: float
+    compression_events: float
+    samples: list[dict] = field(repr=False)
+
+
+def main() -> None:
+    from report import figure_with_axes, save_figure, write_report  # beside this script (benchmarks run as files)
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a minute of load: checks the script runs")
+    parser.add_argument("--minutes", type=float, default=20.0, help="load for at least this long")
+    parser.add_argument("--requests", type=int, default=1000, help="and at least this many requests")
+    parser.add_argument("--concurrency", type=int, default=24, help="client threads")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (CPU: one core each)")
+    parser.add_argument("--kv-cache-mib", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="soak")
+    args = parser.parse_args()
+    if args.smoke:
+        args.minutes, args.requests, args.concurrency = 0.5, 40, 8
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from openai import OpenAI
+
+    from infokv_vllm.testing.local_server import EAGER, vllm_server_process
+    from infokv_vllm.testing.smollm2 import ensure_model
+
+    model = ensure_model()
+    flags = ["--dtype", "float32", "--kv-cache-memory-bytes", str(args.kv_cache_mib * 2**20), "--max-model-len",
+             "4096", "--kv-compression", "infokv", "--kv-budget", "128", "--kv-memory-pressure",
+             "--tensor-parallel-size", str(args.tp), *(EAGER if args.smoke else [])]
+    env = {"VLLM_LOGGING_LEVEL": "DEBUG", **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if args.tp == 2 else {})}
+    rng = random.Random(args.seed)
+    jobs: list[Job] = []
+    outcomes: dict[int, Outcome] = {}
+    samples: list[dict] = []
+    with tempfile.TemporaryDirectory() as logs, vllm_server_process(
+            model, flags, Path(logs) / "serve.log", base_flags=[], env=env) as (url, process):
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        started = time.monotonic()
+        stop = threading.Event()
+        sampler = threading.Thread(target=sample_forever, args=(url, process.pid, started, samples, stop))
+        sampler.start()
+        lock = threading.Lock()
+
+        def next_job() -> Job | None:
+            with lock:
+                if time.monotonic() - started >= args.minutes * 60 and len(jobs) >= args.requests:
+                    return None
+                jobs.append(make_job(len(jobs), rng))
+                return jobs[-1]
+
+        def worker() -> None:
+            while (job := next_job()) is not None:
+                outcomes[job.index] = send(client, str(model), job)
+
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            for future in [pool.submit(worker) for _ in range(args.concurrency)]:
+                future.result()
+        load_minutes = (time.monotonic() - started) / 60
+        time.sleep(10)  # aborted streams end; the idle lines are logged
+        stop.set()
+        sampler.join()
+        final = scrape(url)
+        log = (Path(logs) / "serve.log").read_text()
+        batch_dependent = {match.group(1) for match in map(BATCH_DEPENDENT_LINE.search, log.splitlines()) if match}
+        greedy = [job for job in jobs if job.greedy and outcomes[job.index].status == "ok"]
+        replay = [job for job in greedy[::10]
+                  if not any(f"-{job.request_id}-" in request_id for request_id in batch_dependent)]
+        mismatches = [job.index for job in replay
+                      if send(client, str(model), Job(**{**asdict(job), "index": job.index + 10**6})).tokens
+                      != outcomes[job.index].tokens]
+        log = (Path(logs) / "serve.log").read_text()
+
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    bad = [job for job in jobs if job.bad is not None]
+    half = [sample["rss_mib"] for sample in samples if sample["t"] >= load_minutes * 30]
+    state = idle_state(log)
+    report = Report(
+        requests=len(jobs), minutes=load_minutes, outcomes=counts,
+        errors=[f"{index}: {outcome.detail}" for index, outcome in outcomes.items() if outcome.status == "error"],
+        refused_bad_inputs=sum(outcomes[job.index].status == "refused" for job in bad), bad_inputs=len(bad),
+        bad_inputs_served=[job.index for job in bad if outcomes[job.index].status != "refused"],
+        replayed=len(replay), replay_mismatches=mismatches,
+        replay_skipped_batch_dependent=len(greedy[::10]) - len(replay),
+        final_kv_usage=final.get("vllm:kv_cache_usage_perc", -1.0),
+        final_running=final.get("vllm:num_requests_running", -1.0), idle_state=state,
+        leaked_state=not state or any(any(sizes.values()) for sizes in state.values()),
+        rss_growth_second_half=(max(half) / half[0] - 1) if len(half) > 1 else 0.0,
+        compression_events=final.get("infokv:compression_events_total", 0.0), samples=samples)
+    path = write_report(args.name, args.smoke, tp=args.tp, settings=vars(args), **asdict(report))
+    figure, (kv_axis, running_axis, rss_axis) = figure_with_axes(3, (15, 4))
+    minutes = [sample["t"] / 60 for sample in samples]
+    for axis, key, label in ((kv_axis, "kv_usage", "KV cache usage"), (running_axis, "running", "running requests"),
+                             (rss_axis, "rss_mib", "server RSS (MiB)")):
+        axis.plot(minutes, [sample[key] for sample in samples])
+        axis.set_xlabel("minutes")
+        axis.set_title(label)
+    save_figure(figure, path.with_suffix(".png"))
+    print(f"{report.requests} requests in {report.minutes:.1f} min: {counts}; bad inputs refused "
+          f"{report.refused_bad_inputs}/{report.bad_inputs}; replay mismatches {len(mismatches)}/{len(replay)} "
+          f"({report.replay_skipped_batch_dependent} batch-dependent left out); final KV usage "
+          f"{report.final_kv_usage}, running {report.final_running}; idle state {state}; RSS growth over the "
+          f"second half {report.rss_growth_second_half:.2%}; compressions {report.compression_events:.0f}")
+
+
+if __name__ == "__main__":
+    main()
