@@ -93,7 +93,7 @@ def make_job(index: int, rng: random.Random) -> Job:
     xargs = rng.choice([None, None, {"kv_budget": rng.choice([64, 96, 192, 256])},
                         {"kv_budget_ratio": rng.choice([0.3, 0.5]), "kv_budget": 64}, {"kv_keep_prompt": True},
                         {"kv_compression": "none"}])
-    job = Job(index, chat, stream, n, 0.0 if n == 1 and rng.random() < 0.6 else 0.8, rng.choice([16, 64, 160, 320]),
+    job = Job(index, chat, stream, n, 0.0 if n == 1 and rng.random() < 0.6 else 0.8, rng.choice([16, 48, 96, 288]),
               prompt, xargs)
     if stream and rng.random() < 0.15:
         job.abort_after = rng.randint(1, 40)

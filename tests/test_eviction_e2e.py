@@ -108,18 +108,6 @@ def test_abort_mid_generation_returns_every_page(streaming_engine):
     assert not scheduler_of(llm).manager.evicted
 
 
-def test_preemption_after_compression_keeps_the_pool_consistent(smollm2_dir):
-    many = {f"{name}-{copy}": prompt for copy in range(3) for name, prompt in PROMPTS.items()}
-    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=SMALL_POOL) as llm:
-        initial_free = free_blocks(llm)
-        preemptions = count_preemptions(llm)
-        outputs = run_to_completion(llm, many, GREEDY)
-        assert preemptions[0] > 0 and scheduler_of(llm).totals.events > 0
-        assert sorted(outputs) == sorted(many) and all(len(t) == 200 for t in outputs.values())
-        assert free_blocks(llm) == initial_free
-        assert not scheduler_of(llm).manager.evicted
-
-
 def test_memory_pressure_mode_compresses_instead_of_preempting(smollm2_dir, vanilla_small_pool):
     # The decode schedule alone would never fire (interval beyond the context): only pressure compresses.
     pressure = {"method": "streaming", "budget": BUDGET, "decode_interval": 1000, "memory_pressure": True}
@@ -183,9 +171,9 @@ def test_requests_carry_their_own_budget_or_opt_out(smollm2_dir):
         scheduler, engine = scheduler_of(llm), llm.llm_engine
         kept, apply = {}, scheduler._apply
 
-        def recording(compaction):
+        def recording(compaction, *args):
             kept.setdefault(compaction.request_id.split("-")[0], set()).add(compaction.kept_len)
-            return apply(compaction)
+            return apply(compaction, *args)
 
         scheduler._apply = recording
         with pytest.raises(VLLMValidationError, match="invalid vllm_xargs.kv_budget: 3 leaves no room"):

@@ -16,24 +16,15 @@ from vllm import SamplingParams
 from infokv_vllm.core.runner import FAULT_INJECTION_ENV
 from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from infokv_vllm.testing.local_server import EAGER, vllm_server_process
+from tests.test_eviction_e2e import PROMPTS, SMALL_POOL, free_blocks
 
 pytestmark = pytest.mark.e2e
 
-PROMPTS = {
-    "story": "Once upon a time, in a small village by the sea,",
-    "recipe": "Here is my grandmother's recipe for apple pie:",
-    "physics": "The three laws of motion formulated by Newton are",
-    "travel": "The best way to spend a week in Japan is",
-}
 GREEDY = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
 STREAMING = {"method": "streaming", "budget": 64, "decode_interval": 32}
 SERVE_FLAGS = ["--kv-compression", "streaming", "--kv-budget", "64", "--kv-decode-interval", "32", *EAGER]
 FAULT_SURFACES_S = 30  # an injected fault reaches the client, and the server exits, within this
 SIGTERM_DRAINS_S = 120  # eight streams of 160 tokens drain on 2 cores well within this
-
-
-def free_blocks(llm) -> int:
-    return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
 
 
 def assert_no_request_state(llm) -> None:
@@ -61,7 +52,7 @@ def watch_compactions(llm) -> list[str]:
 def test_a_request_aborted_at_its_compaction_frees_every_page(smollm2_dir, when):
     """The abort lands while the step that compacts the request is in flight (vLLM frees its blocks before the
     worker moves them), or right after that step; the others finish as they would alone."""
-    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=24) as llm:
+    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=SMALL_POOL) as llm:
         alone = run_to_completion(llm, {"recipe": PROMPTS["recipe"]}, GREEDY)
         initial_free = free_blocks(llm)
         engine, scheduler = llm.llm_engine, scheduler_of(llm)
@@ -98,7 +89,7 @@ def test_a_request_aborted_at_its_compaction_frees_every_page(smollm2_dir, when)
 
 def test_a_compressed_request_preempted_and_recomputed_finishes_with_exact_accounting(smollm2_dir):
     many = {f"{name}-{copy}": prompt for copy in range(3) for name, prompt in PROMPTS.items()}
-    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=24) as llm:
+    with in_process_llm(smollm2_dir, STREAMING, num_gpu_blocks_override=SMALL_POOL) as llm:
         initial_free = free_blocks(llm)
         scheduler = scheduler_of(llm)
         compacted, preempted = watch_compactions(llm), []
@@ -110,11 +101,11 @@ def test_a_compressed_request_preempted_and_recomputed_finishes_with_exact_accou
 
         scheduler._preempt_request = recording
         outputs = run_to_completion(llm, many, GREEDY)
+        assert sorted(outputs) == sorted(many) and all(len(t) == GREEDY.max_tokens for t in outputs.values())
         recomputed = [request_id for request_id in preempted if request_id.rsplit("-", 1)[0] in compacted]
         assert recomputed, "no compressed request was preempted"
         tokens = outputs[recomputed[0].rsplit("-", 1)[0]]
-        text = llm.get_tokenizer().decode(tokens)
-        assert len(tokens) == GREEDY.max_tokens and text.strip(), text
+        assert llm.get_tokenizer().decode(tokens).strip()
         assert free_blocks(llm) == initial_free
         assert_no_request_state(llm)
 
