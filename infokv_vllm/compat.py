@@ -46,6 +46,15 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal("vllm.v1.engine.input_processor.InputProcessor.process_inputs", "wrapped: the request it "
                  "returns (prompt tokens, max_tokens, extra_args) is admitted or refused (HTTP 400) before it "
                  "reaches the engine", ("self", "request_id", "prompt", "params")),
+    VllmInternal("vllm.v1.engine.async_llm.AsyncLLM.generate", "wrapped: a rendered prompt (`prompt_token_ids`) "
+                 "is admitted when the API server creates its output stream, before a streaming response starts",
+                 ("self", "prompt", "sampling_params")),
+    VllmInternal("vllm.entrypoints.openai.chat_completion.serving.OpenAIServingChat._create_chat_completion",
+                 "creates generate()'s stream before the response starts (errors raised there become HTTP 400)",
+                 source_has=("self.engine_client.generate(", "self.chat_completion_stream_generator(")),
+    VllmInternal("vllm.entrypoints.openai.completion.serving.OpenAIServingCompletion._create_completion",
+                 "the same for completions", source_has=("self.engine_client.generate(",
+                                                         "self.completion_stream_generator(")),
     VllmInternal("vllm.v1.engine.input_processor.InputProcessor.__init__", "the frontend's config, whose "
                  "cache_config.num_gpu_blocks the engine handshake fills in", source_has=("self.vllm_config",)),
     VllmInternal("vllm.v1.engine.EngineCoreRequest", "what admission reads",
@@ -232,7 +241,7 @@ class EngineArgsHooks(Protocol):
 
     def check_engine_config(self, vllm_config: Any) -> None: ...
 
-    def admit_request(self, vllm_config: Any, request: Any) -> None: ...
+    def admit_request(self, vllm_config: Any, prompt_len: int, params: Any) -> None: ...
 
     def compression_enabled(self, args: Any) -> bool: ...
 
@@ -289,11 +298,29 @@ def apply(hooks: EngineArgsHooks) -> None:
     def process_inputs(original: Callable) -> Callable:
         def wrapper(self, *args, **kwargs):
             request = original(self, *args, **kwargs)
-            hooks.admit_request(self.vllm_config, request)
+            hooks.admit_request(self.vllm_config, len(request.prompt_token_ids or ()), request.sampling_params)
             return request
         return wrapper
 
     _wrap(InputProcessor, "process_inputs", process_inputs)
+
+    # The chat and completions endpoints call `generate` (creating its async generator) before they start a
+    # streaming response, but vLLM processes the request only when the stream first iterates it: a refusal would
+    # then arrive inside an HTTP 200 stream. Admitting rendered prompts when the generator is created makes it an
+    # HTTP 400 on every endpoint; `process_inputs` above still admits whatever arrives otherwise.
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    def generate(original: Callable) -> Callable:
+        def wrapper(self, prompt, sampling_params, *args, **kwargs):
+            prompt_token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+            if (prompt_token_ids is not None and isinstance(sampling_params, SamplingParams)
+                    and sampling_params.max_tokens is not None):
+                hooks.admit_request(self.vllm_config, len(prompt_token_ids), sampling_params)
+            return original(self, prompt, sampling_params, *args, **kwargs)
+        return wrapper
+
+    _wrap(AsyncLLM, "generate", generate)
 
     # Plugins are registered before vLLM builds its decoders, and msgspec reads the annotation when a decoder
     # is built.

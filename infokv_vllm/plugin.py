@@ -168,18 +168,21 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
     return compression
 
 
-def admit_request(vllm_config: Any, request: Any) -> None:
-    """Refuse, before it reaches the engine, a request (vLLM's `EngineCoreRequest`) that compression cannot
-    serve: vLLM answers HTTP 400 naming the field, and goes on serving others.
+def admit_request(vllm_config: Any, prompt_len: int, params: Any) -> None:
+    """Refuse a request (its prompt's length and vLLM's `SamplingParams`) that compression cannot serve: vLLM
+    answers HTTP 400 naming the field, and goes on serving others.
 
     - Invalid per-request settings (`SamplingParams.extra_args`, the OpenAI API's `vllm_xargs`).
     - A request that cannot fit the KV pool. Compression lets `max_model_len` exceed the pool (see
       `CompressedAttentionSpec.max_memory_usage_bytes`); a request fits if its prompt plus the tokens it may
       generate do, or if compression bounds it and its prompt plus budget + interval do.
+
+    `compat` calls it where vLLM turns a prompt into an engine request (every entry point), and earlier where
+    the API server creates a request's output stream: a streaming response has started (HTTP 200) by the time
+    vLLM processes the request, so a refusal there would arrive as an error event inside the stream.
     """
     from vllm.exceptions import VLLMValidationError
 
-    params = request.sampling_params
     if params is None:
         return
     server = compression_of(vllm_config)
@@ -192,22 +195,22 @@ def admit_request(vllm_config: Any, request: Any) -> None:
     if not server.enabled or not num_blocks:
         return
     pool = (num_blocks - 1) * vllm_config.cache_config.block_size  # block 0 is vLLM's null block
-    prompt = len(request.prompt_token_ids or ())
-    if prompt + params.max_tokens <= pool:
+    if prompt_len + params.max_tokens <= pool:
         return
     if settings.kv_bound is None:
         why = ("the request opts out of compression" if not settings.enabled else
                "a budget ratio does not bound the request's KV")
         raise VLLMValidationError(
-            f"infokv-vllm: the prompt ({prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-            f"{pool} tokens the KV cache holds, and {why}; lower max_tokens to at most {max(pool - prompt, 0)}",
+            f"infokv-vllm: the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+            f"{pool} tokens the KV cache holds, and {why}; lower max_tokens to at most "
+            f"{max(pool - prompt_len, 0)}",
             parameter="max_tokens", value=params.max_tokens)
-    if prompt + settings.kv_bound > pool:
+    if prompt_len + settings.kv_bound > pool:
         raise VLLMValidationError(
-            f"infokv-vllm: the prompt ({prompt} tokens) is too long for this server's KV cache: it holds {pool} "
-            f"tokens, and a compressed request needs its prompt plus budget + decode interval "
+            f"infokv-vllm: the prompt ({prompt_len} tokens) is too long for this server's KV cache: it holds "
+            f"{pool} tokens, and a compressed request needs its prompt plus budget + decode interval "
             f"({settings.kv_bound}); prompts of at most {max(pool - settings.kv_bound, 0)} tokens fit",
-            parameter="prompt", value=prompt)
+            parameter="prompt", value=prompt_len)
 
 
 def check_engine_config(vllm_config: Any) -> None:

@@ -78,6 +78,11 @@ def test_vllm_serve_streams_past_the_pool_and_refuses_what_cannot_fit(smollm2_di
         with pytest.raises(BadRequestError, match="opts out of compression"):
             client.completions.create(model=str(smollm2_dir), prompt=PROMPT, max_tokens=1000,
                                       extra_body={"vllm_xargs": {"kv_compression": "none"}})
+        # A streaming chat too is refused with HTTP 400, not with an error event inside a 200 stream.
+        with pytest.raises(BadRequestError, match="opts out of compression"):
+            client.chat.completions.create(model=str(smollm2_dir), messages=[{"role": "user", "content": PROMPT}],
+                                           max_tokens=1000, stream=True,
+                                           extra_body={"vllm_xargs": {"kv_compression": "none"}})
         reply = client.completions.create(model=str(smollm2_dir), prompt=PROMPT, max_tokens=8,
                                           extra_body={"ignore_eos": True})
         assert reply.usage.completion_tokens == 8

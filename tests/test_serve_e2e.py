@@ -121,10 +121,14 @@ def test_bad_per_request_settings_get_http_400_and_the_server_keeps_serving(clie
                                                                              message):
     from openai import BadRequestError
 
-    with pytest.raises(BadRequestError) as error:
-        client.completions.create(model=str(smollm2_dir), prompt="Hello", max_tokens=2,
-                                  extra_body={"vllm_xargs": vllm_xargs})
-    assert error.value.status_code == 400 and message in str(error.value), str(error.value)
+    # Streaming requests too: the refusal comes before the response starts, not inside a 200 stream.
+    for create, content in ((client.completions.create, {"prompt": "Hello"}),
+                            (client.chat.completions.create, {"messages": QUESTION})):
+        for stream in (False, True):
+            with pytest.raises(BadRequestError) as error:
+                create(model=str(smollm2_dir), max_tokens=2, stream=stream, extra_body={"vllm_xargs": vllm_xargs},
+                       **content)
+            assert error.value.status_code == 400 and message in str(error.value), (stream, str(error.value))
     assert client.completions.create(model=str(smollm2_dir), prompt="Hello", max_tokens=2).usage.completion_tokens
 
 
