@@ -85,6 +85,9 @@ def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: to
 class TritonKernels(KernelFamily):
     name = "triton"
 
+    def __init__(self, split_slots: int | None = None) -> None:
+        self.split_slots = split_slots  # window attention's slots per program; None: `slots_per_split` decides
+
     def compact_kv(self, cache, layout, block_table, keep, n_keep) -> None:
         for plane in layout.planes(cache):
             compact_plane_triton(plane, block_table, keep, n_keep)
@@ -97,7 +100,7 @@ class TritonKernels(KernelFamily):
         key_plane, _ = layout.planes(cache)
         accumulate_window_attention_triton(queries, key_plane, block_table.to(torch.int32), accumulator,
                                            query_rows.to(torch.int32), query_positions.to(torch.int32),
-                                           seq_lens.to(torch.int32), scale)
+                                           seq_lens.to(torch.int32), scale, split_slots=self.split_slots)
 
 
 KERNEL_FAMILIES: dict[str, type[KernelFamily]] = {cls.name: cls for cls in (TorchKernels, TritonKernels)}

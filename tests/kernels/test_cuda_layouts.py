@@ -18,6 +18,13 @@ from tests.kernels.vllm_pages import LAYOUTS, vllm_gpu_caches
 DTYPES = [torch.float16, torch.bfloat16]
 BLOCK_SIZE, HEAD_SIZE, KV_HEADS = 16, 32, 2
 FAMILIES = [TritonKernels(), TorchKernels()]
+# Triton's window attention also with its slots split into ranges of 64 (the longest request here spans two).
+WINDOW_FAMILIES = [*FAMILIES, TritonKernels(split_slots=64)]
+
+
+def family_id(kernels) -> str:
+    split = getattr(kernels, "split_slots", None)
+    return kernels.name + (f"-splits-of-{split}" if split else "")
 
 
 def caches_and_table(layout, dtype, seed: int, lengths):
@@ -29,7 +36,7 @@ def caches_and_table(layout, dtype, seed: int, lengths):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
-@pytest.mark.parametrize("kernels", FAMILIES, ids=lambda kernels: kernels.name)
+@pytest.mark.parametrize("kernels", FAMILIES, ids=family_id)
 def test_compaction_on_vllm_gpu_pages(kernels, layout, dtype):
     caches, table, generator = caches_and_table(layout, dtype, 0, LENGTHS)
     keep, n_keep = random_keep(LENGTHS, KV_HEADS, generator)
@@ -45,7 +52,7 @@ def test_compaction_on_vllm_gpu_pages(kernels, layout, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
 @pytest.mark.parametrize("q_heads", [2, 6], ids=["mha", "gqa3"])
-@pytest.mark.parametrize("kernels", FAMILIES, ids=lambda kernels: kernels.name)
+@pytest.mark.parametrize("kernels", WINDOW_FAMILIES, ids=family_id)
 def test_window_attention_on_vllm_gpu_pages(kernels, q_heads, layout, dtype):
     seq_lens = [37, 5, 70, 22]
     window = [3, 1, 8, 1]  # a chunked prefill's tail, decode queries (batched by torch), a longer window

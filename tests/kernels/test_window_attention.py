@@ -40,20 +40,26 @@ def dense_reference(queries, keys, table, requests, positions, seq_lens, scale):
     return accumulator
 
 
+@pytest.mark.parametrize("split_slots", [None, 32, 16], ids=["one-split", "splits-of-32", "splits-of-16"])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(9, 3), (4, 4), (8, 1)], ids=["gqa3", "mha", "mqa"])
-def test_matches_dense_reference(q_heads, kv_heads):
+def test_matches_dense_reference(q_heads, kv_heads, split_slots):
+    """With the slots split into ranges (some of them wholly after a query's position, some after every slot
+    of a request), the statistics combine to the same mass as one pass."""
     case = paged_case(0, q_heads, kv_heads)
     scale = 32 ** -0.5
     expected = dense_reference(*case, scale)
     queries, keys, table, requests, positions, seq_lens = (t.to(DEVICE) for t in case)
     accumulator = torch.zeros(keys.shape[:3], device=DEVICE)
-    accumulate_window_attention_triton(queries, keys, table, accumulator, requests, positions, seq_lens, scale)
+    accumulate_window_attention_triton(queries, keys, table, accumulator, requests, positions, seq_lens, scale,
+                                       slot_tile=16, split_slots=split_slots)
     torch.testing.assert_close(accumulator.cpu(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_window_longer_than_one_query_tile():
+@pytest.mark.parametrize("split_slots", [None, 64], ids=["one-split", "splits"])
+def test_window_longer_than_one_query_tile(split_slots):
     """A prefill window of 80 queries with 4 query heads per KV head: 128 matrix rows hold 32 of them, so the
-    request's program takes its queries in three tiles (the last one partly padding), beside decode rows."""
+    request's programs take its queries in three tiles (the last one partly padding), beside decode rows; the
+    window's first queries see none of the last split's slots."""
     generator = torch.Generator().manual_seed(4)
     seq_lens, window = [100, 9, 33], [80, 1, 1]
     table, num_blocks = shuffled_block_table(seq_lens, 16, 2, generator)
@@ -64,7 +70,7 @@ def test_window_longer_than_one_query_tile():
     case = (queries, keys, table, requests, positions, torch.tensor(seq_lens, dtype=torch.int32))
     expected = dense_reference(*case, 0.25)
     accumulator = torch.zeros(keys.shape[:3])
-    accumulate_window_attention_triton(*case[:3], accumulator, *case[3:], 0.25)
+    accumulate_window_attention_triton(*case[:3], accumulator, *case[3:], 0.25, split_slots=split_slots)
     torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
 
 
