@@ -7,9 +7,10 @@ block pool that fits only a few uncompressed requests. A compressed request hold
 Configurations, each on a fresh engine in this process, interleaved over rounds so that slow drifts of the
 machine hit all of them alike:
 - `small` pool: vanilla vLLM (`none`) and every policy;
-- `ample` pool (room for every request), with `max_num_seqs` capped at the concurrency compression reaches on
-  the small pool (the peak measured in round one): `none` there is the **ceiling**, the best a compressor that
-  cost nothing could do; each policy there shows what compression costs when memory is not short.
+- `ample` pool (room for every request it runs at once), with `max_num_seqs` capped at the concurrency
+  compression reaches on the small pool (the peak measured in round one): `none` there is the **ceiling**, the
+  best a compressor that cost nothing could do; each policy there shows what compression costs when memory is
+  not short.
 
 Reported per configuration: output tokens/s (median and min-max over rounds), ratios to vanilla on the small
 pool and to the ceiling (medians of the per-round ratios, with their min-max), peak and mean running requests,
@@ -17,6 +18,10 @@ preemptions, compressions, TTFT and TPOT percentiles. A plot goes beside the JSO
 
     .venv/bin/python benchmarks/throughput.py            # the full run (about 30 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/throughput.py --smoke    # seconds; what CI runs
+    python benchmarks/throughput.py --gpu --model DIR --mode compiled --attention-backend FLASH_ATTN  # one GPU
+
+On a GPU (`--gpu`; `scripts/gpu_check.sh throughput` runs it on the random Llama-3.1-8B-shaped model) the
+workload is sized for 80 GB; that path has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ class RunResult:
 
 
 def run(model: Path, workload: Workload, method: str, pool: str, pool_blocks: int, max_num_seqs: int, mode: str,
-        round_index: int) -> RunResult:
+        round_index: int, engine: dict) -> RunResult:
     from vllm import SamplingParams
 
     from infokv_vllm.testing.local_engine import count_preemptions, in_process_llm, scheduler_of
@@ -90,17 +95,17 @@ def run(model: Path, workload: Workload, method: str, pool: str, pool_blocks: in
     params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
     with in_process_llm(model, workload.compression(method), num_gpu_blocks_override=pool_blocks,
                         max_model_len=workload.max_model_len, max_num_seqs=max_num_seqs,
-                        enforce_eager=mode == "eager") as llm:
+                        enforce_eager=mode == "eager", **engine) as llm:
         scheduler = scheduler_of(llm)
         preemptions = count_preemptions(llm)
-        engine = llm.llm_engine
+        llm_engine = llm.llm_engine
         for request_id, prompt in workload.prompts().items():
-            engine.add_request(request_id, prompt, params)
+            llm_engine.add_request(request_id, prompt, params)
         first_token, finished, produced = {}, {}, {}
         running_per_step = []
         start = time.perf_counter()
-        while engine.has_unfinished_requests():
-            outputs = engine.step()
+        while llm_engine.has_unfinished_requests():
+            outputs = llm_engine.step()
             now = time.perf_counter() - start
             running_per_step.append(len(scheduler.running))
             for output in outputs:
@@ -192,27 +197,47 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=128)
     parser.add_argument("--interval", type=int, default=64)
     parser.add_argument("--small-blocks", type=int, default=61,
-                        help="the small pool in 32-token blocks (61: about 3 uncompressed requests)")
+                        help="the small pool in blocks (CPU: 61 blocks of 32 tokens, about 3 uncompressed requests)")
     parser.add_argument("--memory-pressure", action="store_true",
                         help="policies compress running requests before vLLM would preempt one (--kv-memory-pressure)")
     parser.add_argument("--mode", default="eager", choices=("eager", "compiled"),
                         help="eager (enforce_eager) or compiled (vLLM's default; compiled at engine start, which "
                              "the timing excludes)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations (interleaved)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a model directory (default: SmolLM2-135M, the CPU test model); on a GPU, e.g. the "
+                             "random Llama-3.1-8B-shaped model of `infokv_vllm.testing.random_models`")
+    parser.add_argument("--gpu", action="store_true",
+                        help="a memory-bound workload sized for one 80 GB GPU and an 8B model: 256 requests, "
+                             "768-1280-token prompts, 2,048 output tokens, budget 512, a pool of 6,656 16-token "
+                             "blocks (about 32 uncompressed requests); bfloat16")
+    parser.add_argument("--attention-backend", default=None, help="vLLM's attention backend (GPU: FLASH_ATTN, "
+                                                                   "TRITON_ATTN)")
+    parser.add_argument("--name", default="throughput", help="the results' file name")
     args = parser.parse_args()
     if args.smoke:
         args.requests, args.prompt_len, args.output_len, args.budget, args.interval = 4, "40,80", 96, 48, 32
         args.small_blocks, args.repeats, args.methods, args.ample_methods = 8, 1, "none,infokv", "none"
+    if args.gpu:
+        args.requests, args.prompt_len, args.output_len, args.budget, args.interval = 256, "768,1280", 2048, 512, 64
+        args.small_blocks = 6656
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from infokv_vllm.testing.local_engine import BLOCK_SIZE
     from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
 
-    model = ensure_model()
+    model = args.model or ensure_model()
+    model_name = MODEL_NAME if args.model is None else args.model.name
+    # The CPU defaults of `in_process_llm` (float32, a fixed KV size, 32-token blocks) become a GPU's.
+    engine = dict(dtype="bfloat16", block_size=16, kv_cache_memory_bytes=None,
+                  gpu_memory_utilization=0.9) if args.gpu else {}
+    if args.attention_backend:
+        engine["attention_backend"] = args.attention_backend
+    block_size = engine.get("block_size", BLOCK_SIZE)
     low, high = map(int, args.prompt_len.split(","))
     workload = Workload(args.requests, (low, high), args.output_len, args.budget, args.interval,
                         args.memory_pressure)
-    ample_blocks = args.requests * -(-workload.max_model_len // BLOCK_SIZE) + 1
+    blocks_per_request = -(-workload.max_model_len // block_size)
     small = [("small", method) for method in args.methods.split(",")]
     # Compressed configurations first: their peak concurrency in round one caps the ample pool.
     small.sort(key=lambda config: config[1] == "none")
@@ -224,8 +249,10 @@ def main() -> None:
             if (round_index, pool) == (0, "ample"):
                 compressed = [r.peak_running for r in results if r.pool == "small" and r.method != "none"]
                 ceiling_seqs = max(compressed, default=args.requests)
-            blocks, seqs = (args.small_blocks, args.requests) if pool == "small" else (ample_blocks, ceiling_seqs)
-            result = run(model, workload, method, pool, blocks, seqs, args.mode, round_index)
+            # The ample pool holds every request it lets run at once, uncompressed.
+            blocks, seqs = ((args.small_blocks, args.requests) if pool == "small" else
+                            (ceiling_seqs * blocks_per_request + 1, ceiling_seqs))
+            result = run(model, workload, method, pool, blocks, seqs, args.mode, round_index, engine)
             print(f"round {round_index} {pool:5} {method:9} {result.output_tokens_per_s:8.2f} tok/s "
                   f"peak {result.peak_running} mean {result.mean_running}", flush=True)
             results.append(result)
@@ -240,12 +267,13 @@ def main() -> None:
               f"{row['mean_running']:>5} {row['preemptions']:>7} {row['compression_events']:>6} "
               f"{row['ttft_p50_s']:>7.1f}/{row['ttft_p90_s']:<7.1f} "
               f"{row['tpot_p50_ms']:>7.1f}/{row['tpot_p90_ms']:<8.1f}")
-    path = write_report("throughput", args.smoke, model=MODEL_NAME, dtype="float32", block_size=BLOCK_SIZE,
-                        mode=args.mode, workload=asdict(workload), small_blocks=args.small_blocks,
-                        ample_blocks=ample_blocks, ceiling_max_num_seqs=ceiling_seqs, repeats=args.repeats,
-                        summary=summary, runs=[asdict(r) for r in results])
+    path = write_report(args.name, args.smoke, model=model_name, dtype=engine.get("dtype", "float32"),
+                        block_size=block_size, attention_backend=args.attention_backend, mode=args.mode,
+                        workload=asdict(workload), small_blocks=args.small_blocks,
+                        ample_blocks=ceiling_seqs * blocks_per_request + 1, ceiling_max_num_seqs=ceiling_seqs,
+                        repeats=args.repeats, summary=summary, runs=[asdict(r) for r in results])
     plot(summary, path.with_suffix(".png"),
-         f"{MODEL_NAME}, {args.mode}, {args.requests} requests x {args.output_len} output tokens, "
+         f"{model_name}, {args.mode}, {args.requests} requests x {args.output_len} output tokens, "
          f"budget {args.budget} + {args.interval}; small pool {args.small_blocks} blocks")
 
 

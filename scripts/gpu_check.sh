@@ -7,6 +7,10 @@
 #                    smoke stages (fatbin, ops, model: random bf16 weights in SmolLM2's shapes, /tmp/smollm2-random)
 #     smoke:A,B      more of the bundle's smoke stages (vLLM alone: eager, fa3, compiled, serve, ...)
 #     kernels        benchmarks/kernels.py (time per call, vs attention, bytes/s vs HBM peak)
+#     llama8b        write a random-weight model in Llama-3.1-8B's shapes (bf16, generated on the GPU) to
+#                    /tmp/llama8b-random, with SmolLM2's tokenizer
+#     throughput     benchmarks/throughput.py --gpu on that model ($THROUGHPUT_ARGS, default: compiled, one round
+#                    of vanilla, infokv and the ceiling, FLASH_ATTN), writing throughput-gpu.json
 #     tests          python -m pytest tests/gpu (the GPU suite; PYTEST_ARGS adds options, e.g. -k)
 #
 # Every step is set up idempotently, so a later call on a fresh machine runs `setup` again first. Logs and
@@ -33,6 +37,20 @@ for f in sys.argv[1:]: tarfile.open(f).extractall('$SITE', filter='tar')" .gpu/v
 
 step_kernels() {
   timeout 300 python3 benchmarks/kernels.py && cp benchmarks/results/kernels.json "$OUT/"
+}
+
+LLAMA8B=/tmp/llama8b-random
+
+step_llama8b() {  # after setup, which writes /tmp/smollm2-random (the tokenizer comes from there)
+  timeout 300 python3 -m infokv_vllm.testing.random_models llama-3.1-8b --tokenizer /tmp/smollm2-random \
+    --out $LLAMA8B --device cuda
+}
+
+step_throughput() {
+  [ -f $LLAMA8B/model.safetensors.index.json ] || step_llama8b
+  eval "local options=(${THROUGHPUT_ARGS:---mode compiled --repeats 1 --methods none,infokv --ample-methods none --attention-backend FLASH_ATTN})"
+  timeout $((${GPU_CHECK_SECONDS:-590} - SECONDS)) python3 benchmarks/throughput.py --gpu --model $LLAMA8B \
+    --name throughput-gpu "${options[@]}" && cp benchmarks/results/throughput-gpu.* "$OUT/"
 }
 
 step_tests() {
