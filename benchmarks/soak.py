@@ -147,18 +147,20 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def tree_rss_mib(pid: int) -> float:
+def rss_by_process(pid: int) -> dict[str, float]:
+    """MiB resident per process of the server's tree, by title (vLLM names its processes, e.g.
+    `VLLM::EngineCore`), so a report says which one grows."""
     import psutil
 
     root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)]
-    total = 0
-    for process in processes:
+    sizes: dict[str, float] = {}
+    for process in [root, *root.children(recursive=True)]:
         try:
-            total += process.memory_info().rss
+            title = " ".join(process.cmdline()[:1]) or process.name()
+            sizes[f"{title} ({process.pid})"] = process.memory_info().rss / 2**20
         except psutil.NoSuchProcess:
             pass
-    return total / 2**20
+    return sizes
 
 
 def sample_forever(url: str, pid: int, started: float, samples: list[dict], stop: threading.Event) -> None:
@@ -167,9 +169,11 @@ def sample_forever(url: str, pid: int, started: float, samples: list[dict], stop
             metrics = scrape(url)
         except OSError:
             continue
+        processes = rss_by_process(pid)
         samples.append({"t": time.monotonic() - started, "kv_usage": metrics.get("vllm:kv_cache_usage_perc", 0.0),
                         "running": metrics.get("vllm:num_requests_running", 0.0),
-                        "waiting": metrics.get("vllm:num_requests_waiting", 0.0), "rss_mib": tree_rss_mib(pid)})
+                        "waiting": metrics.get("vllm:num_requests_waiting", 0.0),
+                        "rss_mib": sum(processes.values()), "rss_mib_by_process": processes})
 
 
 def idle_state(log: str) -> dict[str, dict]:
@@ -180,6 +184,17 @@ def idle_state(log: str) -> dict[str, dict]:
         if match:
             last[f"{match.group(2)} ({match.group(1)})"] = ast.literal_eval(match.group(3))
     return last
+
+
+def growth_by_process(samples: list[dict]) -> dict[str, float]:
+    """Each process's largest RSS over its first, within `samples`."""
+    first: dict[str, float] = {}
+    peak: dict[str, float] = {}
+    for sample in samples:
+        for name, mib in sample["rss_mib_by_process"].items():
+            first.setdefault(name, mib)
+            peak[name] = max(peak.get(name, mib), mib)
+    return {name: round(peak[name] / first[name] - 1, 4) for name in first}
 
 
 @dataclass
@@ -199,6 +214,7 @@ class Report:
     idle_state: dict[str, dict]
     leaked_state: bool
     rss_growth_second_half: float
+    rss_growth_second_half_by_process: dict[str, float]
     compression_events: float
     samples: list[dict] = field(repr=False)
 
@@ -276,7 +292,8 @@ def main() -> None:
     for outcome in outcomes.values():
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
     bad = [job for job in jobs if job.bad is not None]
-    half = [sample["rss_mib"] for sample in samples if sample["t"] >= load_minutes * 30]
+    second_half = [sample for sample in samples if sample["t"] >= load_minutes * 30]
+    half = [sample["rss_mib"] for sample in second_half]
     state = idle_state(log)
     report = Report(
         requests=len(jobs), minutes=load_minutes, outcomes=counts,
@@ -289,6 +306,7 @@ def main() -> None:
         final_running=final.get("vllm:num_requests_running", -1.0), idle_state=state,
         leaked_state=not state or any(any(sizes.values()) for sizes in state.values()),
         rss_growth_second_half=(max(half) / half[0] - 1) if len(half) > 1 else 0.0,
+        rss_growth_second_half_by_process=growth_by_process(second_half),
         compression_events=final.get("infokv:compression_events_total", 0.0), samples=samples)
     path = write_report(args.name, args.smoke, tp=args.tp, settings=vars(args), **asdict(report))
     figure, (kv_axis, running_axis, rss_axis) = figure_with_axes(3, (15, 4))
@@ -303,7 +321,8 @@ def main() -> None:
           f"{report.refused_bad_inputs}/{report.bad_inputs}; replay mismatches {len(mismatches)}/{len(replay)} "
           f"({report.replay_skipped_batch_dependent} batch-dependent left out); final KV usage "
           f"{report.final_kv_usage}, running {report.final_running}; idle state {state}; RSS growth over the "
-          f"second half {report.rss_growth_second_half:.2%}; compressions {report.compression_events:.0f}")
+          f"second half {report.rss_growth_second_half:.2%} (by process: {report.rss_growth_second_half_by_process}); "
+          f"compressions {report.compression_events:.0f}")
 
 
 if __name__ == "__main__":
