@@ -1,8 +1,9 @@
 """Reliability soak: a long mixed load through `vllm serve --kv-compression infokv`, then checks that the answers
 are the answers and that nothing leaked.
 
-One `vllm serve` (SmolLM2 float32, vLLM's default compilation, `--kv-budget 128 --kv-memory-pressure`, a 100 MB KV
-pool of about 2,200 tokens under `--max-model-len 4096`) is driven by `--concurrency` client threads for at least
+One `vllm serve` (SmolLM2 float32, vLLM's default compilation, `--kv-budget 128 --kv-memory-pressure`, a KV pool
+of 2,275 tokens, 100 MiB of SmolLM2, under `--max-model-len 4096`; with `--tp 2` a random-weight tiny Llama, as
+SmolLM2's 9 attention heads do not split over two ranks) is driven by `--concurrency` client threads for at least
 `--minutes` and `--requests`: chat and completions, streaming or not, n = 1 or 2, the server's budget or a
 request's own (`vllm_xargs`: budgets, ratios with a floor, keep-prompt, opt-outs), client aborts at a random chunk
 of a stream, and malformed or out-of-range inputs, each of which must get HTTP 400. A sampler records KV usage and
@@ -18,7 +19,7 @@ Afterwards:
 Results: `benchmarks/results/<name>.json` and a plot beside it (KV usage, running requests, memory over time).
 
     .venv/bin/python benchmarks/soak.py                          # >= 1,000 requests over >= 20 minutes
-    .venv/bin/python benchmarks/soak.py --tp 2 --name soak-tp2   # two tensor-parallel ranks, one core each
+    .venv/bin/python benchmarks/soak.py --tp 2 --model tiny-llama --name soak-tp2   # two ranks, one core each
     .venv/bin/python benchmarks/soak.py --smoke
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import random
 import re
@@ -206,6 +208,7 @@ class Report:
     refused_bad_inputs: int
     bad_inputs: int
     bad_inputs_served: list[int]  # bad inputs that were not refused
+    good_inputs_refused: list[str]  # valid requests refused (HTTP 400), with the reason
     replayed: int
     replay_mismatches: list[int]
     replay_skipped_batch_dependent: int
@@ -228,7 +231,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="and at least this many requests")
     parser.add_argument("--concurrency", type=int, default=24, help="client threads")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (CPU: one core each)")
-    parser.add_argument("--kv-cache-mib", type=int, default=100)
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-llama"),
+                        help="SmolLM2-135M (its 9 attention heads do not split over 2 ranks), or a random-weight "
+                             "tiny Llama with SmolLM2's tokenizer (4 query / 2 KV heads) for --tp 2")
+    parser.add_argument("--pool-tokens", type=int, default=2275,
+                        help="the KV pool in tokens (2,275: 100 MiB of SmolLM2), below --max-model-len 4096")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="soak")
     args = parser.parse_args()
@@ -239,10 +246,24 @@ def main() -> None:
     from openai import OpenAI
 
     from infokv_vllm.testing.local_server import EAGER, vllm_server_process
+    from infokv_vllm.testing.models import cache_dir
+    from infokv_vllm.testing.random_models import SHAPES, write_random_llama
     from infokv_vllm.testing.smollm2 import ensure_model
 
     model = ensure_model()
-    flags = ["--dtype", "float32", "--kv-cache-memory-bytes", str(args.kv_cache_mib * 2**20), "--max-model-len",
+    if args.model == "tiny-llama":
+        target = cache_dir() / "tiny-llama-random"
+        if not (target / "model.safetensors.index.json").exists():
+            # Weights large enough (std 0.1) that greedy outputs vary with the context, as the tests' tiny Llama.
+            write_random_llama(SHAPES["tiny"], model, target, dtype="float32", std=0.1)
+        model = target
+    elif args.tp > 1:
+        parser.error("SmolLM2-135M's 9 attention heads do not split over several ranks: add --model tiny-llama")
+    config = json.loads((model / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    # float32 keys and values, each rank holding its share of the KV heads
+    token_bytes = config["num_hidden_layers"] * config["num_key_value_heads"] // args.tp * head_dim * 2 * 4
+    flags = ["--dtype", "float32", "--kv-cache-memory-bytes", str(args.pool_tokens * token_bytes), "--max-model-len",
              "4096", "--kv-compression", "infokv", "--kv-budget", "128", "--kv-memory-pressure",
              "--tensor-parallel-size", str(args.tp), *(EAGER if args.smoke else [])]
     env = {"VLLM_LOGGING_LEVEL": "DEBUG", **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if args.tp == 2 else {})}
@@ -300,6 +321,8 @@ def main() -> None:
         errors=[f"{index}: {outcome.detail}" for index, outcome in outcomes.items() if outcome.status == "error"],
         refused_bad_inputs=sum(outcomes[job.index].status == "refused" for job in bad), bad_inputs=len(bad),
         bad_inputs_served=[job.index for job in bad if outcomes[job.index].status != "refused"],
+        good_inputs_refused=[f"{job.index}: {outcomes[job.index].detail}" for job in jobs
+                             if job.bad is None and outcomes[job.index].status == "refused"],
         replayed=len(replay), replay_mismatches=mismatches,
         replay_skipped_batch_dependent=len(greedy[::10]) - len(replay),
         final_kv_usage=final.get("vllm:kv_cache_usage_perc", -1.0),
@@ -318,7 +341,8 @@ def main() -> None:
         axis.set_title(label)
     save_figure(figure, path.with_suffix(".png"))
     print(f"{report.requests} requests in {report.minutes:.1f} min: {counts}; bad inputs refused "
-          f"{report.refused_bad_inputs}/{report.bad_inputs}; replay mismatches {len(mismatches)}/{len(replay)} "
+          f"{report.refused_bad_inputs}/{report.bad_inputs}, valid requests refused {len(report.good_inputs_refused)} "
+          f"{report.good_inputs_refused[:3]}; replay mismatches {len(mismatches)}/{len(replay)} "
           f"({report.replay_skipped_batch_dependent} batch-dependent left out); final KV usage "
           f"{report.final_kv_usage}, running {report.final_running}; idle state {state}; RSS growth over the "
           f"second half {report.rss_growth_second_half:.2%} (by process: {report.rss_growth_second_half_by_process}); "

@@ -27,6 +27,8 @@ def test_written_model_loads_in_transformers_with_every_weight(smollm2_dir, tmp_
     model, info = LlamaForCausalLM.from_pretrained(target, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert model.model.layers[0].self_attn.k_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    tokens = AutoTokenizer.from_pretrained(target)("The lighthouse keeper", return_tensors="pt").input_ids
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)  # chat works too
+    tokens = tokenizer("The lighthouse keeper", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()

@@ -19,7 +19,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 SHARD_BYTES = 4 * 2**30
 
 
@@ -37,7 +38,8 @@ class LlamaShapes:
 
 SHAPES = {
     "llama-3.1-8b": LlamaShapes(4096, 14336, 32, 32, 8, 128),  # Meta's config.json for Llama-3.1-8B
-    "tiny": LlamaShapes(64, 128, 2, 4, 2, 16, max_position_embeddings=4096),  # for tests
+    # vLLM's CPU attention takes head sizes of 32 and more
+    "tiny": LlamaShapes(128, 256, 2, 4, 2, 32, max_position_embeddings=4096),
 }
 
 
