@@ -134,7 +134,8 @@ def send(client, model: str, job: Job) -> Outcome:
     except openai.BadRequestError as error:
         return Outcome("refused", detail=str(error)[:200])
     except openai.APIError as error:
-        return Outcome("error", detail=f"{type(error).__name__}: {str(error)[:300]}")
+        cause = f" ({error.__cause__!r})" if error.__cause__ is not None else ""  # e.g. the connection's error
+        return Outcome("error", detail=f"{type(error).__name__}: {str(error)[:300]}{cause[:300]}")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -271,8 +272,9 @@ def main() -> None:
     jobs: list[Job] = []
     outcomes: dict[int, Outcome] = {}
     samples: list[dict] = []
-    with tempfile.TemporaryDirectory() as logs, vllm_server_process(
-            model, flags, Path(logs) / "serve.log", base_flags=[], env=env) as (url, process):
+    # The server's log stays after the run (its path is in the report): the place to look into any error.
+    log_path = Path(tempfile.mkdtemp(prefix=f"{args.name}-")) / "serve.log"
+    with vllm_server_process(model, flags, log_path, base_flags=[], env=env) as (url, process):
         client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         started = time.monotonic()
         stop = threading.Event()
@@ -299,7 +301,7 @@ def main() -> None:
         stop.set()
         sampler.join()
         final = scrape(url)
-        log = (Path(logs) / "serve.log").read_text()
+        log = log_path.read_text()
         batch_dependent = {match.group(1) for match in map(BATCH_DEPENDENT_LINE.search, log.splitlines()) if match}
         greedy = [job for job in jobs if job.greedy and outcomes[job.index].status == "ok"]
         replay = [job for job in greedy[::10]
@@ -307,7 +309,7 @@ def main() -> None:
         mismatches = [job.index for job in replay
                       if send(client, str(model), Job(**{**asdict(job), "index": job.index + 10**6})).tokens
                       != outcomes[job.index].tokens]
-        log = (Path(logs) / "serve.log").read_text()
+        log = log_path.read_text()
 
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
@@ -331,7 +333,8 @@ def main() -> None:
         rss_growth_second_half=(max(half) / half[0] - 1) if len(half) > 1 else 0.0,
         rss_growth_second_half_by_process=growth_by_process(second_half),
         compression_events=final.get("infokv:compression_events_total", 0.0), samples=samples)
-    path = write_report(args.name, args.smoke, tp=args.tp, settings=vars(args), **asdict(report))
+    path = write_report(args.name, args.smoke, tp=args.tp, settings=vars(args), server_log=str(log_path),
+                        **asdict(report))
     figure, (kv_axis, running_axis, rss_axis) = figure_with_axes(3, (15, 4))
     minutes = [sample["t"] / 60 for sample in samples]
     for axis, key, label in ((kv_axis, "kv_usage", "KV cache usage"), (running_axis, "running", "running requests"),

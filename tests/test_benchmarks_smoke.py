@@ -115,7 +115,7 @@ def test_soak_smoke():
     error, every bad input refused, greedy replays alone equal, and nothing left held once idle."""
     report = run_smoke("soak.py")
     assert report["outcomes"].get("ok", 0) > 0 and "error" not in report["outcomes"], report["errors"]
-    assert report["refused_bad_inputs"] == report["bad_inputs"]
+    assert report["refused_bad_inputs"] == report["bad_inputs"] and report["good_inputs_refused"] == []
     assert report["replayed"] > 0 and report["replay_mismatches"] == []
     assert report["final_kv_usage"] == 0.0 and report["final_running"] == 0.0
     assert report["idle_state"] and not report["leaked_state"], report["idle_state"]
