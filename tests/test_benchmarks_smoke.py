@@ -121,3 +121,9 @@ def test_soak_smoke():
     assert report["idle_state"] and not report["leaked_state"], report["idle_state"]
     assert report["compression_events"] > 0
     assert (BENCHMARKS / "results" / "soak-smoke.png").stat().st_size > 0
+
+
+def test_allocator_memory_smoke():
+    report = run_smoke("allocator_memory.py")
+    assert [row["method"] for row in report["rows"]] == ["infokv", "none"]
+    assert all(len(row["rss_mib_by_round"]) == 2 and row["after_trim_mib"] > 0 for row in report["rows"])
