@@ -250,8 +250,8 @@ def main() -> None:
                 compressed = [r.peak_running for r in results if r.pool == "small" and r.method != "none"]
                 ceiling_seqs = max(compressed, default=args.requests)
             # The ample pool holds every request it lets run at once, uncompressed.
-            blocks, seqs = ((args.small_blocks, args.requests) if pool == "small" else
-                            (ceiling_seqs * blocks_per_request + 1, ceiling_seqs))
+            ample_blocks = ceiling_seqs * blocks_per_request + 1
+            blocks, seqs = (args.small_blocks, args.requests) if pool == "small" else (ample_blocks, ceiling_seqs)
             result = run(model, workload, method, pool, blocks, seqs, args.mode, round_index, engine)
             print(f"round {round_index} {pool:5} {method:9} {result.output_tokens_per_s:8.2f} tok/s "
                   f"peak {result.peak_running} mean {result.mean_running}", flush=True)
@@ -270,7 +270,7 @@ def main() -> None:
     path = write_report(args.name, args.smoke, model=model_name, dtype=engine.get("dtype", "float32"),
                         block_size=block_size, attention_backend=args.attention_backend, mode=args.mode,
                         workload=asdict(workload), small_blocks=args.small_blocks,
-                        ample_blocks=ceiling_seqs * blocks_per_request + 1, ceiling_max_num_seqs=ceiling_seqs,
+                        ample_blocks=ample_blocks, ceiling_max_num_seqs=ceiling_seqs,
                         repeats=args.repeats, summary=summary, runs=[asdict(r) for r in results])
     plot(summary, path.with_suffix(".png"),
          f"{model_name}, {args.mode}, {args.requests} requests x {args.output_len} output tokens, "

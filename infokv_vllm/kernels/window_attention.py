@@ -9,11 +9,11 @@ the keys twice per request, not twice per query, keeps the work memory-bound: a 
 twice per window query. Slots after a query's own position are masked (causal).
 
 The slots of a request are split into ranges, as flash decoding splits them, so that a few long requests still
-occupy every multiprocessor of a GPU: one program per (request, KV head, split). Two kernels:
-1. `_window_stats_kernel`: each program walks its split with matrix products (tensor cores on a GPU) and stores
+occupy every multiprocessor of a GPU: one program per (request, KV head, split). `_window_kernel` runs twice:
+1. the statistics pass: each program walks its split with matrix products (tensor cores on a GPU) and stores
    every row's softmax maximum and normaliser over that split (online, float32);
-2. `_window_mass_kernel`: each program combines the rows' statistics over all splits, walks its split again and
-   adds each slot's probability summed over the rows. A slot belongs to one split, so the adds need no atomics.
+2. the mass pass: each program combines the rows' statistics over all splits, walks its split again and adds
+   each slot's probability summed over the rows. A slot belongs to one split, so the adds need no atomics.
 
 Reference: `window_attention_mass` below (dense torch, also the torch family's path), tested against the kernels
 under TRITON_INTERPRET=1 with one split and with many.
@@ -57,17 +57,21 @@ def _window_rows(query_ptr, query_request_ptr, query_position_ptr, chunk, reques
 
 
 @triton.jit
-def _window_stats_kernel(
-    query_ptr, key_ptr, block_table_ptr, row_max_ptr, row_sum_ptr,
+def _window_kernel(
+    query_ptr, key_ptr, block_table_ptr, acc_ptr, row_max_ptr, row_sum_ptr,
     query_request_ptr, query_position_ptr, seq_len_ptr, num_tokens,
     stride_q_token, stride_q_head, stride_q_dim,
     stride_k_block, stride_k_head, stride_k_slot, stride_k_dim,
     stride_table_req,
+    stride_acc_block, stride_acc_head, stride_acc_slot,
     scale, slots_per_split,
     GROUP: tl.constexpr, GROUP_TILE: tl.constexpr, QUERY_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     DIM_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_TILE: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, MASS: tl.constexpr,
 ):
+    """One pass over a (request, KV head, split): the statistics pass (MASS False) stores every row's softmax
+    maximum and normaliser over the split; the mass pass (MASS True) combines them over all splits and adds the
+    split's slot probabilities into the accumulator."""
     first = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -88,60 +92,24 @@ def _window_stats_kernel(
             query_ptr, query_request_ptr, query_position_ptr, chunk, request, kv_head, length, num_tokens,
             stride_q_token, stride_q_head, stride_q_dim, GROUP, GROUP_TILE, QUERY_TILE, HEAD_DIM, DIM_TILE,
             DOT_FLOAT32)
-        row_max = tl.full((QUERY_TILE * GROUP_TILE,), float("-inf"), tl.float32)
-        row_sum = tl.zeros((QUERY_TILE * GROUP_TILE,), tl.float32)
-        for start in range(split_start, tl.minimum(end, split_start + slots_per_split), SLOT_TILE):
-            logits = _tile_logits(q, key_ptr, table_row, kv_head, start + slots, position, length, dims,
-                                  stride_k_block, stride_k_head, stride_k_slot, stride_k_dim, scale,
-                                  HEAD_DIM, BLOCK_SIZE, DOT_FLOAT32, PRECISION)
-            new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-            # A row may see no slot of a split's first tiles (they lie after its position): its maximum stays -inf.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
-            row_max = new_max
-        # Splits past a row's position store (-inf, 0): they add nothing when combined.
-        tl.store(row_max_ptr + stats_row * num_splits + split, row_max, mask=row_valid)
-        tl.store(row_sum_ptr + stats_row * num_splits + split, row_sum, mask=row_valid)
-        chunk += QUERY_TILE
-        next_request = tl.load(query_request_ptr + chunk, mask=chunk < num_tokens, other=-1)
-        in_request = next_request == request
-
-
-@triton.jit
-def _window_mass_kernel(
-    query_ptr, key_ptr, block_table_ptr, acc_ptr, row_max_ptr, row_sum_ptr,
-    query_request_ptr, query_position_ptr, seq_len_ptr, num_tokens,
-    stride_q_token, stride_q_head, stride_q_dim,
-    stride_k_block, stride_k_head, stride_k_slot, stride_k_dim,
-    stride_table_req,
-    stride_acc_block, stride_acc_head, stride_acc_slot,
-    scale, slots_per_split,
-    GROUP: tl.constexpr, GROUP_TILE: tl.constexpr, QUERY_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DIM_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_TILE: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    first = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
-    request = tl.load(query_request_ptr + first)
-    previous = tl.load(query_request_ptr + first - 1, mask=first > 0, other=-1)
-    if previous == request:
-        return
-    length = tl.load(seq_len_ptr + request)
-    table_row = block_table_ptr + request * stride_table_req
-    dims = tl.arange(0, DIM_TILE)
-    slots = tl.arange(0, SLOT_TILE)
-    split_start = split * slots_per_split
-    chunk = first
-    in_request = request >= 0
-    while in_request:
-        q, row_valid, position, stats_row, end = _window_rows(
-            query_ptr, query_request_ptr, query_position_ptr, chunk, request, kv_head, length, num_tokens,
-            stride_q_token, stride_q_head, stride_q_dim, GROUP, GROUP_TILE, QUERY_TILE, HEAD_DIM, DIM_TILE,
-            DOT_FLOAT32)
         stop = tl.minimum(end, split_start + slots_per_split)
-        if split_start < stop:
+        if not MASS:
+            row_max = tl.full((QUERY_TILE * GROUP_TILE,), float("-inf"), tl.float32)
+            row_sum = tl.zeros((QUERY_TILE * GROUP_TILE,), tl.float32)
+            for start in range(split_start, stop, SLOT_TILE):
+                logits = _tile_logits(q, key_ptr, table_row, kv_head, start + slots, position, length, dims,
+                                      stride_k_block, stride_k_head, stride_k_slot, stride_k_dim, scale,
+                                      HEAD_DIM, BLOCK_SIZE, DOT_FLOAT32, PRECISION)
+                new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+                # A row may see no slot of a split's first tiles (they lie after its position): its maximum stays
+                # -inf.
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+                row_max = new_max
+            # Splits past a row's position store (-inf, 0): they add nothing when combined.
+            tl.store(row_max_ptr + stats_row * num_splits + split, row_max, mask=row_valid)
+            tl.store(row_sum_ptr + stats_row * num_splits + split, row_sum, mask=row_valid)
+        elif split_start < stop:
             # Each row's maximum and normaliser over all its slots, from the splits' statistics (split 0 holds
             # slot 0, which every row sees, so the maximum is finite).
             row_max = tl.full((QUERY_TILE * GROUP_TILE,), float("-inf"), tl.float32)
@@ -237,13 +205,13 @@ def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor
         num_warps=8 if query_tile * group_tile >= 64 else 4,
     )
     grid = (num_tokens, kv_heads, num_splits)
-    inputs = (query_requests, query_positions, seq_lens, num_tokens,
-              queries.stride(0), queries.stride(1), queries.stride(2),
-              keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), block_table.stride(0))
-    _window_stats_kernel[grid](queries, keys, block_table, row_max, row_sum, *inputs, scale, split, **shared)
-    _window_mass_kernel[grid](queries, keys, block_table, accumulator, row_max, row_sum, *inputs,
-                              accumulator.stride(0), accumulator.stride(1), accumulator.stride(2), scale, split,
-                              **shared)
+    arguments = (queries, keys, block_table, accumulator, row_max, row_sum,
+                 query_requests, query_positions, seq_lens, num_tokens,
+                 queries.stride(0), queries.stride(1), queries.stride(2),
+                 keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), block_table.stride(0),
+                 accumulator.stride(0), accumulator.stride(1), accumulator.stride(2), scale, split)
+    _window_kernel[grid](*arguments, **shared, MASS=False)
+    _window_kernel[grid](*arguments, **shared, MASS=True)
 
 
 def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
