@@ -31,7 +31,7 @@ def run_with(model_dir, kernels: str):
 
 def test_triton_kernels_match_torch_inside_vllm(tiny_llama_dir):
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    for kernel in (compaction._compact_plane_kernel, window_attention._window_attention_kernel):
+    for kernel in (compaction._compact_plane_kernel, window_attention._window_kernel):
         assert type(kernel).__name__ == "InterpretedFunction"
     torch_log, torch_events = run_with(tiny_llama_dir, "torch")
     triton_log, triton_events = run_with(tiny_llama_dir, "triton")
