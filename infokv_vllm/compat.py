@@ -139,8 +139,11 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal("vllm._custom_ops.cpu_attn_reshape_and_cache", "writes a marked page to probe the CPU page layout",
                  ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
     # --- scheduler and KV cache manager (core/scheduler.py, core/block_manager.py) ---
-    VllmInternal(f"{_SCHEDULER}.schedule", "overridden: compactions are decided before vLLM allocates slots",
-                 ("self",)),
+    VllmInternal(f"{_SCHEDULER}.schedule", "overridden: compactions are decided before vLLM allocates slots; "
+                 "vLLM sends the copy-on-write copies our manager records (prefix-cache hits of compressed "
+                 "requests) to the workers, holding both ends until that step has run", ("self",),
+                 source_has=("self.kv_cache_manager.take_kv_cache_block_copies()",
+                             "self._free_cow_retained_blocks(")),
     VllmInternal(f"{_SCHEDULER}.__init__", "the requests and the running list decisions are made for, and the KV "
                  "cache manager they go through", source_has=("self.requests:", "self.running:",
                                                               "self.kv_cache_manager = KVCacheManager(")),
@@ -165,11 +168,18 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  ("self", "request")),
     VllmInternal(f"{_SCHEDULER}._preempt_request", "overridden: a preempted compressed request is logged (its "
                  "recompute is compressed afresh); counted by the tests and benchmarks", ("self", "request")),
-    VllmInternal("vllm.v1.core.sched.output.SchedulerOutput", "what the workers need to forget and zero",
+    VllmInternal("vllm.v1.core.sched.output.SchedulerOutput", "what the workers need to forget, zero and copy",
                  fields=("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
-                         "finished_req_ids", "preempted_req_ids")),
-    VllmInternal("vllm.v1.core.sched.output.CachedRequestData", "resumed requests and their new blocks",
-                 fields=("resumed_req_ids", "new_block_ids")),
+                         "finished_req_ids", "preempted_req_ids", "kv_cache_block_copies")),
+    VllmInternal("vllm.v1.core.sched.output.NewRequestData", "a new request's blocks start with its prefix-cache "
+                 "hit (num_computed_tokens)", fields=("req_id", "block_ids", "num_computed_tokens")),
+    VllmInternal("vllm.v1.core.sched.output.CachedRequestData", "resumed requests and their new blocks (a resumed "
+                 "request's list starts with its prefix-cache hit)",
+                 fields=("req_ids", "resumed_req_ids", "new_block_ids", "num_computed_tokens")),
+    VllmInternal("vllm.v1.core.kv_cache_utils.KVCacheBlockCopy", "a copy-on-write copy the workers make",
+                 fields=("src_block_id", "dst_block_id")),
+    VllmInternal(f"{_RUNNER}._update_states", "vLLM copies the KV of copy-on-write blocks here, after our "
+                 "compactions and before the forward", source_has=("copy_kv_cache_blocks_inplace(",)),
     VllmInternal(f"{_MANAGER}.get_num_blocks_to_allocate", "overridden: counts by physical length",
                  ("self", "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
                   "num_local_computed_tokens", "num_tokens_main_model")),
@@ -177,9 +187,28 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  ("self", "request_id", "num_tokens", "num_tokens_main_model")),
     VllmInternal(f"{_MANAGER}.pop_blocks_for_free", "overridden: a freed request forgets its evicted count",
                  ("self", "request_id")),
+    VllmInternal(f"{_MANAGER}.add_local_computed_blocks", "overridden: a compressed request copies its "
+                 "prefix-cache hit blocks", ("self", "request_id", "new_computed_blocks",
+                                             "num_local_computed_tokens")),
+    VllmInternal(f"{_MANAGER}.cache_blocks", "overridden: blocks are hashed once computed, never after a "
+                 "compaction", ("self", "request", "num_tokens")),
+    VllmInternal("vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager._apply_cow", "vLLM's "
+                 "copy-on-write of a prefix-cache hit block: redirects the request's block, queues the copy, holds "
+                 "both ends", ("self", "request_id", "block_idx", "source_block", "cow_block")),
+    VllmInternal("vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.cache_blocks", "a request's computed blocks "
+                 "are hashed before its first compaction", ("self", "request", "num_computed_tokens")),
+    VllmInternal("vllm.v1.core.block_pool.BlockPool.is_block_writable", "a block that is neither cached nor "
+                 "shared may be compacted in place", ("self", "block")),
+    VllmInternal("vllm.v1.core.block_pool.BlockPool.get_new_blocks", "private copies of cached or shared blocks",
+                 ("self", "num_blocks")),
+    VllmInternal("vllm.v1.core.block_pool.BlockPool.evict_blocks", "a cached block only its request holds loses "
+                 "its hash when no free block is left to copy it into", ("self", "block_ids")),
+    VllmInternal("vllm.v1.core.kv_cache_utils.KVCacheBlock", "ids, references and hashes the manager reads",
+                 fields=("block_id", "ref_cnt")),
     VllmInternal("vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager.__init__", "the block lists "
                  "a compaction shortens, and the pool it frees their tails into",
-                 source_has=("self.req_to_blocks", "self.num_cached_block", "self.block_pool = block_pool")),
+                 source_has=("self.req_to_blocks", "self.num_cached_block", "self.block_pool = block_pool",
+                             "self.enable_caching = enable_caching")),
     VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry._ensure_registered", "the built-in specs "
                  "register only while the registry is empty, so they are registered before ours"),
     VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register", "maps CompressedAttentionSpec to "

@@ -32,6 +32,9 @@ class Compaction:
     sinks: int  # leading tokens that are always kept (the sinks, or the whole prompt with keep_prompt)
     window: int  # most recent tokens that are always kept (the observation window)
     decoding: bool  # False for the compaction right after the prompt, True once the request decodes
+    # (index in the request's block list, new block id): blocks another request may read (prefix cache) are
+    # copied into a private block, which replaces them, before the compaction rewrites it
+    copies: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -140,14 +140,6 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
             f"infokv-vllm: the {current_platform.device_name} platform is not supported with "
             f"{flag_name('method')} {compression.method}: this version compresses on vLLM's CPU and CUDA "
             f"platforms only. Use {flag_name('method')} none there.")
-    # Prefix caching would publish pages whose contents we later compact. vLLM enables it by default, so
-    # turn it off unless the user asked for it explicitly, which we refuse with a reason.
-    if engine_args.enable_prefix_caching:
-        raise CompressionConfigError(
-            f"infokv-vllm: --enable-prefix-caching cannot be combined with {flag_name('method')} "
-            f"{compression.method}: compacted KV pages would be shared with other requests. Remove the flag "
-            "(compression turns prefix caching off).")
-    engine_args.enable_prefix_caching = False  # None (vLLM's default: on) becomes off
     for option, ours in (("scheduler_cls", SCHEDULER_CLS), ("worker_cls", adapter.worker_cls)):
         theirs = getattr(engine_args, option)
         if theirs not in (None, "auto", ours):
@@ -232,8 +224,6 @@ def check_engine_config(vllm_config: Any) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         refuse("pipeline parallelism (--pipeline-parallel-size > 1)",
                "compaction is applied per step on all layers of one rank")
-    if vllm_config.cache_config.enable_prefix_caching:
-        refuse("prefix caching (--enable-prefix-caching)", "compacted pages must never be shared")
     from infokv_vllm.platforms import adapter_for_current_platform
 
     # prepare_engine_args, which runs first, has refused platforms without an adapter.

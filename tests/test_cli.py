@@ -85,12 +85,15 @@ def engine_config(smollm2_dir, **overrides):
     return EngineArgs(**kwargs).create_engine_config()
 
 
-def test_compression_turns_prefix_caching_off_and_selects_the_v1_runner(smollm2_dir, monkeypatch):
+def test_compression_keeps_prefix_caching_and_selects_the_v1_runner(smollm2_dir, monkeypatch):
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    config = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "streaming",
-                                                                                   "budget": 128}})
-    assert config.cache_config.enable_prefix_caching is False
+    plain = engine_config(smollm2_dir)
+    settings = {"method": "streaming", "budget": 128}
+    config = engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: settings})
+    assert config.cache_config.enable_prefix_caching == plain.cache_config.enable_prefix_caching is True
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    asked = engine_config(smollm2_dir, enable_prefix_caching=True, additional_config={ADDITIONAL_CONFIG_KEY: settings})
+    assert asked.cache_config.enable_prefix_caching is True
 
 
 def test_method_none_changes_nothing(smollm2_dir, monkeypatch):
@@ -105,7 +108,6 @@ def test_method_none_changes_nothing(smollm2_dir, monkeypatch):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"enable_prefix_caching": True}, "--enable-prefix-caching cannot be combined"),
         ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
         ({"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}}, "KV connectors"),
         ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,

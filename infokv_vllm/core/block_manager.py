@@ -5,10 +5,22 @@ keeps `logical - evicted` tokens in its leading slots, so every count here subtr
 returns the tail blocks to the pool for other requests. The manager is chosen through vLLM's KV-cache-spec
 registry: the model runner reports its attention layers as `CompressedAttentionSpec` (grouped with full
 attention), and the registry maps that spec to this manager.
+
+With vLLM's prefix caching, a compaction must never rewrite a block another request may read: one that is
+cached (hashed, so a later request with the same prefix reuses it) or shared. Three rules keep that true:
+
+- a compaction gives each such block in the rewritten range a private copy (`BlockCompaction.copies`) and hands
+  the original back to the pool, still cached;
+- a compressing request that hits the cache copies its hit blocks at admission (vLLM's copy-on-write path), so
+  its observation window's attention never mixes with another request's in a shared block;
+- blocks are hashed only once their KV is computed (vLLM hashes them when they are scheduled), and never after a
+  request's first compaction (its slots no longer hold the prefix's tokens in order). A hit is therefore always
+  of finished KV and signals, which the admission copy can read before the step's forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
@@ -38,42 +50,99 @@ class CompressedAttentionSpec(FullAttentionSpec):
         return min(full, (cdiv(bound, self.block_size) + 1) * self.page_size_bytes)
 
 
+@dataclass(frozen=True)
+class BlockCompaction:
+    """What a compaction did to a request's block list."""
+
+    freed: int  # blocks it returned to the pool, net of the private copies it took
+    copies: tuple[tuple[int, int], ...]  # (index in the block list, new block id): copy that block there first
+
+
 class CompactingAttentionManager(FullAttentionManager):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.evicted: dict[str, int] = {}
+        # Whether a request is compressed (the scheduler knows each request's settings; an opted-out request
+        # never compacts, so it may share prefix-cache blocks).
+        self.compresses: Callable[[str], bool] = lambda request_id: True
 
     def physical_len(self, request_id: str, logical_len: int) -> int:
         return logical_len - self.evicted.get(request_id, 0)
 
+    def _copied_hits(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int) -> int:
+        """How many of a new request's prefix-cache hit blocks it copies at admission (its whole blocks)."""
+        if not (self.enable_caching and new_computed_blocks and self.compresses(request_id)):
+            return 0
+        return min(len(new_computed_blocks), num_local_computed_tokens // self.block_size)
+
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, *args, **kwargs) -> int:
         evicted = self.evicted.get(request_id, 0)
-        return super().get_num_blocks_to_allocate(
+        blocks = super().get_num_blocks_to_allocate(
             request_id, num_tokens - evicted, new_computed_blocks, total_computed_tokens - evicted,
             num_local_computed_tokens - evicted, num_tokens_main_model - evicted, *args, **kwargs)
+        if request_id in self.num_cached_block:  # running: no new hits
+            return blocks
+        return blocks + self._copied_hits(request_id, new_computed_blocks, num_local_computed_tokens)
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
+                                  *args, **kwargs) -> None:
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                          *args, **kwargs)
+        copied = self._copied_hits(request_id, new_computed_blocks, num_local_computed_tokens)
+        if copied:
+            blocks = self.req_to_blocks[request_id]
+            for index, fresh in enumerate(self.block_pool.get_new_blocks(copied)):
+                # vLLM's copy-on-write: the worker copies the KV before the forward (our signals too, see
+                # core/runner.py), and both ends are held until that step has run.
+                self._apply_cow(request_id, index, blocks[index], fresh)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         evicted = self.evicted.get(request_id, 0)
         return super().allocate_new_blocks(request_id, num_tokens - evicted, num_tokens_main_model - evicted)
+
+    def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
+        if request.request_id in self.evicted:
+            return
+        # vLLM hashes the blocks a step will compute when it schedules them; wait until they are computed.
+        super().cache_blocks(request, min(num_tokens, request.num_computed_tokens), *args, **kwargs)
 
     def pop_blocks_for_free(self, request_id):
         # Finish, abort and preemption all come through here; a preempted request is recomputed in full.
         self.evicted.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
-    def compact(self, request_id: str, physical_len: int, kept_len: int) -> int:
-        """Shrink the request from `physical_len` to `kept_len` slots; free the tail blocks. Returns #freed."""
+    def compact(self, request_id: str, physical_len: int, kept_len: int, sinks: int) -> BlockCompaction | None:
+        """Shrink the request from `physical_len` to `kept_len` slots and free the tail blocks. Blocks the
+        compaction rewrites (past the `sinks`, which stay in place) that are cached or shared get private copies
+        first. None, and nothing done, when the pool lacks a block to copy a shared one into."""
         blocks = self.req_to_blocks[request_id]
         needed = cdiv(kept_len, self.block_size)
+        pool = self.block_pool
+        protected = [index for index in range(sinks // self.block_size, needed)
+                     if not pool.is_block_writable(blocks[index])]
+        free_before = pool.get_num_free_blocks()
+        # Shared blocks must be copied; a cached block only this request holds may instead lose its hash.
+        protected.sort(key=lambda index: blocks[index].ref_cnt == 1)
+        if sum(blocks[index].ref_cnt > 1 for index in protected) > free_before:
+            return None
+        # Copies are taken before the tail is freed: a copy must never land in a block the compaction reads.
+        copied = protected[:free_before]
+        replaced = []
+        for index, fresh in zip(copied, pool.get_new_blocks(len(copied))):
+            replaced.append(blocks[index])
+            blocks[index] = fresh
+        pool.evict_blocks({blocks[index].block_id for index in protected[free_before:]})
         tail = blocks[needed:]
         del blocks[needed:]
         if request_id in self.num_cached_block:
             self.num_cached_block[request_id] = min(self.num_cached_block[request_id], needed)
         self.evicted[request_id] = self.evicted.get(request_id, 0) + physical_len - kept_len
         # Reverse order, as vLLM frees: the block freed last is reused first.
-        self.block_pool.free_blocks(reversed(tail))
-        return len(tail)
+        pool.free_blocks(reversed(tail))
+        pool.free_blocks(replaced)  # still cached: the next request with this prefix reuses them
+        return BlockCompaction(freed=pool.get_num_free_blocks() - free_before,
+                               copies=tuple((index, blocks[index].block_id) for index in copied))
 
 
 def register_kv_cache_spec() -> None:

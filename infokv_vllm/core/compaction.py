@@ -38,6 +38,14 @@ class PagedKVCompactor:
         return torch.stack([self.layout.block_keys(cache, blocks).transpose(0, 1).flatten(1, 2)[:, :length]
                             for cache in self.caches])
 
+    def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:
+        """Copy whole blocks in every layer (a page's layout does not matter: dim 0 indexes blocks)."""
+        device = self.caches[0].device
+        sources = torch.tensor(sources, dtype=torch.long, device=device)
+        destinations = torch.tensor(destinations, dtype=torch.long, device=device)
+        for cache in self.caches:
+            cache[destinations] = cache[sources]
+
     def compact(self, block_ids: list[int], keep: torch.Tensor) -> None:
         """keep: [layers, kv_heads, kept_len] ascending token indices of the request's current slots."""
         device = self.caches[0].device

@@ -41,6 +41,7 @@ from infokv_vllm.signals import (
     ENTROPY,
     REPRESENTATION,
     ForwardOutputs,
+    NewBlocks,
     RequestPages,
     SignalRecorder,
     StepView,
@@ -142,9 +143,14 @@ class CompressingRunnerMixin:
             recorder.before_compactions(plan, self._request_pages)
         for compaction in plan.compactions:
             self._compact(compaction)
-        new_block_ids = _new_block_ids(scheduler_output)
+        blocks = _new_blocks(scheduler_output, self.compactor.block_size)
+        if self.signals is not None:
+            # vLLM copies these blocks' KV in its own input update, after our compactions (which may have freed
+            # the destinations) and before the forward.
+            copies = scheduler_output.kv_cache_block_copies or ()
+            self.signals.copy_blocks([copy.src_block_id for copy in copies], blocks.copied)
         for recorder in self.recorders:
-            recorder.after_compactions(plan, new_block_ids)
+            recorder.after_compactions(plan, blocks)
         self._plan = plan
         try:
             result = super().execute_model(scheduler_output, *args, **kwargs)
@@ -232,6 +238,15 @@ class CompressingRunnerMixin:
             "worker and scheduler disagree on evicted tokens", compaction)
         compactor = self.compactor
         started = time.perf_counter()
+        if compaction.copies:
+            # Blocks the prefix cache shares: the compaction rewrites private copies instead.
+            sources = [block_ids[index] for index, _ in compaction.copies]
+            destinations = [block for _, block in compaction.copies]
+            compactor.copy_blocks(sources, destinations)
+            if self.signals is not None:
+                self.signals.copy_blocks(sources, destinations)
+            for index, block in compaction.copies:
+                block_ids[index] = block
         signals = self.signals.gather(block_ids, compaction.physical_len) if self.signals else {}
         scores = self.policy.scores(SelectionInput(
             request_id=compaction.request_id, num_layers=compactor.num_layers,
@@ -264,9 +279,24 @@ def _restarted_request_ids(scheduler_output) -> list[str]:
             *(new.req_id for new in scheduler_output.scheduled_new_reqs)]
 
 
-def _new_block_ids(scheduler_output) -> list[int]:
-    ids = [block for new in scheduler_output.scheduled_new_reqs for block in new.block_ids[0]]
-    for blocks in scheduler_output.scheduled_cached_reqs.new_block_ids:
-        if blocks is not None:
-            ids.extend(blocks[0])
-    return ids
+def _new_blocks(scheduler_output, block_size: int) -> NewBlocks:
+    """The blocks the scheduler hands out this step. A new or resumed request's list starts with its
+    prefix-cache hit (`num_computed_tokens` tokens): those blocks are not fresh."""
+    fresh, hits = [], {}
+    for new in scheduler_output.scheduled_new_reqs:
+        hits[new.req_id] = (new.block_ids[0], new.num_computed_tokens)
+    cached = scheduler_output.scheduled_cached_reqs
+    for request_id, blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+        if blocks is None:
+            continue
+        if request_id in cached.resumed_req_ids:
+            hits[request_id] = (blocks[0], computed)
+        else:
+            fresh.extend(blocks[0])
+    hit_ends = {}
+    for request_id, (blocks, computed) in hits.items():
+        fresh.extend(blocks[computed // block_size:])
+        if computed and computed % block_size == 0:
+            hit_ends[request_id] = blocks[computed // block_size - 1]
+    copied = [copy.dst_block_id for copy in scheduler_output.kv_cache_block_copies or ()]
+    return NewBlocks(fresh=fresh, copied=copied, hit_ends=hit_ends)

@@ -16,6 +16,10 @@ Schedules (method doc, "Schedules"):
 - memory pressure (opt-in): when the running requests' next tokens need more blocks than the pool has free,
   requests are compressed to their budget, those holding the most slots above it first, before vLLM would
   preempt anyone.
+
+With prefix caching on, a request's computed blocks are hashed just before its first compaction (so the next
+request with the same prefix reuses them), and the block manager gives every cached or shared block the
+compaction would rewrite a private copy (`core/block_manager.py`).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class CompressingScheduler(Scheduler):
                 f"found {[type(m).__name__ for m in managers]}; the model runner did not report "
                 "CompressedAttentionSpec layers")
         self.manager: CompactingAttentionManager = managers[0]
+        self.manager.compresses = lambda request_id: self.settings_of(self.requests[request_id]).enabled
         self._scores_attention = ATTENTION in make_policy(self.compression).signals
         self.records: dict[str, CompressionRecord] = {}
         self.totals = CompressionStats()  # since start-up; the frontend's metrics derive from it
@@ -67,9 +72,9 @@ class CompressingScheduler(Scheduler):
         self._settings: dict[str, CompressionConfig] = {}  # per request: the server's, as the request overrides
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        compactions = [c for request in self.running if (c := self._decide(request)) is not None]
-        for compaction in compactions:
-            self._apply(compaction, "decode" if compaction.decoding else "prompt")
+        decided = [c for request in self.running if (c := self._decide(request)) is not None]
+        compactions = [applied for compaction in decided
+                       if (applied := self._apply(compaction, "decode" if compaction.decoding else "prompt"))]
         if self.compression.memory_pressure:
             compactions += self._relieve_memory_pressure({c.request_id for c in compactions})
         output = super().schedule(*args, **kwargs)
@@ -174,8 +179,8 @@ class CompressingScheduler(Scheduler):
 
     def _relieve_memory_pressure(self, already_compacted: set[str]) -> list[Compaction]:
         compactions = []
-        free_blocks = self.kv_cache_manager.block_pool.get_num_free_blocks()
-        shortfall = sum(map(self._blocks_for_next_step, self.running)) - free_blocks
+        pool = self.kv_cache_manager.block_pool
+        needed = sum(map(self._blocks_for_next_step, self.running))
         candidates = []
         for request in self.running:
             logical = request.num_computed_tokens
@@ -188,12 +193,13 @@ class CompressingScheduler(Scheduler):
             if excess > 0:
                 candidates.append((excess, request))
         for _, request in sorted(candidates, key=lambda item: -item[0]):
-            if shortfall <= 0:
+            if needed <= pool.get_num_free_blocks():
                 break
             physical = self.manager.physical_len(request.request_id, request.num_computed_tokens)
-            compaction = self._to_budget(request, self.settings_of(request), physical, decoding=True)
-            shortfall -= self._apply(compaction, "memory pressure")
-            compactions.append(compaction)
+            compaction = self._apply(self._to_budget(request, self.settings_of(request), physical, decoding=True),
+                                     "memory pressure")
+            if compaction is not None:
+                compactions.append(compaction)
         return compactions
 
     def _blocks_for_next_step(self, request: Request) -> int:
@@ -204,22 +210,32 @@ class CompressingScheduler(Scheduler):
         needed = cdiv(self.manager.physical_len(request.request_id, logical) + pending, self.manager.block_size)
         return max(0, needed - len(self.manager.req_to_blocks[request.request_id]))
 
-    def _apply(self, compaction: Compaction, cause: str) -> int:
-        """Compact in the block manager now; the workers move the KV before the step's forward. Returns #freed.
+    def _apply(self, compaction: Compaction, cause: str) -> Compaction | None:
+        """Compact in the block manager now; the workers move the KV before the step's forward. Returns the
+        compaction with the block copies the workers make first, or None where the manager could not make them.
         `cause` (prompt, decode, memory pressure) goes into the debug line: under memory pressure a request is
         compressed when the batch needs it, so its tokens depend on the other requests."""
-        freed = self.manager.compact(compaction.request_id, compaction.physical_len, compaction.kept_len)
+        request_id = compaction.request_id
+        if compaction.logical_len == compaction.physical_len:
+            # The first compaction: the prefix cache gets the request's computed blocks while they still hold
+            # its tokens in order (they are never hashed after it).
+            self.kv_cache_manager.coordinator.cache_blocks(self.requests[request_id], compaction.logical_len)
+        blocks = self.manager.compact(request_id, compaction.physical_len, compaction.kept_len, compaction.sinks)
+        if blocks is None:
+            logger.debug("infokv: request %s not compressed (%s): no free block to copy a shared one into",
+                         request_id, cause)
+            return None
         evicted = compaction.physical_len - compaction.kept_len
-        record = self.records.setdefault(compaction.request_id, CompressionRecord())
+        record = self.records.setdefault(request_id, CompressionRecord())
         record.peak_slots = max(record.peak_slots, compaction.physical_len)
         for tally in (record, self.totals):
             tally.events += 1
             tally.tokens_evicted += evicted
-            tally.blocks_freed += freed
-        logger.debug("infokv: request %s compressed %d -> %d KV tokens (logical %d, %s), %d blocks freed",
-                     compaction.request_id, compaction.physical_len, compaction.kept_len,
-                     compaction.logical_len, cause, freed)
-        return freed
+            tally.blocks_freed += blocks.freed
+        logger.debug("infokv: request %s compressed %d -> %d KV tokens (logical %d, %s), %d blocks freed, %d "
+                     "copied", request_id, compaction.physical_len, compaction.kept_len, compaction.logical_len,
+                     cause, blocks.freed, len(blocks.copies))
+        return dataclasses.replace(compaction, copies=blocks.copies)
 
     def _preempt_request(self, request: Request, *args, **kwargs) -> None:
         # A preempted request is recomputed in full and compressed afresh, so its tokens depend on the batch.

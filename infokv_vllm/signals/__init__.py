@@ -36,6 +36,17 @@ class RequestPages:
 
 
 @dataclass(frozen=True)
+class NewBlocks:
+    """The blocks this step hands out, once its compactions have read the ones they freed."""
+
+    fresh: list[int]  # nothing written in them yet
+    # Private copies of prefix-cache hits (`core/block_manager.py`): their KV and signals are copied from the
+    # cached blocks, but the attention there was another request's.
+    copied: list[int]
+    hit_ends: dict[str, int]  # request id -> the block holding the last token of its block-aligned cache hit
+
+
+@dataclass(frozen=True)
 class StepView:
     """One step's batch as the recorders need it (host tensors unless noted)."""
 
@@ -72,8 +83,8 @@ class SignalRecorder:
     def before_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
         """Store what the scheduler sent, before this step's compactions score with it."""
 
-    def after_compactions(self, plan: StepPlan, new_block_ids: list[int]) -> None:
-        """This step's compactions are done; blocks in `new_block_ids` were just handed out."""
+    def after_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
+        """This step's compactions are done; `blocks` were just handed out."""
 
     def before_forward(self, plan: StepPlan, step: StepView) -> None:
         """The step's inputs are prepared; the forward runs next."""

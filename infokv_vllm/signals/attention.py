@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ContextManager
 
 import torch
 
-from infokv_vllm.signals import ATTENTION, SignalRecorder, StepView
+from infokv_vllm.signals import ATTENTION, NewBlocks, SignalRecorder, StepView
 
 if TYPE_CHECKING:
     from infokv_vllm.kernels.families import KernelFamily
@@ -92,10 +92,11 @@ class AttentionRecorder(SignalRecorder):
         self.kernels = kernels
         self.window: ObservationWindow | None = None
 
-    def after_compactions(self, plan: StepPlan, new_block_ids: list[int]) -> None:
+    def after_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
         # Only now: a block the scheduler hands out this step may be one a compaction of this step freed, whose
-        # accumulated attention that compaction had to read first.
-        self.storage.zero_blocks(ATTENTION, new_block_ids)
+        # accumulated attention that compaction had to read first. A prefix-cache hit shared with a running
+        # request keeps that request's attention.
+        self.storage.zero_blocks(ATTENTION, blocks.fresh + blocks.copied)
 
     def after_compaction(self, block_ids: list[int]) -> None:
         self.storage.zero_blocks(ATTENTION, block_ids)  # the next observation window starts afresh

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from infokv_vllm.messages import StepPlan, TokenEntropies, WorkerReport
-from infokv_vllm.signals import ENTROPY, ForwardOutputs, RequestPages, SignalRecorder, StepView
+from infokv_vllm.signals import ENTROPY, ForwardOutputs, NewBlocks, RequestPages, SignalRecorder, StepView
 
 # Prompt logits are computed this many positions at a time: never prompt_len x vocab at once.
 ENTROPY_CHUNK_TOKENS = 256
@@ -51,7 +51,8 @@ class EntropyRecorder(SignalRecorder):
         """All but the last value belong to tokens computed in the request's previous step, which sit
         contiguously after its last compaction; the last belongs to the first token of this step, whose slot is
         known only once the step's inputs are prepared."""
-        slots, values = [], []
+        slots, values, ended_blocks, next_values = [], [], [], []
+        block_size = self.storage.block_size
         for request_id, entropies in plan.entropies.items():
             request = pages(request_id)
             first = entropies.first_position - request.evicted
@@ -59,8 +60,22 @@ class EntropyRecorder(SignalRecorder):
             slots.append(self.storage.request_slots(request.block_ids, indices))
             values.append(torch.from_numpy(entropies.values[:-1]))
             self._next_token_entropy[request_id] = float(entropies.values[-1])
+            if not request.evicted:
+                # A token that starts a block is the one after the previous block's last slot.
+                positions = np.arange(first, first + len(entropies.values))
+                starts = np.flatnonzero((positions % block_size == 0) & (positions > 0))
+                ended_blocks.extend(request.block_ids[position // block_size - 1] for position in positions[starts])
+                next_values.extend(entropies.values[starts])
         if slots:
             self.storage.write(ENTROPY, torch.cat(slots), torch.cat(values))
+        if ended_blocks:
+            self.storage.next_entropy[ended_blocks] = torch.tensor(next_values, device=self.storage.device)
+
+    def after_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
+        """A request that reuses cached blocks computes its first token without the logits before it: its entropy
+        is the one the cached block kept."""
+        for request_id, block in blocks.hit_ends.items():
+            self._next_token_entropy[request_id] = float(self.storage.next_entropy[block])
 
     def after_forward(self, step: StepView, outputs: ForwardOutputs, report: WorkerReport) -> None:
         """Measure the entropies this step's logits give and report them to the scheduler; store those the

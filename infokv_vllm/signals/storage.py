@@ -2,6 +2,9 @@
 
 One float32 plane [blocks, kv_heads, block_size] per layer and signal. After per-(layer, head) compaction a slot
 holds different tokens in different layers and heads, so even per-token signals (entropy) are kept per plane.
+
+With the entropy signal, each block also keeps the entropy of the token after its last slot (`next_entropy`): a
+request that reuses the block from the prefix cache computes that token without the logits it was drawn from.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class SlotSignals:
         self.planes = {name: [torch.zeros(num_blocks, num_kv_heads, block_size, device=device)
                               for _ in range(num_layers)]
                        for name in sorted(names)}
+        self.next_entropy = torch.zeros(num_blocks, device=device)
 
     def _locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return slots // self.block_size, slots % self.block_size
@@ -39,6 +43,14 @@ class SlotSignals:
         if block_ids:
             for plane in self.planes[name]:
                 plane[block_ids] = 0.0
+
+    def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:
+        """Every signal of whole blocks, as their KV is copied (prefix-cache copies)."""
+        if sources:
+            for planes in self.planes.values():
+                for plane in planes:
+                    plane[destinations] = plane[sources]
+            self.next_entropy[destinations] = self.next_entropy[sources]
 
     def request_slots(self, block_ids: list[int], indices: torch.Tensor) -> torch.Tensor:
         """Global slot ids of a request's physical token indices (its position in the request's pages)."""
