@@ -55,6 +55,18 @@ def test_bench_serve_smoke():
     assert report["summary"][0]["vs_none"][0] == 1.0
 
 
+def test_prefix_cache_smoke():
+    """Repeated prefixes through `vllm serve`: with compression the prefix cache still serves the later requests,
+    and turning it off is what makes the hit rate zero."""
+    report = run_smoke("prefix_cache.py")
+    runs = {run["config"]: run for run in report["runs"]}
+    assert list(runs) == ["vanilla", "infokv", "infokv-no-cache"]
+    assert all(run["completed"] == 3 and run["output_throughput"] > 0 for run in runs.values())
+    assert runs["vanilla"]["hit_rate"] > 0 and runs["infokv"]["hit_rate"] > 0
+    assert runs["infokv-no-cache"]["hit_rate"] == 0
+    assert (BENCHMARKS / "results" / "prefix_cache-smoke.png").stat().st_size > 0
+
+
 def test_quality_smoke():
     report = run_smoke("quality.py")
     assert [(r["policy"], r["budget"]) for r in report["passkey"]] == [("none", "full"), ("infokv", "50%")]
