@@ -12,8 +12,11 @@ round, each started afresh:
 The table gives vLLM's own TTFT p50/p90 and output tokens/s, the TTFT of the requests after each round's first
 (the ones a cache can serve), and the prefix-cache hit rate from the server's `/metrics`
 (`vllm:prefix_cache_hits` / `vllm:prefix_cache_queries`). JSON and a plot go under `benchmarks/results/`.
+`--warmups 1` sends the dataset's first request once before the measured ones (`vllm bench serve
+--num-warmups`), so every measured request finds the prefix cached: a server that has seen its system prompt.
 
-    .venv/bin/python benchmarks/prefix_cache.py            # the full run (Qwen2.5-Coder-0.5B, about 25 minutes)
+    .venv/bin/python benchmarks/prefix_cache.py            # cold start, 3 configs (Qwen2.5-Coder-0.5B, ~50 minutes)
+    .venv/bin/python benchmarks/prefix_cache.py --warmups 1 --configs vanilla,infokv --name prefix_cache-hot
     .venv/bin/python benchmarks/prefix_cache.py --smoke    # SmolLM2, tiny sizes
 """
 
@@ -62,7 +65,8 @@ def bench(args, model: Path, url: str, result_dir: Path, name: str) -> dict:
                "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(args.prefix_len),
                "--prefix-repetition-suffix-len", str(args.suffix_len), "--prefix-repetition-num-prefixes", "1",
                "--prefix-repetition-output-len", str(args.output_len), "--ignore-eos",
-               "--num-prompts", str(args.num_prompts), "--request-rate", str(args.request_rate), "--seed", "0",
+               "--num-prompts", str(args.num_prompts), "--num-warmups", str(args.warmups),
+               "--request-rate", str(args.request_rate), "--seed", "0",
                "--temperature", "0", "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,90",
                "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", name,
                "--disable-tqdm"]
@@ -105,6 +109,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--interval", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmups", type=int, default=0, help="requests sent before the measured ones")
+    parser.add_argument("--name", default="prefix_cache", help="the results' file name")
     args = parser.parse_args()
     if args.smoke:
         args.model, args.num_prompts, args.prefix_len, args.suffix_len, args.output_len = "smollm2", 3, 256, 16, 48
@@ -120,7 +126,7 @@ def main() -> None:
 
     model = MODELS[args.model].ensure()
     dtype = json.loads((model / "config.json").read_text()).get("dtype", "float32")
-    name = "prefix_cache-smoke" if args.smoke else "prefix_cache"
+    name = "prefix_cache-smoke" if args.smoke else args.name
     result_dir = RESULTS / name
     result_dir.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -159,7 +165,7 @@ def main() -> None:
               f"{ratio_text(row.get('output_throughput_vs_vanilla')):>18} "
               f"{row['median_ttft_ms']:>7.0f}/{row['p90_ttft_ms']:<8.0f} {row['later_ttft_p50_ms']:>15.0f} "
               f"{ratio_text(row.get('later_ttft_p50_ms_vs_vanilla')):>18} {row['hit_rate']:>8.2f}")
-    write_report("prefix_cache", args.smoke, model=args.model,
+    write_report("prefix_cache" if args.smoke else args.name, args.smoke, model=args.model,
                  settings={k: v for k, v in vars(args).items() if k != "smoke"}, summary=summary, runs=runs)
     plot(summary, RESULTS / f"{name}.png")
 

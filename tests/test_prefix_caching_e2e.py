@@ -93,3 +93,27 @@ def test_blocks_shared_with_a_running_request_are_copied_not_rewritten(smollm2_d
                 assert torch.equal(cache[shared], before)
         assert events_while_shared > 0
         assert outputs["reader"][:UNCOMPRESSED.max_tokens] == cold_outputs["second uncompressed"]
+
+
+def test_the_first_token_after_a_hit_keeps_the_entropy_a_cold_run_measures(smollm2_dir):
+    """The hit skips the logits that token was drawn from; the cached block kept their entropy."""
+    with in_process_llm(smollm2_dir, INFOKV, **ENGINE) as llm:
+        engine, scheduler, runner = llm.llm_engine, scheduler_of(llm), model_runner_of(llm)
+        generate(llm, QUESTIONS["first"])  # caches the prefix
+        engine.add_request("hit", QUESTIONS["second"], GREEDY)
+        engine.step()  # the prompt after the hit; the compaction comes with the next step
+        (hit,) = scheduler.requests
+        tokens = [llm.get_tokenizer()(QUESTIONS[name]).input_ids for name in ("first", "second")]
+        shared = next(index for index, (a, b) in enumerate(zip(*tokens)) if a != b)
+        first_computed = shared // BLOCK_SIZE * BLOCK_SIZE  # the hit: the shared prefix's whole blocks
+        block = scheduler.manager.req_to_blocks[hit][first_computed // BLOCK_SIZE].block_id
+        stored = float(runner.signals.planes["entropy"][0][block, 0, 0])
+        engine.abort_request(["hit"])
+        engine.step()
+        assert llm.reset_prefix_cache()
+        engine.add_request("cold", QUESTIONS["second"], GREEDY)
+        engine.step()
+        (cold,) = scheduler.requests
+        measured = scheduler._entropies[cold]  # reported by this step, stored with the next
+        assert stored == pytest.approx(float(measured.values[first_computed - measured.first_position]), abs=1e-4)
+        assert stored > 0
