@@ -140,6 +140,7 @@ def main() -> None:
             runs.append({"config": config, "round": round_index, "completed": result["completed"],
                          "output_throughput": result["output_throughput"],
                          "median_ttft_ms": result["median_ttft_ms"], "p90_ttft_ms": result["p90_ttft_ms"],
+                         "median_tpot_ms": result["median_tpot_ms"],
                          "later_ttft_p50_ms": statistics.median(later), "first_ttft_ms": result["ttfts"][0] * 1000,
                          "hit_rate": counters["hits"] / counters["queries"] if counters["queries"] else 0.0})
             print(f"round {round_index} {config:16} {result['output_throughput']:7.2f} output tok/s, later TTFT "
@@ -149,7 +150,7 @@ def main() -> None:
         mine = [run for run in runs if run["config"] == config]
         row = {"config": config}
         for key in ("output_throughput", "median_ttft_ms", "p90_ttft_ms", "later_ttft_p50_ms", "first_ttft_ms",
-                    "hit_rate"):
+                    "median_tpot_ms", "hit_rate"):
             row[key] = statistics.median(run[key] for run in mine)
             row[key + "_range"] = (min(run[key] for run in mine), max(run[key] for run in mine))
         for key in ("later_ttft_p50_ms", "output_throughput"):

@@ -89,3 +89,44 @@ def test_vllm_serve_answers_with_compression_on(gpu_model_dir, tmp_path: Path):
         assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     log = (tmp_path / "serve.log").read_text()
     assert "experimental" in log and "-> PIECEWISE" in log
+
+
+def test_prefix_caching_serves_hits_and_never_rewrites_shared_pages(gpu_model_dir):
+    """The CPU suite's prefix-cache checks (tests/test_prefix_caching_e2e.py) on a GPU, with the GPU page view
+    the copies index: a compressed request's pages, shared with an opted-out reader while both run, keep their
+    bytes through its compactions; a later request reuses the prefix and is compressed; every page returns."""
+    from tests.test_prefix_caching_e2e import QUESTIONS, UNCOMPRESSED
+
+    engine_settings = {**GPU_ENGINE, "max_model_len": 2048}
+    with in_process_llm(gpu_model_dir, {"method": "infokv", "budget": 1100, "decode_interval": 16},
+                        **engine_settings) as llm:
+        engine, scheduler, runner = llm.llm_engine, scheduler_of(llm), model_runner_of(llm)
+        idle_free = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        blocks_of = scheduler.manager.req_to_blocks
+        reader_params = UNCOMPRESSED.clone()
+        reader_params.max_tokens = 200
+        engine.add_request("compressed", QUESTIONS["first"], SamplingParams(temperature=0, max_tokens=200,
+                                                                           ignore_eos=True))
+        engine.step()
+        engine.step()
+        engine.add_request("reader", QUESTIONS["second"], reader_params)
+        engine.step()
+        (compressed,) = (request_id for request_id in blocks_of if request_id.startswith("compressed-"))
+        (reader,) = (request_id for request_id in blocks_of if request_id.startswith("reader-"))
+        shared = [block.block_id for block in blocks_of[reader] if block in blocks_of[compressed]]
+        assert shared
+        cache = runner.compactor.caches[0]
+        before = cache[shared].clone()
+        finished = set()
+        while engine.has_unfinished_requests():
+            finished.update(output.request_id for output in engine.step() if output.finished)
+            if "reader" not in finished:
+                assert torch.equal(cache[shared], before)
+        events = scheduler.totals.events
+        assert events > 0
+        (output,) = llm.generate([QUESTIONS["third"]], SamplingParams(temperature=0, max_tokens=40,
+                                                                      extra_args={"kv_budget": 128}),
+                                 use_tqdm=False)
+        assert output.num_cached_tokens >= len(shared) * BLOCK_SIZE
+        assert scheduler.totals.events > events
+        assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
