@@ -155,6 +155,8 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "group; compression runs with exactly one, ours", source_has=("self.single_type_managers = tuple(",)),
     VllmInternal("vllm.v1.core.block_pool.BlockPool.get_num_free_blocks", "memory pressure compares it with the "
                  "blocks the next step needs", ("self",)),
+    VllmInternal("vllm.v1.core.block_pool.BlockPool.__init__", "the pool-wide mode's target is a share of the "
+                 "pool's blocks (num_gpu_blocks, the null block among them)", source_has=("self.num_gpu_blocks =",)),
     VllmInternal("vllm.v1.core.block_pool.BlockPool.free_blocks", "a compaction returns the request's tail blocks",
                  ("self", "ordered_blocks")),
     VllmInternal("vllm.v1.request.Request.num_tokens_with_spec", "memory pressure: the tokens a request computes "

@@ -130,6 +130,13 @@ class CompressionConfig:
         metadata={"help": "When the KV block pool cannot fit the next step, compress running requests "
                           "(lowest-value KV first) before preempting any."},
     )
+    pool_target: float | None = field(
+        default=None,
+        metadata={"help": "Pool-wide mode (0 < share <= 1): keep the running requests' KV within this share of the "
+                          "KV pool by evicting, across the whole batch, the pages whose loss of observed attention "
+                          "is smallest. Budgets and ratios, the server's or a request's, become the least a "
+                          "request keeps. Off by default: each request is compressed to its own budget."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' policy."})
     kernels: Kernels = field(
         default="auto",
@@ -151,11 +158,15 @@ class CompressionConfig:
         return self.sinks + max(self.prefill_window, self.decode_window)
 
     @property
+    def pool_wide(self) -> bool:
+        return self.enabled and self.pool_target is not None
+
+    @property
     def kv_bound(self) -> int | None:
         """The most KV tokens a request holds once its prompt is compressed (budget + decode interval; beside
-        the whole prompt with `keep_prompt`), or None where compression does not bound it (off, or a budget
-        ratio, which grows with the length)."""
-        if not self.enabled or self.budget_ratio is not None:
+        the whole prompt with `keep_prompt`), or None where compression does not bound it (off, a budget ratio,
+        which grows with the length, or the pool-wide mode, where the batch decides)."""
+        if not self.enabled or self.budget_ratio is not None or self.pool_target is not None:
             return None
         return (self.budget if self.budget is not None else DEFAULT_BUDGET_TOKENS) + self.decode_interval
 
@@ -175,6 +186,14 @@ class CompressionConfig:
             DEFAULT_BUDGET_TOKENS if self.budget_ratio is None else 0)
         wanted = max(floor, int(self.budget_ratio * governed) if self.budget_ratio is not None else 0)
         return min(logical_len, protected + max(wanted, self.reserved_tokens + 1))
+
+    def pool_floor(self, logical_len: int, prompt_len: int) -> int:
+        """Pool-wide mode: the least a request keeps. Its budget or ratio where one is given (`budget_for`),
+        otherwise no more than compression always keeps (sinks, window, protected prompt) and one token."""
+        if self.budget is not None or self.budget_ratio is not None:
+            return self.budget_for(logical_len, prompt_len)
+        protected = prompt_len if self.keep_prompt else 0
+        return min(logical_len, protected + self.reserved_tokens + 1)
 
     def _validate(self) -> None:
         def fail(option: str, why: str) -> None:
@@ -198,6 +217,8 @@ class CompressionConfig:
                 fail(name, f"{getattr(self, name)} must be at least 1")
         if self.sinks < 0:
             fail("sinks", f"{self.sinks} must not be negative")
+        if self.pool_target is not None and not 0.0 < self.pool_target <= 1.0:
+            fail("pool_target", f"{self.pool_target} is outside (0, 1]")
         if not 0.0 <= self.alpha <= 1.0:
             fail("alpha", f"{self.alpha} is outside [0, 1]")
         if not 0.0 <= self.redundancy <= 1.0:

@@ -3,9 +3,11 @@
 vLLM pickles the `SchedulerOutput` to every worker and hands one rank's `ModelRunnerOutput` back to the
 scheduler; extra attributes survive both trips, so ours ride along as one typed attribute each way:
 
-- `SchedulerOutput.infokv_plan` (`StepPlan`): compactions to apply before this step's forward, where each open
-  observation window starts, and token entropies measured in the request's previous step;
-- `ModelRunnerOutput.infokv_report` (`WorkerReport`): what the reporting rank measured in this step.
+- `SchedulerOutput.infokv_plan` (`StepPlan`): compactions to apply before this step's forward, requests to
+  score without compacting (the pool-wide mode's probes), where each open observation window starts, and token
+  entropies measured in the request's previous step;
+- `ModelRunnerOutput.infokv_report` (`WorkerReport`): what the reporting rank measured in this step, loss
+  curves of the probed requests included.
 
 `plan_of` and `report_of` read them. A missing plan is an error, never "nothing to compact": it would mean the
 scheduler is not ours and compression would silently stop.
@@ -35,6 +37,35 @@ class Compaction:
     # (index in the request's block list, new block id): blocks another request may read (prefix cache) are
     # copied into a private block, which replaces them, before the compaction rewrites it
     copies: tuple[tuple[int, int], ...] = ()
+    # Pool-wide mode: choose with the scores the request's last probe kept (the slots after them are in `window`)
+    probed: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Pool-wide mode: score one request as a compaction would, keep the scores, report its `LossCurve`."""
+
+    request_id: str
+    logical_len: int
+    physical_len: int
+    sinks: int
+    window: int
+    decoding: bool
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """What evicting down to each length would lose, for one probed request, comparable across requests.
+
+    `losses[e]` is the share of the observation window's attention (averaged over layers and KV heads) that
+    falls on the e lowest-scored candidates of the probed slots, the ones a compaction evicts first; losses[0]
+    is 0. Evicting e slots later, once more tokens follow the probed ones (they count as window), loses
+    `losses[e]` too."""
+
+    physical_len: int  # the probed slots
+    sinks: int
+    window: int
+    losses: np.ndarray  # float32 [physical_len - sinks - window + 1], non-decreasing
 
 
 @dataclass(frozen=True)
@@ -55,6 +86,7 @@ class StepPlan:
     """The scheduler's compression instructions for one step, sent to every worker."""
 
     compactions: list[Compaction] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
     window_starts: dict[str, int] = field(default_factory=dict)  # request id -> logical position
     entropies: dict[str, TokenEntropies] = field(default_factory=dict)  # request id -> previous step's values
 
@@ -64,6 +96,7 @@ class WorkerReport:
     """What a worker measured in one step (only the reporting rank's report reaches the scheduler)."""
 
     entropies: dict[str, TokenEntropies] = field(default_factory=dict)
+    loss_curves: dict[str, LossCurve] = field(default_factory=dict)  # request id -> this step's probe
     seconds_scoring: float = 0.0
     seconds_compacting: float = 0.0
 

@@ -32,6 +32,8 @@ class CompressionStats:
     blocks_freed: int = 0
     seconds_scoring: float = 0.0  # on the reporting worker: choosing tokens, and recording signals after the forward
     seconds_compacting: float = 0.0  # on the reporting worker: moving KV and signals within the pages
+    # Pool-wide mode: the share of observed attention its compactions evicted, summed over compactions
+    attention_lost: float = 0.0
     kept_tokens: int = 0  # KV tokens the running requests hold
     logical_tokens: int = 0  # tokens the running requests have computed
 
@@ -70,6 +72,9 @@ class CompressionStatLogger(AggregateStatLoggerBase):
                                           "after the forward."),
             "seconds_compacting": per_engine(Counter, "compaction_seconds",
                                              "Time spent moving kept KV and signals within the pages."),
+            "attention_lost": per_engine(Counter, "pool_attention_lost",
+                                         "Pool-wide mode: share of each compacted request's observed attention "
+                                         "its compaction evicted, summed over compactions."),
         }
         self._ratio = per_engine(Gauge, "kv_compression_ratio",
                                  "KV tokens held by running requests / tokens they have computed (1: none evicted).")

@@ -191,6 +191,7 @@ def admit_request(vllm_config: Any, prompt_len: int, params: Any) -> None:
         return
     if settings.kv_bound is None:
         why = ("the request opts out of compression" if not settings.enabled else
+               f"{flag_name('pool_target')} lets the batch decide each request's KV" if settings.pool_wide else
                "a budget ratio does not bound the request's KV")
         raise VLLMValidationError(
             f"infokv-vllm: the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
@@ -240,6 +241,16 @@ def check_engine_config(vllm_config: Any) -> None:
         refuse("sliding-window attention models", "vLLM already drops their old KV pages")
     if model_config.is_hybrid or model_config.is_attention_free:
         refuse("hybrid or attention-free models", "only full-attention layers are compressed")
+    from infokv_vllm.scoring import POLICIES, make_policy
+    from infokv_vllm.signals import ATTENTION
+
+    if compression.pool_wide and ATTENTION not in make_policy(compression).signals:
+        with_attention = [name for name in POLICIES
+                          if ATTENTION in make_policy(dataclasses.replace(compression, method=name)).signals]
+        raise CompressionConfigError(
+            f"infokv-vllm: {flag_name('pool_target')} is not supported with {method} (as configured): the "
+            "pool-wide mode compares requests by the attention their observation windows give each page, which "
+            f"this policy does not record; use one of {', '.join(with_attention)}", "pool_target")
     if compression.budget is not None and compression.budget >= model_config.max_model_len:
         raise CompressionConfigError(
             f"infokv-vllm: invalid {flag_name('budget')}: {compression.budget} is not smaller than the context "

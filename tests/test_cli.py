@@ -132,6 +132,14 @@ def test_budget_not_below_context_length_fails(smollm2_dir):
 
 
 
+def test_pool_wide_mode_needs_a_policy_that_records_attention(smollm2_dir):
+    settings = {ADDITIONAL_CONFIG_KEY: {"method": "streaming", "pool_target": 0.5}}
+    with pytest.raises(CompressionConfigError, match=r"--kv-pool-target is not supported with --kv-compression "
+                                                     r"streaming .*use one of infokv, snapkv, rkv"):
+        engine_config(smollm2_dir, additional_config=settings)
+    engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "snapkv", "pool_target": 0.5}})
+
+
 @pytest.mark.parametrize("method", ["infokv", "entropy", "snapkv", "streaming"])
 def test_no_policy_forces_eager_mode(smollm2_dir, method):
     """Every signal survives compilation, so vLLM's default compilation stays on."""

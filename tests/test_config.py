@@ -1,5 +1,7 @@
 """CompressionConfig: defaults, budgets and the errors a user sees for bad values."""
 
+import dataclasses
+
 import pytest
 
 from infokv_vllm.config import (
@@ -34,6 +36,8 @@ def test_method_name_alone_is_accepted():
         ({"method": "infokv", "decode_interval": 0}, "--kv-decode-interval"),
         ({"method": "infokv", "entropy_score": "max"}, "--kv-entropy-score"),
         ({"method": "infokv", "budgte": 128}, "unknown setting(s) ['budgte']"),
+        ({"method": "infokv", "pool_target": 0}, "--kv-pool-target: 0 is outside (0, 1]"),
+        ({"method": "infokv", "pool_target": 1.2}, "--kv-pool-target: 1.2 is outside (0, 1]"),
     ],
 )
 def test_invalid_settings_name_the_option(settings, message):
@@ -55,6 +59,17 @@ def test_budgets():
     assert CompressionConfig(method="infokv", budget_ratio=0.25).budget_for(1000, 100) == 250
     # A ratio never cuts into the sinks and window.
     assert CompressionConfig(method="infokv", budget_ratio=0.01).budget_for(1000, 100) == 37
+
+
+def test_pool_wide_floors_are_the_budgets_given_or_what_compression_always_keeps():
+    pool = CompressionConfig(method="infokv", pool_target=0.7)
+    assert pool.pool_wide and pool.kv_bound is None  # the batch decides each request's KV
+    assert pool.pool_floor(1000, 100) == 37  # sinks 4 + window 32 + 1, not the default budget
+    assert pool.pool_floor(20, 20) == 20
+    assert dataclasses.replace(pool, keep_prompt=True).pool_floor(1000, 100) == 137
+    assert pool.for_request({"kv_budget": 256}).pool_floor(1000, 100) == 256
+    assert pool.for_request({"kv_budget_ratio": 0.5}).pool_floor(1000, 100) == 500
+    assert not CompressionConfig(pool_target=0.7).pool_wide  # compression off
 
 
 def test_a_budget_with_a_ratio_is_its_floor():

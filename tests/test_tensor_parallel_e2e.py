@@ -24,18 +24,18 @@ SETTINGS = {"method": "infokv", "budget": 48, "decode_interval": 16, "prefill_wi
 PARAMS = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
 
 
-def _worker_state(worker) -> tuple[list[str], list[str]]:
-    """(requests, requests with evicted tokens) a rank still tracks."""
+def _worker_state(worker) -> tuple[list[str], list[str], int]:
+    """(requests, requests with evicted tokens, requests with probed scores) a rank still tracks."""
     runner = worker.model_runner
-    return sorted(runner.requests), sorted(runner.evicted)
+    return sorted(runner.requests), sorted(runner.evicted), runner.requests_held()["probed"]
 
 
-def generate(model_dir, settings: dict, tensor_parallel_size: int, executor: str = "mp"
+def generate(model_dir, settings: dict, tensor_parallel_size: int, executor: str = "mp", **overrides
              ) -> tuple[dict[str, list[int]], int]:
     """Greedy outputs and compression events; with compression, checks that every page and every request is
     released, on the scheduler and on every rank."""
     with in_process_llm(model_dir, settings, max_model_len=256, tensor_parallel_size=tensor_parallel_size,
-                        distributed_executor_backend=executor) as llm:
+                        distributed_executor_backend=executor, **overrides) as llm:
         if executor == "ray":
             from infokv_vllm.platforms.cpu_ray import CPURayExecutor
 
@@ -50,8 +50,9 @@ def generate(model_dir, settings: dict, tensor_parallel_size: int, executor: str
         events = scheduler.totals.events
         # Workers hear that requests finished with the next step: run one more, short and uncompressed.
         run_to_completion(llm, {"flush": "Hi."}, SamplingParams(max_tokens=2))
-        for tracked, evicted in llm.collective_rpc(_worker_state):
+        for tracked, evicted, probed in llm.collective_rpc(_worker_state):
             assert [request_id.split("-")[0] for request_id in tracked] == ["flush"] and evicted == []
+            assert probed == 0
         return outputs, events
 
 
@@ -65,6 +66,15 @@ def test_two_ranks_compress_like_one(tiny_llama_dir, monkeypatch):
     two_ranks, two_rank_events = generate(tiny_llama_dir, SETTINGS, 2)
     assert two_rank_events == events
     assert two_ranks == one_rank
+
+
+def test_two_ranks_apply_the_pool_wide_decisions_of_the_reporting_rank(tiny_llama_dir, monkeypatch):
+    """Rank 0's loss curves (its own KV head) decide; the other rank compacts with its own probed scores to the
+    same lengths (a rank that disagreed would fail the runner's evicted-slots check or lack the probe)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    settings = {**SETTINGS, "budget": None, "pool_target": 0.25}
+    outputs, events = generate(tiny_llama_dir, settings, 2, num_gpu_blocks_override=24)
+    assert events >= 2 and all(len(tokens) == 48 for tokens in outputs.values())
 
 
 @pytest.fixture

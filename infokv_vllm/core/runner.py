@@ -5,7 +5,8 @@ platform adapter (`platforms/`) supplies what differs: the attention backend who
 signal, the KV page layout, and the kernel family. The mixin owns what is the same everywhere:
 
 - applying the scheduler's compactions (`StepPlan.compactions`): score with the policy, move the kept KV and
-  signals into the leading slots, mirror the scheduler's shortened block list;
+  signals into the leading slots, mirror the scheduler's shortened block list; in the pool-wide mode, scoring
+  probed requests (`StepPlan.probes`) and keeping their scores for the compactions the scheduler decides later;
 - the length shift: per request the runner tracks `evicted` (logical tokens minus physical slots). Positions,
   RoPE, sampling and stop checks keep using logical lengths; only the attention view changes: the KV length
   (`seq_lens`) and the slots new tokens are written to (`slot_mapping`) are shifted down by `evicted`;
@@ -33,9 +34,9 @@ from infokv_vllm import logger
 from infokv_vllm.config import compression_of
 from infokv_vllm.core.block_manager import CompressedAttentionSpec
 from infokv_vllm.core.compaction import PagedKVCompactor
-from infokv_vllm.messages import Compaction, StepPlan, WorkerReport, attach_report, plan_of
+from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, WorkerReport, attach_report, plan_of
 from infokv_vllm.kernels.families import kernel_family
-from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
+from infokv_vllm.scoring import SelectionInput, eviction_losses, make_policy, select_tokens
 from infokv_vllm.signals import (
     ATTENTION,
     ENTROPY,
@@ -67,6 +68,8 @@ class CompressingRunnerMixin:
         super().__init__(*args, **kwargs)
         self.compression = compression_of(self.vllm_config)
         self.evicted: dict[str, int] = {}
+        # Pool-wide mode: per probed request, the scores [layers, kv_heads, probed slots] of its last probe
+        self._probed: dict[str, torch.Tensor] = {}
         self.policy = make_policy(self.compression) if self.compression.enabled else None
         self.kernels = kernel_family(self.platform.kernel_family(self.compression)) if self.policy else None
         self.compactor: PagedKVCompactor | None = None
@@ -143,6 +146,8 @@ class CompressingRunnerMixin:
             recorder.before_compactions(plan, self._request_pages)
         for compaction in plan.compactions:
             self._compact(compaction)
+        for probe in plan.probes:
+            self._probe(probe)
         blocks = _new_blocks(scheduler_output, self.compactor.block_size)
         if self.signals is not None:
             # vLLM copies these blocks' KV in its own input update, after our compactions (which may have freed
@@ -218,15 +223,42 @@ class CompressingRunnerMixin:
 
     def requests_held(self) -> dict[str, int]:
         """How many requests each piece of the worker's per-request compression state holds."""
-        return {"evicted": len(self.evicted), **{recorder.name: recorder.requests_held()
-                                                 for recorder in self.recorders}}
+        return {"evicted": len(self.evicted), "probed": len(self._probed),
+                **{recorder.name: recorder.requests_held() for recorder in self.recorders}}
 
     def _forget(self, request_ids: list[str]) -> None:
         """New, resumed (after preemption: recomputed in full) and finished requests hold no evicted slots."""
         for request_id in request_ids:
             self.evicted.pop(request_id, None)
+            self._probed.pop(request_id, None)
         for recorder in self.recorders:
             recorder.forget(request_ids)
+
+    def _score(self, request_id: str, block_ids: list[int], physical_len: int, kept_len: int, sinks: int,
+               window: int, decoding: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The policy's scores [layers, kv_heads, physical_len] of a request's slots, and the signals it read."""
+        signals = self.signals.gather(block_ids, physical_len) if self.signals else {}
+        scores = self.policy.scores(SelectionInput(
+            request_id=request_id, num_layers=self.compactor.num_layers,
+            num_kv_heads=self.compactor.num_kv_heads, physical_len=physical_len, kept_len=kept_len, sinks=sinks,
+            window=window, device=self.signals.device if self.signals else torch.device("cpu"),
+            signals=signals, decoding=decoding,
+            keys=self.compactor.keys(block_ids, physical_len) if self.policy.reads_keys(decoding) else None))
+        return scores, signals
+
+    def _probe(self, probe: Probe) -> None:
+        """Pool-wide mode: score the request now, while its observation window's attention is fresh, keep the
+        scores for the compactions the scheduler decides later, and report what each length would lose."""
+        started = time.perf_counter()
+        (block_ids,) = self.requests[probe.request_id].block_ids
+        scores, signals = self._score(probe.request_id, block_ids, probe.physical_len, probe.physical_len,
+                                      probe.sinks, probe.window, probe.decoding)
+        self._probed[probe.request_id] = scores
+        losses = eviction_losses(scores, signals[ATTENTION], probe.sinks, probe.window)
+        self._report.loss_curves[probe.request_id] = LossCurve(
+            probe.physical_len, probe.sinks, probe.window, losses.cpu().numpy().astype(np.float32))
+        self.signals.zero_blocks(ATTENTION, block_ids)  # the next observation window starts afresh
+        self._report.seconds_scoring += time.perf_counter() - started
 
     def _compact(self, compaction: Compaction) -> None:
         if self._inject_compaction_fault:
@@ -247,16 +279,19 @@ class CompressingRunnerMixin:
                 self.signals.copy_blocks(sources, destinations)
             for index, block in compaction.copies:
                 block_ids[index] = block
-        signals = self.signals.gather(block_ids, compaction.physical_len) if self.signals else {}
-        scores = self.policy.scores(SelectionInput(
-            request_id=compaction.request_id, num_layers=compactor.num_layers,
-            num_kv_heads=compactor.num_kv_heads, physical_len=compaction.physical_len,
-            kept_len=compaction.kept_len, sinks=compaction.sinks,
-            window=compaction.window, device=self.signals.device if self.signals else torch.device("cpu"),
-            signals=signals, decoding=compaction.decoding,
-            keys=compactor.keys(block_ids, compaction.physical_len) if self.policy.reads_keys(compaction.decoding)
-            else None))
+        probed = self._probed.pop(compaction.request_id, None)
+        if compaction.probed:
+            assert probed is not None, ("the scheduler compacts with a probe this worker does not hold", compaction)
+            # The probe's scores; the slots computed since are in the window (kept whatever they score).
+            scores = torch.nn.functional.pad(probed, (0, compaction.physical_len - probed.shape[-1]))
+        else:
+            scores, _ = self._score(compaction.request_id, block_ids, compaction.physical_len, compaction.kept_len,
+                                    compaction.sinks, compaction.window, compaction.decoding)
         keep = select_tokens(scores, compaction.kept_len, compaction.sinks, compaction.window)
+        if compaction.probed:
+            # The kept probed slots lead the compacted pages: their scores serve the next compaction too.
+            self._probed[compaction.request_id] = scores.gather(-1, keep)[..., : probed.shape[-1] - (
+                compaction.physical_len - compaction.kept_len)]
         chosen = time.perf_counter()
         compactor.compact(block_ids, keep)
         if self.signals is not None:

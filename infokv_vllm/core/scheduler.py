@@ -17,6 +17,14 @@ Schedules (method doc, "Schedules"):
   requests are compressed to their budget, those holding the most slots above it first, before vLLM would
   preempt anyone.
 
+Pool-wide mode (`--kv-pool-target`, opt-in): budgets and ratios are floors, and compactions come from the batch.
+Each compressed request is probed after its prompt and every decode interval after that (scored as a compaction
+would, the scores kept by the workers, a `LossCurve` reported). Whenever the running requests' KV and their next
+step's needs exceed the target share of the pool, pages are taken where the least observed attention is lost per
+page (`core/pool.py`), down to each request's floor, with room for every request to grow an interval before the
+next time; memory pressure takes pages the same way first. A compaction chooses with its request's last probe's
+scores (the slots computed since count as window), one step or more after the probe.
+
 With prefix caching on, a request's computed blocks are hashed just before its first compaction (so the next
 request with the same prefix reuses them), and the block manager gives every cached or shared block the
 compaction would rewrite a private copy (`core/block_manager.py`).
@@ -35,7 +43,8 @@ from vllm.v1.request import Request
 from infokv_vllm import logger
 from infokv_vllm.config import CompressionConfig, compression_of
 from infokv_vllm.core.block_manager import CompactingAttentionManager
-from infokv_vllm.messages import Compaction, StepPlan, TokenEntropies, attach_plan, report_of
+from infokv_vllm.core.pool import PoolCandidate, kept_lengths
+from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, TokenEntropies, attach_plan, report_of
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 from infokv_vllm.scoring import make_policy
 from infokv_vllm.signals import ATTENTION
@@ -70,24 +79,37 @@ class CompressingScheduler(Scheduler):
         self._past_prompt: set[str] = set()  # requests whose prompt-compression point has been evaluated
         self._entropies: dict[str, TokenEntropies] = {}  # reported, to be sent with the request's next step
         self._settings: dict[str, CompressionConfig] = {}  # per request: the server's, as the request overrides
+        # Pool-wide mode, per request: the logical length of its next probe (absent: the end of its prompt), and
+        # its last probe's curve, shortened by the compactions since (absent until the probe's report arrives)
+        self._next_probe: dict[str, int] = {}
+        self._curves: dict[str, LossCurve] = {}
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
-        decided = [c for request in self.running if (c := self._decide(request)) is not None]
-        compactions = [applied for compaction in decided
-                       if (applied := self._apply(compaction, "decode" if compaction.decoding else "prompt"))]
+        probes: list[Probe] = []
+        if self.compression.pool_wide:
+            probes = [probe for request in self.running if (probe := self._due_probe(request)) is not None]
+            compactions = self._meet_pool_target({probe.request_id for probe in probes})
+        else:
+            decided = [c for request in self.running if (c := self._decide(request)) is not None]
+            compactions = [applied for compaction in decided
+                           if (applied := self._apply(compaction, "decode" if compaction.decoding else "prompt"))]
         if self.compression.memory_pressure:
-            compactions += self._relieve_memory_pressure({c.request_id for c in compactions})
+            compactions += self._relieve_memory_pressure(
+                {c.request_id for c in compactions} | {probe.request_id for probe in probes})
         output = super().schedule(*args, **kwargs)
         # A request preempted later in this same schedule() lost all its blocks; nothing is left to move, and
         # its entropies will be measured again when it is recomputed.
         for request_id in output.preempted_req_ids:
             self._entropies.pop(request_id, None)
+            self._curves.pop(request_id, None)
+            self._next_probe.pop(request_id, None)
         if not self.requests:
             # Every request has finished (this step hands the last of them to the workers): the per-request state
             # must be empty (the soak benchmark reads this line).
             logger.debug("infokv: idle scheduler holds per-request state of %s", self.requests_held())
         attach_plan(output, StepPlan(
             compactions=[c for c in compactions if c.request_id not in output.preempted_req_ids],
+            probes=[probe for probe in probes if probe.request_id not in output.preempted_req_ids],
             window_starts=self._window_starts(output) if self._scores_attention else {},
             entropies={request_id: self._entropies.pop(request_id)
                        for request_id in output.num_scheduled_tokens if request_id in self._entropies}))
@@ -101,6 +123,8 @@ class CompressingScheduler(Scheduler):
             self.totals.seconds_compacting += report.seconds_compacting
             self._entropies.update((request_id, entropies) for request_id, entropies in report.entropies.items()
                                    if request_id in self.requests)
+            self._curves.update((request_id, curve) for request_id, curve in report.loss_curves.items()
+                                if request_id in self._next_probe)
         return super().update_from_output(scheduler_output, model_runner_output, *args, **kwargs)
 
     def make_stats(self, *args, **kwargs) -> CompressionSchedulerStats | None:
@@ -122,7 +146,11 @@ class CompressingScheduler(Scheduler):
             if not settings.enabled:
                 continue
             end = request.num_computed_tokens  # already advanced past this step's tokens
-            if request_id not in self._past_prompt:
+            if self.compression.pool_wide:
+                due = self._next_probe.get(request_id)
+                start = (request.num_prompt_tokens - settings.prefill_window if due is None
+                         else due - settings.decode_window)
+            elif request_id not in self._past_prompt:
                 prompt = request.num_prompt_tokens
                 if prompt <= settings.budget_for(prompt, prompt):
                     continue
@@ -139,7 +167,8 @@ class CompressingScheduler(Scheduler):
         """How many requests each piece of the scheduler's per-request compression state holds."""
         return {"records": len(self.records), "past_prompt": len(self._past_prompt),
                 "entropies": len(self._entropies), "settings": len(self._settings),
-                "evicted": len(self.manager.evicted)}
+                "evicted": len(self.manager.evicted), "next_probe": len(self._next_probe),
+                "curves": len(self._curves)}
 
     def settings_of(self, request: Request) -> CompressionConfig:
         """The compression settings of one request: the server's, with the request's own overrides."""
@@ -170,17 +199,93 @@ class CompressingScheduler(Scheduler):
 
     @staticmethod
     def _to_budget(request: Request, settings: CompressionConfig, physical: int, decoding: bool) -> Compaction:
-        """A compaction of the request's `physical` slots down to its budget, with the prompt's or the decode
-        observation window."""
+        """A compaction of the request's `physical` slots down to its budget (its floor in the pool-wide mode),
+        with the prompt's or the decode observation window."""
         logical, prompt = request.num_computed_tokens, request.num_prompt_tokens
-        return Compaction(request.request_id, logical, physical, settings.budget_for(logical, prompt),
+        return Compaction(request.request_id, logical, physical, _least_len(settings, logical, prompt),
                           settings.protected_len(prompt),
                           settings.decode_window if decoding else settings.prefill_window, decoding)
+
+    # --- the pool-wide mode -------------------------------------------------------------------------------
+
+    def _due_probe(self, request: Request) -> Probe | None:
+        """A probe of the request if it has reached its next probe point (the end of its prompt, then every decode
+        interval); its observation window closed with the previous step."""
+        request_id, logical = request.request_id, request.num_computed_tokens
+        settings = self.settings_of(request)
+        if not settings.enabled:
+            return None
+        if logical < request.num_prompt_tokens:  # still prefilling (again, after a preemption)
+            self._next_probe.pop(request_id, None)
+            self._curves.pop(request_id, None)
+            return None
+        decoding = request_id in self._next_probe
+        if logical < self._next_probe.get(request_id, request.num_prompt_tokens):
+            return None
+        self._next_probe[request_id] = logical + settings.decode_interval
+        self._curves.pop(request_id, None)  # the workers replace the probed scores this step
+        physical = self.manager.physical_len(request_id, logical)
+        sinks = settings.protected_len(request.num_prompt_tokens)
+        window = settings.decode_window if decoding else settings.prefill_window
+        if physical <= sinks + window:
+            return None  # nothing to choose from yet
+        return Probe(request_id, logical, physical, sinks, window, decoding)
+
+    def _meet_pool_target(self, probed: set[str]) -> list[Compaction]:
+        """Pool-wide mode: when the running requests' KV plus their next step's needs exceed the target share of
+        the pool, free the pages that lose the least, down to the target less room for every compressed request
+        to grow one decode interval (so the batch is not compacted again at each step)."""
+        pool = self.kv_cache_manager.block_pool
+        usable = pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
+        target = int(self.compression.pool_target * usable)
+        needed = sum(map(self._blocks_for_next_step, self.running))
+        over = usable - pool.get_num_free_blocks() + needed - target
+        if over <= 0:
+            return []
+        compressed = sum(self.settings_of(request).enabled for request in self.running)
+        room = min(target // 2, compressed * cdiv(self.compression.decode_interval, self.manager.block_size))
+        return self._free_lowest_loss_pages(over + room, probed, "pool target")
+
+    def _free_lowest_loss_pages(self, goal: int, excluded: set[str], cause: str) -> list[Compaction]:
+        """Compact the requests with a loss curve (not in `excluded`) to free `goal` pages where they lose the
+        least attention (`core/pool.py`); fewer where floors stop it."""
+        candidates, windows = [], {}
+        for request in self.running:
+            request_id = request.request_id
+            curve = self._curves.get(request_id)
+            if curve is None or request_id in excluded:
+                continue
+            logical = request.num_computed_tokens
+            physical = self.manager.physical_len(request_id, logical)
+            windows[request_id] = curve.window + physical - curve.physical_len
+            least = max(_least_len(self.settings_of(request), logical, request.num_prompt_tokens),
+                        curve.sinks + windows[request_id])
+            candidates.append(PoolCandidate(request_id, physical, least, curve.losses))
+        compactions = []
+        for request_id, kept in kept_lengths(candidates, goal, self.manager.block_size).items():
+            request, curve = self.requests[request_id], self._curves[request_id]
+            logical = request.num_computed_tokens
+            physical = self.manager.physical_len(request_id, logical)
+            compaction = self._apply(Compaction(request_id, logical, physical, kept, curve.sinks,
+                                                windows[request_id], decoding=True, probed=True), cause)
+            if compaction is None:
+                continue
+            evicted = physical - kept
+            self.totals.attention_lost += float(curve.losses[evicted])
+            self._curves[request_id] = LossCurve(curve.physical_len - evicted, curve.sinks, curve.window,
+                                                 curve.losses[evicted:] - curve.losses[evicted])
+            compactions.append(compaction)
+        return compactions
 
     def _relieve_memory_pressure(self, already_compacted: set[str]) -> list[Compaction]:
         compactions = []
         pool = self.kv_cache_manager.block_pool
         needed = sum(map(self._blocks_for_next_step, self.running))
+        if self.compression.pool_wide and needed > pool.get_num_free_blocks():
+            # The lowest-loss pages across the batch first; requests without a curve yet go to their floor below.
+            compactions = self._free_lowest_loss_pages(needed - pool.get_num_free_blocks(), already_compacted,
+                                                       "memory pressure")
+            already_compacted = already_compacted | {c.request_id for c in compactions}
         candidates = []
         for request in self.running:
             logical = request.num_computed_tokens
@@ -189,7 +294,7 @@ class CompressingScheduler(Scheduler):
                     or not settings.enabled:
                 continue
             excess = (self.manager.physical_len(request.request_id, logical)
-                      - settings.budget_for(logical, request.num_prompt_tokens))
+                      - _least_len(settings, logical, request.num_prompt_tokens))
             if excess > 0:
                 candidates.append((excess, request))
         for _, request in sorted(candidates, key=lambda item: -item[0]):
@@ -199,6 +304,7 @@ class CompressingScheduler(Scheduler):
             compaction = self._apply(self._to_budget(request, self.settings_of(request), physical, decoding=True),
                                      "memory pressure")
             if compaction is not None:
+                self._curves.pop(request.request_id, None)  # scored afresh: the workers dropped the probe's scores
                 compactions.append(compaction)
         return compactions
 
@@ -245,6 +351,8 @@ class CompressingScheduler(Scheduler):
 
     def _free_request(self, request: Request, *args, **kwargs):
         self._past_prompt.discard(request.request_id)
+        self._next_probe.pop(request.request_id, None)
+        self._curves.pop(request.request_id, None)
         self._entropies.pop(request.request_id, None)
         record = self.records.pop(request.request_id, None)
         if self.settings_of(request).enabled:
@@ -255,3 +363,8 @@ class CompressingScheduler(Scheduler):
                          record.blocks_freed, max(record.peak_slots, held))
         self._settings.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
+
+
+def _least_len(settings: CompressionConfig, logical: int, prompt: int) -> int:
+    """What a compaction keeps at the least: the budget, or the floor in the pool-wide mode."""
+    return settings.pool_floor(logical, prompt) if settings.pool_wide else settings.budget_for(logical, prompt)

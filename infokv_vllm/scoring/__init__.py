@@ -15,7 +15,7 @@ from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
 from infokv_vllm.scoring.infokv import EntropyPolicy, InfoKVPolicy
 from infokv_vllm.scoring.random import RandomPolicy
 from infokv_vllm.scoring.rkv import RKVPolicy
-from infokv_vllm.scoring.selection import select_tokens
+from infokv_vllm.scoring.selection import eviction_losses, select_tokens
 from infokv_vllm.scoring.snapkv import SnapKVPolicy
 from infokv_vllm.scoring.streaming import StreamingPolicy
 
@@ -30,4 +30,4 @@ def make_policy(config: CompressionConfig) -> ScoringPolicy:
     return POLICIES[config.method](config)
 
 
-__all__ = ["POLICIES", "ScoringPolicy", "SelectionInput", "make_policy", "select_tokens"]
+__all__ = ["POLICIES", "ScoringPolicy", "SelectionInput", "eviction_losses", "make_policy", "select_tokens"]

@@ -1,0 +1,52 @@
+"""The pool-wide mode's choice: which running requests give up pages when the batch's KV exceeds its target.
+
+Every compressed request carries the `LossCurve` of its last probe: the share of its observation window's
+attention that evicting its e lowest-scored slots would lose. A share of attention means the same in every
+request, so a page of one request compares with a page of another: the pages go where the least attention is lost
+per page freed (greedy water-filling over page-aligned lengths), down to no request's least length (its floor,
+its sinks and window). A request whose window ignores its history gives up more than one whose window reads it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+from vllm.utils.math_utils import cdiv
+
+
+@dataclass(frozen=True)
+class PoolCandidate:
+    """One request the pool-wide mode may compact now."""
+
+    request_id: str
+    physical_len: int  # slots it holds
+    least_len: int  # slots it keeps at the least (its floor; sinks and window)
+    losses: np.ndarray  # `LossCurve.losses`: what evicting e of its probed slots loses
+
+
+def kept_lengths(candidates: list[PoolCandidate], goal_blocks: int, block_size: int) -> dict[str, int]:
+    """Page-aligned kept lengths, per request that gives up pages, freeing at least `goal_blocks` pages (fewer
+    where every request is at its least length), one page at a time from the request whose next page loses the
+    least attention; ties go to the request holding more pages."""
+    by_id = {candidate.request_id: candidate for candidate in candidates}
+    heap: list[tuple[float, int, str, int]] = []
+
+    def offer(candidate: PoolCandidate, length: int) -> None:
+        shorter = (cdiv(length, block_size) - 1) * block_size
+        if shorter >= candidate.least_len:
+            losses, physical = candidate.losses, candidate.physical_len
+            loss = losses[physical - shorter] - losses[physical - length]
+            heapq.heappush(heap, (float(loss), -cdiv(length, block_size), candidate.request_id, shorter))
+
+    for candidate in candidates:
+        offer(candidate, candidate.physical_len)
+    kept: dict[str, int] = {}
+    freed = 0
+    while freed < goal_blocks and heap:
+        _, _, request_id, length = heapq.heappop(heap)
+        kept[request_id] = length
+        freed += 1
+        offer(by_id[request_id], length)
+    return kept
