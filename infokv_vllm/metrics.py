@@ -18,6 +18,8 @@ from vllm.v1.metrics.stats import SchedulerStats
 from infokv_vllm.config import compression_of
 
 METRIC_PREFIX = "infokv:"  # not "vllm:": vLLM unregisters every "vllm:" collector when it builds its own logger
+# Pool-wide mode: upper edges of the attention share one compaction evicts, for its distribution (`le` labels)
+ATTENTION_LOST_EDGES = (0.001, 0.01, 0.05, 0.1, 0.25, 1.0)
 
 
 @dataclass
@@ -32,8 +34,16 @@ class CompressionStats:
     blocks_freed: int = 0
     seconds_scoring: float = 0.0  # on the reporting worker: choosing tokens, and recording signals after the forward
     seconds_compacting: float = 0.0  # on the reporting worker: moving KV and signals within the pages
-    # Pool-wide mode: the share of observed attention its compactions evicted, summed over compactions
+    # Pool-wide mode: the share of observed attention its compactions evicted, summed over compactions, and per
+    # `ATTENTION_LOST_EDGES` edge the compactions that evicted at most that share (cumulative, as Prometheus' le)
     attention_lost: float = 0.0
+    attention_lost_counts: tuple[int, ...] = (0,) * len(ATTENTION_LOST_EDGES)
+    kept_tokens_per_request: tuple[int, ...] = ()  # the compressed running requests' KV tokens, now
+
+    def count_attention_lost(self, share: float) -> None:
+        self.attention_lost += share
+        self.attention_lost_counts = tuple(count + (share <= edge) for count, edge in
+                                           zip(self.attention_lost_counts, ATTENTION_LOST_EDGES))
     kept_tokens: int = 0  # KV tokens the running requests hold
     logical_tokens: int = 0  # tokens the running requests have computed
 
@@ -76,6 +86,15 @@ class CompressionStatLogger(AggregateStatLoggerBase):
                                          "Pool-wide mode: share of each compacted request's observed attention "
                                          "its compaction evicted, summed over compactions."),
         }
+        lost = Counter(METRIC_PREFIX + "pool_compactions_by_attention_lost", "Pool-wide mode: compactions that "
+                       "evicted at most the share `le` of the request's observed attention.",
+                       labelnames=["model_name", "engine", "le"])
+        self._lost_by_edge = {index: [lost.labels(*values, str(edge)) for edge in ATTENTION_LOST_EDGES]
+                              for index, values in labels.items()}
+        kept = Gauge(METRIC_PREFIX + "request_kv_tokens", "KV tokens the compressed running requests hold: the "
+                     "least, the median and the most.", labelnames=["model_name", "engine", "stat"])
+        self._kept = {index: {stat: kept.labels(*values, stat) for stat in ("min", "median", "max")}
+                      for index, values in labels.items()}
         self._ratio = per_engine(Gauge, "kv_compression_ratio",
                                  "KV tokens held by running requests / tokens they have computed (1: none evicted).")
         self._last = {index: CompressionStats() for index in engine_indexes}
@@ -87,6 +106,12 @@ class CompressionStatLogger(AggregateStatLoggerBase):
         last = self._last[engine_idx]
         for name, counter in self._counters.items():
             counter[engine_idx].inc(getattr(stats, name) - getattr(last, name))
+        for counter, now, before in zip(self._lost_by_edge[engine_idx], stats.attention_lost_counts,
+                                        last.attention_lost_counts):
+            counter.inc(now - before)
+        kept = sorted(stats.kept_tokens_per_request) or [0]
+        for stat, value in (("min", kept[0]), ("median", kept[len(kept) // 2]), ("max", kept[-1])):
+            self._kept[engine_idx][stat].set(value)
         self._ratio[engine_idx].set(stats.kept_tokens / stats.logical_tokens if stats.logical_tokens else 1.0)
         self._last[engine_idx] = stats
 

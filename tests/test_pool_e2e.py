@@ -4,12 +4,15 @@ lost, across the batch."""
 from __future__ import annotations
 
 import random
+import urllib.request
 
 import pytest
 from vllm import SamplingParams
 
+from infokv_vllm.metrics import METRIC_PREFIX
 from infokv_vllm.testing.local_engine import BLOCK_SIZE, in_process_llm, model_runner_of, run_to_completion, \
     scheduler_of
+from infokv_vllm.testing.local_server import EAGER, vllm_server
 
 pytestmark = pytest.mark.e2e
 
@@ -67,3 +70,35 @@ def test_with_room_in_the_pool_nothing_is_compressed(smollm2_dir):
         outputs = {_short(r): tokens for r, tokens in run_to_completion(llm, PROMPTS, PARAMS).items()}
         assert scheduler_of(llm).totals.events == 0
     assert outputs == vanilla
+
+
+def test_vllm_serve_runs_the_pool_wide_mode_from_one_flag(smollm2_dir, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # vLLM checks that the pool holds one request of max_model_len: the pool-wide mode bounds no single request.
+    flags = ["--kv-compression", "snapkv", "--kv-pool-target", "0.45", "--kv-decode-interval", "32",
+             "--max-model-len", "1024", "--num-gpu-blocks-override", str(POOL_BLOCKS), "--block-size", str(BLOCK_SIZE), *EAGER]
+    with vllm_server(smollm2_dir, flags, tmp_path / "serve.log") as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+
+        def complete(prompt: str) -> int:
+            reply = client.completions.create(model=str(smollm2_dir), prompt=prompt, max_tokens=40,
+                                              temperature=0)
+            return reply.usage.completion_tokens
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(complete, PROMPTS.values())) == [40, 40]
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            samples = [sample for family in text_string_to_metric_families(response.read().decode())
+                       for sample in family.samples if sample.name.startswith(METRIC_PREFIX)]
+    by_edge = {sample.labels["le"]: sample.value for sample in samples
+               if sample.name == f"{METRIC_PREFIX}pool_compactions_by_attention_lost_total"}
+    events = next(s.value for s in samples if s.name == f"{METRIC_PREFIX}compression_events_total")
+    assert by_edge["1.0"] == events >= 2, by_edge  # every compaction was the pool's, and counted once
+    assert list(by_edge.values()) == sorted(by_edge.values())  # cumulative, as Prometheus' le
+    assert next(s.value for s in samples if s.name == f"{METRIC_PREFIX}pool_attention_lost_total") > 0
+    assert {s.labels["stat"] for s in samples if s.name == f"{METRIC_PREFIX}request_kv_tokens"} == \
+        {"min", "median", "max"}

@@ -133,8 +133,10 @@ class CompressingScheduler(Scheduler):
             return None
         logical = [request.num_computed_tokens for request in self.running]
         kept = [self.manager.physical_len(request.request_id, length) for request, length in zip(self.running, logical)]
-        return CompressionSchedulerStats.extend(
-            stats, dataclasses.replace(self.totals, kept_tokens=sum(kept), logical_tokens=sum(logical)))
+        compressed = tuple(length for request, length in zip(self.running, kept)
+                           if self.settings_of(request).enabled)
+        return CompressionSchedulerStats.extend(stats, dataclasses.replace(
+            self.totals, kept_tokens=sum(kept), logical_tokens=sum(logical), kept_tokens_per_request=compressed))
 
     def _window_starts(self, output: SchedulerOutput) -> dict[str, int]:
         """For requests whose tokens this step fall in the next compaction's observation window: the logical
@@ -271,7 +273,7 @@ class CompressingScheduler(Scheduler):
             if compaction is None:
                 continue
             evicted = physical - kept
-            self.totals.attention_lost += float(curve.losses[evicted])
+            self.totals.count_attention_lost(float(curve.losses[evicted]))
             self._curves[request_id] = LossCurve(curve.physical_len - evicted, curve.sinks, curve.window,
                                                  curve.losses[evicted:] - curve.losses[evicted])
             compactions.append(compaction)
