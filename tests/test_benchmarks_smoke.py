@@ -139,3 +139,13 @@ def test_allocator_memory_smoke():
     report = run_smoke("allocator_memory.py")
     assert [row["method"] for row in report["rows"]] == ["infokv", "none"]
     assert all(len(row["rss_mib_by_round"]) == 2 and row["after_trim_mib"] > 0 for row in report["rows"])
+
+
+def test_pool_smoke():
+    report = run_smoke("pool.py")
+    assert [run["config"] for run in report["runs"]] == ["vanilla", "uniform", "pool"]
+    assert all(sum(run["samples"].values()) == 6 for run in report["runs"])
+    assert 0 < report["pool_target"] < 1
+    kv = {config: report["summary"][config]["kv_usage_mean"] for config in ("vanilla", "uniform", "pool")}
+    assert kv["uniform"] < kv["vanilla"] and kv["pool"] < kv["vanilla"], kv  # both compress
+    assert (BENCHMARKS / "results" / "pool-smoke.png").stat().st_size > 0
