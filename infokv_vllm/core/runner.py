@@ -301,7 +301,7 @@ class CompressingRunnerMixin:
         # Mirror the scheduler's block list: the tail blocks are already back in its pool.
         del block_ids[cdiv(compaction.kept_len, compactor.block_size):]
         for recorder in self.recorders:
-            recorder.after_compaction(block_ids)
+            recorder.after_compaction(block_ids, compaction.probed)
         row = self.input_batch.req_id_to_index.get(compaction.request_id)
         if row is not None:
             self.input_batch.block_table.add_row(state.block_ids, row)

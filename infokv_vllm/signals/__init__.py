@@ -96,5 +96,6 @@ class SignalRecorder:
     def after_forward(self, step: StepView, outputs: ForwardOutputs, report: WorkerReport) -> None:
         """The forward ran; record from its outputs, and add to `report` what goes to the scheduler."""
 
-    def after_compaction(self, block_ids: list[int]) -> None:
-        """A request was compacted into `block_ids`."""
+    def after_compaction(self, block_ids: list[int], probed: bool) -> None:
+        """A request was compacted into `block_ids`; `probed`: with the scores of its last probe (pool-wide mode),
+        not with the signals as they were just now."""

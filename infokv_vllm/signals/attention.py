@@ -98,8 +98,11 @@ class AttentionRecorder(SignalRecorder):
         # request keeps that request's attention.
         self.storage.zero_blocks(ATTENTION, blocks.fresh + blocks.copied)
 
-    def after_compaction(self, block_ids: list[int]) -> None:
-        self.storage.zero_blocks(ATTENTION, block_ids)  # the next observation window starts afresh
+    def after_compaction(self, block_ids: list[int], probed: bool) -> None:
+        if not probed:
+            # The next observation window starts afresh. (A probe started it already; what that window has
+            # accumulated since moved with its slots.)
+            self.storage.zero_blocks(ATTENTION, block_ids)
 
     def before_forward(self, plan: StepPlan, step: StepView) -> None:
         self.window = None
