@@ -150,7 +150,8 @@ def run_config(model: Path, config: str, flags: list[str], items: list[dict], co
             "kv_usage_mean": sum(sampler.usage) / max(len(sampler.usage), 1),
             "kv_usage_peak": max(sampler.usage, default=0.0),
             "running_mean": sum(sampler.running) / max(len(sampler.running), 1), "preemptions": preemptions,
-            "correct": {name: sum(h) for name, h in hits.items()}, "samples": {name: len(h) for name, h in hits.items()}}
+            "correct": {name: sum(h) for name, h in hits.items()},
+            "samples": {name: len(h) for name, h in hits.items()}}
 
 
 def plot(summary: dict, path: Path, title: str) -> None:

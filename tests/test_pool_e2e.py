@@ -80,7 +80,8 @@ def test_vllm_serve_runs_the_pool_wide_mode_from_one_flag(smollm2_dir, tmp_path)
 
     # vLLM checks that the pool holds one request of max_model_len: the pool-wide mode bounds no single request.
     flags = ["--kv-compression", "snapkv", "--kv-pool-target", "0.45", "--kv-decode-interval", "32",
-             "--max-model-len", "1024", "--num-gpu-blocks-override", str(POOL_BLOCKS), "--block-size", str(BLOCK_SIZE), *EAGER]
+             "--max-model-len", "1024", "--num-gpu-blocks-override", str(POOL_BLOCKS),
+             "--block-size", str(BLOCK_SIZE), *EAGER]
     with vllm_server(smollm2_dir, flags, tmp_path / "serve.log") as url:
         client = OpenAI(base_url=url + "/v1", api_key="unused")
 
