@@ -106,7 +106,7 @@ class MetricsSampler:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
             text = response.read().decode()
         return {sample.name: sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples if sample.name.startswith("vllm:")}
+                for sample in family.samples if sample.name.startswith(("vllm:", "infokv:"))}
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -142,14 +142,16 @@ def run_config(model: Path, config: str, flags: list[str], items: list[dict], co
         with sampler, ThreadPoolExecutor(concurrency) as pool:
             replies = list(pool.map(ask, items))
         seconds = time.perf_counter() - started
-        preemptions = sampler.read().get("vllm:num_preemptions_total", 0.0)
+        final = sampler.read()
     hits = {name: [correct(item, text) for item, (text, _) in zip(items, replies) if item["class"] == name]
             for name in CLASSES}
     return {"config": config, "seconds": seconds, "output_tokens": sum(tokens for _, tokens in replies),
             "output_tokens_per_s": sum(tokens for _, tokens in replies) / seconds,
             "kv_usage_mean": sum(sampler.usage) / max(len(sampler.usage), 1),
             "kv_usage_peak": max(sampler.usage, default=0.0),
-            "running_mean": sum(sampler.running) / max(len(sampler.running), 1), "preemptions": preemptions,
+            "running_mean": sum(sampler.running) / max(len(sampler.running), 1),
+            "preemptions": final.get("vllm:num_preemptions_total", 0.0),
+            "compression_events": final.get("infokv:compression_events_total", 0.0),
             "correct": {name: sum(h) for name, h in hits.items()},
             "samples": {name: len(h) for name, h in hits.items()}}
 
