@@ -63,8 +63,8 @@ class CompressionConfig:
     )
     budget: int | None = field(
         default=None,
-        metadata={"help": f"KV tokens kept per request (default {DEFAULT_BUDGET_TOKENS} when no ratio is set); "
-                          "with a ratio, the least a request keeps."},
+        metadata={"help": f"KV tokens kept per request (default {DEFAULT_BUDGET_TOKENS} when no ratio is set, none in "
+                          "the pool-wide mode); with a ratio, or in the pool-wide mode, the least a request keeps."},
     )
     budget_ratio: float | None = field(
         default=None,
@@ -179,21 +179,14 @@ class CompressionConfig:
 
         The budget governs the tokens after the protected prompt (all tokens without `keep_prompt`): a ratio is
         a share of them, an absolute budget their count, and both together mean the larger (the budget is the
-        ratio's floor)."""
+        ratio's floor). In the pool-wide mode this is the least a request keeps, and with neither given it is no
+        more than every compaction keeps (sinks, window and one token), not the default budget."""
         protected = prompt_len if self.keep_prompt else 0
         governed = max(logical_len - protected, 0)
         floor = self.budget if self.budget is not None else (
-            DEFAULT_BUDGET_TOKENS if self.budget_ratio is None else 0)
+            DEFAULT_BUDGET_TOKENS if self.budget_ratio is None and self.pool_target is None else 0)
         wanted = max(floor, int(self.budget_ratio * governed) if self.budget_ratio is not None else 0)
         return min(logical_len, protected + max(wanted, self.reserved_tokens + 1))
-
-    def pool_floor(self, logical_len: int, prompt_len: int) -> int:
-        """Pool-wide mode: the least a request keeps. Its budget or ratio where one is given (`budget_for`),
-        otherwise no more than compression always keeps (sinks, window, protected prompt) and one token."""
-        if self.budget is not None or self.budget_ratio is not None:
-            return self.budget_for(logical_len, prompt_len)
-        protected = prompt_len if self.keep_prompt else 0
-        return min(logical_len, protected + self.reserved_tokens + 1)
 
     def _validate(self) -> None:
         def fail(option: str, why: str) -> None:

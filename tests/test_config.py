@@ -64,11 +64,11 @@ def test_budgets():
 def test_pool_wide_floors_are_the_budgets_given_or_what_compression_always_keeps():
     pool = CompressionConfig(method="infokv", pool_target=0.7)
     assert pool.pool_wide and pool.kv_bound is None  # the batch decides each request's KV
-    assert pool.pool_floor(1000, 100) == 37  # sinks 4 + window 32 + 1, not the default budget
-    assert pool.pool_floor(20, 20) == 20
-    assert dataclasses.replace(pool, keep_prompt=True).pool_floor(1000, 100) == 137
-    assert pool.for_request({"kv_budget": 256}).pool_floor(1000, 100) == 256
-    assert pool.for_request({"kv_budget_ratio": 0.5}).pool_floor(1000, 100) == 500
+    assert pool.budget_for(1000, 100) == 37  # sinks 4 + window 32 + 1, not the default budget
+    assert pool.budget_for(20, 20) == 20
+    assert dataclasses.replace(pool, keep_prompt=True).budget_for(1000, 100) == 137
+    assert pool.for_request({"kv_budget": 256}).budget_for(1000, 100) == 256
+    assert pool.for_request({"kv_budget_ratio": 0.5}).budget_for(1000, 100) == 500
     assert not CompressionConfig(pool_target=0.7).pool_wide  # compression off
 
 

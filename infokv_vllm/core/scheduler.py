@@ -204,7 +204,7 @@ class CompressingScheduler(Scheduler):
         """A compaction of the request's `physical` slots down to its budget (its floor in the pool-wide mode),
         with the prompt's or the decode observation window."""
         logical, prompt = request.num_computed_tokens, request.num_prompt_tokens
-        return Compaction(request.request_id, logical, physical, _least_len(settings, logical, prompt),
+        return Compaction(request.request_id, logical, physical, settings.budget_for(logical, prompt),
                           settings.protected_len(prompt),
                           settings.decode_window if decoding else settings.prefill_window, decoding)
 
@@ -260,16 +260,16 @@ class CompressingScheduler(Scheduler):
             logical = request.num_computed_tokens
             physical = self.manager.physical_len(request_id, logical)
             windows[request_id] = curve.window + physical - curve.physical_len
-            least = max(_least_len(self.settings_of(request), logical, request.num_prompt_tokens),
+            least = max(self.settings_of(request).budget_for(logical, request.num_prompt_tokens),
                         curve.sinks + windows[request_id])
             candidates.append(PoolCandidate(request_id, physical, least, curve.losses))
         compactions = []
+        physical_lens = {candidate.request_id: candidate.physical_len for candidate in candidates}
         for request_id, kept in kept_lengths(candidates, goal, self.manager.block_size).items():
-            request, curve = self.requests[request_id], self._curves[request_id]
-            logical = request.num_computed_tokens
-            physical = self.manager.physical_len(request_id, logical)
-            compaction = self._apply(Compaction(request_id, logical, physical, kept, curve.sinks,
-                                                windows[request_id], decoding=True, probed=True), cause)
+            curve, physical = self._curves[request_id], physical_lens[request_id]
+            compaction = self._apply(Compaction(request_id, self.requests[request_id].num_computed_tokens, physical,
+                                                kept, curve.sinks, windows[request_id], decoding=True, probed=True),
+                                     cause)
             if compaction is None:
                 continue
             evicted = physical - kept
@@ -296,7 +296,7 @@ class CompressingScheduler(Scheduler):
                     or not settings.enabled:
                 continue
             excess = (self.manager.physical_len(request.request_id, logical)
-                      - _least_len(settings, logical, request.num_prompt_tokens))
+                      - settings.budget_for(logical, request.num_prompt_tokens))
             if excess > 0:
                 candidates.append((excess, request))
         for _, request in sorted(candidates, key=lambda item: -item[0]):
@@ -365,8 +365,3 @@ class CompressingScheduler(Scheduler):
                          record.blocks_freed, max(record.peak_slots, held))
         self._settings.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
-
-
-def _least_len(settings: CompressionConfig, logical: int, prompt: int) -> int:
-    """What a compaction keeps at the least: the budget, or the floor in the pool-wide mode."""
-    return settings.pool_floor(logical, prompt) if settings.pool_wide else settings.budget_for(logical, prompt)
