@@ -15,7 +15,6 @@ accuracy, within noise, and the share of identical traces shows how long they st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -50,11 +49,11 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion
-    from infokv_vllm.testing.models import MODELS
+    from infokv_vllm.testing.models import MODELS, serving_dtype
     from infokv_vllm.testing.transformers_reference import generate_with_streaming
 
     model_dir = MODELS[args.model].ensure()
-    dtype = json.loads((model_dir / "config.json").read_text()).get("dtype", "float32")
+    dtype = serving_dtype(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = gsm8k(args.count, args.seed, args.split)
     prompts = {sample.id: tokenizer(tokenizer.apply_chat_template(

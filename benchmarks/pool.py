@@ -21,7 +21,6 @@ tokens/s, running requests and preemptions. Configurations are interleaved per r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
@@ -208,10 +207,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from infokv_vllm.testing.local_server import EAGER
-    from infokv_vllm.testing.models import MODELS
+    from infokv_vllm.testing.models import MODELS, serving_dtype
 
     model = MODELS[args.model].ensure()
-    dtype = json.loads((model / "config.json").read_text()).get("dtype", "float32")
+    dtype = serving_dtype(model)
     items = workload(args.per_class, args.seed, args.retrieval_tokens, args.reasoning_max_tokens,
                      AutoTokenizer.from_pretrained(model))
     pool_tokens = (args.pool_blocks - 1) * BLOCK_SIZE

@@ -122,10 +122,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from infokv_vllm.testing.local_server import vllm_server
-    from infokv_vllm.testing.models import MODELS
+    from infokv_vllm.testing.models import MODELS, serving_dtype
 
     model = MODELS[args.model].ensure()
-    dtype = json.loads((model / "config.json").read_text()).get("dtype", "float32")
+    dtype = serving_dtype(model)
     name = "prefix_cache-smoke" if args.smoke else args.name
     result_dir = RESULTS / name
     result_dir.mkdir(parents=True, exist_ok=True)

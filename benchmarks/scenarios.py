@@ -202,10 +202,10 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from infokv_vllm.testing.local_server import EAGER, vllm_server
-    from infokv_vllm.testing.models import MODELS, sanity_check
+    from infokv_vllm.testing.models import MODELS, sanity_check, serving_dtype
 
     model = MODELS[args.model].ensure()
-    dtype = json.loads((model / "config.json").read_text()).get("dtype", "float32")
+    dtype = serving_dtype(model)
     print(sanity_check(model), flush=True)  # the full cache must answer known questions before any number counts
     tokenizer = AutoTokenizer.from_pretrained(model)
     levels = tuple(int(level) for level in args.math_levels.split(","))

@@ -4,12 +4,13 @@ tiny GGUF files written on the spot)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 from infokv_vllm.testing import smollm2
-from infokv_vllm.testing.models import MODELS, GgufCheckError, cache_dir
+from infokv_vllm.testing.models import MODELS, GgufCheckError, cache_dir, serving_dtype
 
 QWEN = MODELS["qwen2.5-0.5b"]
 
@@ -76,3 +77,16 @@ def test_smollm2_module_names_the_registry_entry():
     assert smollm2.model_dir() == cache_dir() / "SmolLM2-135M-Instruct" == MODELS["smollm2"].model_dir()
     assert MODELS["smollm2"].dtype == "float32"
     assert {MODELS[name].dtype for name in ("qwen2.5-0.5b", "qwen2.5-1.5b")} == {"bfloat16"}
+
+
+@pytest.mark.parametrize("saved, bf16_products, served", [
+    ("bfloat16", False, "float32"), ("bfloat16", True, "bfloat16"), ("float32", False, "float32")])
+def test_bfloat16_models_are_served_in_float32_where_the_cpu_emulates_bfloat16(tmp_path, monkeypatch, saved,
+                                                                               bf16_products, served):
+    import torch
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": saved}))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16_products)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serving_dtype(tmp_path) == served
