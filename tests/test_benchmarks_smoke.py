@@ -14,10 +14,10 @@ pytestmark = pytest.mark.e2e
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def run_smoke(script: str) -> dict:
-    subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"], check=True, timeout=900,
+def run_smoke(script: str, *flags: str, name: str | None = None) -> dict:
+    subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", *flags], check=True, timeout=900,
                    capture_output=True)
-    return json.loads((BENCHMARKS / "results" / script.replace(".py", "-smoke.json")).read_text())
+    return json.loads((BENCHMARKS / "results" / f"{name or script.removesuffix('.py')}-smoke.json").read_text())
 
 
 def test_throughput_smoke():
@@ -53,6 +53,16 @@ def test_bench_serve_smoke():
     assert all(run["completed"] == 3 and run["total_output_tokens"] == 3 * 64 for run in report["runs"])
     assert all(run["output_throughput"] > 0 and run["median_ttft_ms"] > 0 for run in report["runs"])
     assert report["summary"][0]["vs_none"][0] == 1.0
+
+
+def test_bench_throughput_smoke():
+    """`vllm bench throughput` offline, vanilla, compressed and the ceiling: every request completes with its
+    fixed output length, and the ratios are taken against vanilla and the ceiling."""
+    report = run_smoke("bench_serve.py", "--client", "throughput", name="bench_throughput")
+    assert [run["method"] for run in report["runs"]] == ["none", "infokv", "ceiling"]
+    assert all(run["completed"] == 3 and run["output_throughput"] > 0 for run in report["runs"])
+    rows = {row["method"]: row for row in report["summary"]}
+    assert rows["none"]["vs_none"][0] == 1.0 and rows["ceiling"]["vs_ceiling"][0] == 1.0
 
 
 def test_prefix_cache_smoke():
