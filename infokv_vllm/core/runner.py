@@ -257,7 +257,8 @@ class CompressingRunnerMixin:
         losses = eviction_losses(scores, signals[ATTENTION], probe.sinks, probe.window)
         self._report.loss_curves[probe.request_id] = LossCurve(
             probe.physical_len, probe.sinks, probe.window, losses.cpu().numpy().astype(np.float32))
-        self.signals.zero_blocks(ATTENTION, block_ids)  # the next observation window starts afresh
+        for recorder in self.recorders:
+            recorder.after_probe(block_ids)
         self._report.seconds_scoring += time.perf_counter() - started
 
     def _compact(self, compaction: Compaction) -> None:

@@ -99,3 +99,7 @@ class SignalRecorder:
     def after_compaction(self, block_ids: list[int], probed: bool) -> None:
         """A request was compacted into `block_ids`; `probed`: with the scores of its last probe (pool-wide mode),
         not with the signals as they were just now."""
+
+    def after_probe(self, block_ids: list[int]) -> None:
+        """A request in `block_ids` was scored for the pool-wide mode (its scores are kept for a later
+        compaction)."""

@@ -104,6 +104,9 @@ class AttentionRecorder(SignalRecorder):
             # accumulated since moved with its slots.)
             self.storage.zero_blocks(ATTENTION, block_ids)
 
+    def after_probe(self, block_ids: list[int]) -> None:
+        self.storage.zero_blocks(ATTENTION, block_ids)  # the probe read this window; the next one starts afresh
+
     def before_forward(self, plan: StepPlan, step: StepView) -> None:
         self.window = None
         if not plan.window_starts:
