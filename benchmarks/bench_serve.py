@@ -144,8 +144,8 @@ def main() -> None:
     from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
 
     model = ensure_model()
-    name = (args.name or f"bench_{args.client}") + ("-smoke" if args.smoke else "")
-    result_dir = RESULTS / name
+    name = args.name or f"bench_{args.client}"
+    result_dir = RESULTS / (f"{name}-smoke" if args.smoke else name)  # vLLM's raw JSONs, beside write_report's
     result_dir.mkdir(parents=True, exist_ok=True)
     bench = bench_serve if args.client == "serve" else bench_throughput
     metrics = METRICS[args.client]
@@ -178,7 +178,7 @@ def main() -> None:
             line += (f" {row['median_ttft_ms']:>8.0f}/{row['p90_ttft_ms']:<9.0f} "
                      f"{row['median_tpot_ms']:>7.1f}/{row['p90_tpot_ms']:<9.1f}")
         print(line)
-    write_report(name.removesuffix("-smoke"), args.smoke, model=MODEL_NAME, dtype="float32",
+    write_report(name, args.smoke, model=MODEL_NAME, dtype="float32",
                  settings={k: v for k, v in vars(args).items() if k != "smoke"}, summary=summary, runs=runs)
 
 

@@ -242,6 +242,7 @@ MODELS: dict[str, GgufModel] = {
     ),
 }
 
+
 def serving_dtype(model_dir: Path) -> str:
     """The dtype to serve a saved model in: its own, except bfloat16 on a CPU without bfloat16 products.
 
