@@ -112,6 +112,12 @@ class CompressionConfig:
                           "among the candidates when compressing during decoding (0 = off): of tokens the trace "
                           "restates, the older copies go first. 0.3 was chosen on GSM8K train."},
     )
+    value_norm: float = field(
+        default=0.0,
+        metadata={"help": "InfoKV: weight of each token's value-vector norm, added to the fused score as a quantile "
+                          "among the candidates when compressing during decoding (0 = off). VaSE (arXiv "
+                          "2606.03928): evicting tokens with large values sends reasoning models into loops."},
+    )
     entropy_top_k: int = field(
         default=10,
         metadata={"help": "Token entropy is computed over the k most probable tokens, normalised by log k."},
@@ -216,6 +222,8 @@ class CompressionConfig:
             fail("alpha", f"{self.alpha} is outside [0, 1]")
         if not 0.0 <= self.redundancy <= 1.0:
             fail("redundancy", f"{self.redundancy} is outside [0, 1]")
+        if not 0.0 <= self.value_norm <= 1.0:
+            fail("value_norm", f"{self.value_norm} is outside [0, 1]")
         if self.entropy_top_k < 2:
             fail("entropy_top_k", f"{self.entropy_top_k} must be at least 2 (entropy over one token is 0)")
         if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:

@@ -122,12 +122,15 @@ def test_memory_pressure_mode_compresses_instead_of_preempting(smollm2_dir, vani
 
 
 def record_signals(llm) -> list[tuple[str, int, dict]]:
-    """Instrument the worker's policy: every compaction's (request id, kept length, signals)."""
+    """Instrument the worker's policy: every compaction's (request id, kept length, signals and the keys and
+    values it read from the KV pages)."""
     policy = model_runner_of(llm).policy
     original, log = policy.scores, []
 
     def recording(request):
-        log.append((request.request_id, request.physical_len, {k: v.clone() for k, v in request.signals.items()}))
+        read = {"keys": request.keys, "values": request.values}
+        log.append((request.request_id, request.physical_len,
+                    {k: v.clone() for k, v in {**request.signals, **read}.items() if v is not None}))
         return original(request)
 
     policy.scores = recording
@@ -136,10 +139,12 @@ def record_signals(llm) -> list[tuple[str, int, dict]]:
 
 @pytest.mark.parametrize("method", ["infokv", "snapkv"])
 def test_scored_policies_keep_signals_per_request(smollm2_dir, method):
-    """A request's signals (window attention, entropy carried between steps, layer evolution) are the same
-    whether it runs in a batch or alone: nothing leaks between requests. Outputs are not compared: scores of
-    different batch shapes differ in the last float bits, which may flip a tie at the budget's edge."""
-    settings = {"method": method, "budget": BUDGET, "decode_interval": INTERVAL, "prefill_window": 16}
+    """A request's signals (window attention, entropy carried between steps, layer evolution) and the keys and
+    values its decode-time terms read (InfoKV's redundancy and value norm) are the same whether it runs in a batch
+    or alone: nothing leaks between requests. Outputs are not compared: scores of different batch shapes differ in
+    the last float bits, which may flip a tie at the budget's edge."""
+    settings = {"method": method, "budget": BUDGET, "decode_interval": INTERVAL, "prefill_window": 16,
+                **({"value_norm": 0.3} if method == "infokv" else {})}
     two = dict(list(PROMPTS.items())[:2])
     params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     with in_process_llm(smollm2_dir, settings, num_gpu_blocks_override=SMALL_POOL) as llm:
@@ -152,6 +157,8 @@ def test_scored_policies_keep_signals_per_request(smollm2_dir, method):
             run_to_completion(llm, {request_id: prompt}, params)
             batched = [entry for entry in together if entry[0].startswith(request_id)]
             assert len(batched) >= 2 and len(batched) == len(log)
+            if method == "infokv":  # decode-time compactions read both planes
+                assert {"keys", "values"} <= set(log[-1][2])
             for (_, kept_batched, signals_batched), (_, kept_alone, signals_alone) in zip(batched, log):
                 assert kept_batched == kept_alone
                 for name, alone in signals_alone.items():

@@ -243,3 +243,23 @@ def test_infokv_redundancy_term_drops_the_older_copies():
     assert not make_policy(CompressionConfig(method="infokv", redundancy=0.0)).reads_keys(decoding=True)
     prompt = dataclasses.replace(request, decoding=False, keys=None)
     assert torch.equal(kept("infokv", prompt, redundancy=1.0), kept("infokv", prompt))
+
+
+def test_infokv_value_norm_term_keeps_large_value_tokens():
+    """Attention and entropy favour candidates 10-13 a little; five other candidates carry values ten times
+    larger. Without the term the favoured four fill the four candidate slots; with it (weight 1 against the fused
+    score's [0, 1]) large-value tokens take them, and the prompt's own compaction never reads values."""
+    large = [6, 15, 20, 25, 30]
+    values = torch.ones(LAYERS, HEADS, LENGTH, 8)
+    values[:, :, large] *= 10
+    attention = flat(1.0 / LENGTH)
+    attention[:, :, 10:14] = 1.5 / LENGTH
+    signals = {ATTENTION: attention, ENTROPY: flat(0.5), REPRESENTATION: flat(1.0)}
+    request = dataclasses.replace(selection_input(**signals), values=values)
+    candidates = slice(SINKS, KEEP - WINDOW)
+    assert torch.equal(kept("infokv", request)[..., candidates], torch.arange(10, 14).expand(LAYERS, HEADS, 4))
+    assert torch.isin(kept("infokv", request, value_norm=1.0)[..., candidates], torch.tensor(large)).all()
+    with_term = make_policy(CompressionConfig(method="infokv", value_norm=0.5))
+    assert with_term.reads_values(decoding=True) and not with_term.reads_values(decoding=False)
+    assert not make_policy(CompressionConfig(method="infokv")).reads_values(decoding=True)
+    assert not make_policy(CompressionConfig(method="entropy", value_norm=0.5)).reads_values(decoding=True)

@@ -31,11 +31,12 @@ class PagedKVCompactor:
     def block_size(self) -> int:
         return self.layout.block_size
 
-    def keys(self, block_ids: list[int], length: int) -> torch.Tensor:
-        """The keys of a request's first `length` slots, [layers, kv_heads, length, head_size] (a copy)."""
+    def read(self, block_ids: list[int], length: int, values: bool = False) -> torch.Tensor:
+        """The keys (or values) of a request's first `length` slots, [layers, kv_heads, length, head_size] (a
+        copy)."""
         blocks = torch.tensor(block_ids[: -(-length // self.block_size)], dtype=torch.long,
                               device=self.caches[0].device)
-        return torch.stack([self.layout.block_keys(cache, blocks).transpose(0, 1).flatten(1, 2)[:, :length]
+        return torch.stack([self.layout.block_plane(cache, blocks, values).transpose(0, 1).flatten(1, 2)[:, :length]
                             for cache in self.caches])
 
     def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:

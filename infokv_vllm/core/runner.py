@@ -243,7 +243,9 @@ class CompressingRunnerMixin:
             num_kv_heads=self.compactor.num_kv_heads, physical_len=physical_len, kept_len=kept_len, sinks=sinks,
             window=window, device=self.signals.device if self.signals else torch.device("cpu"),
             signals=signals, decoding=decoding,
-            keys=self.compactor.keys(block_ids, physical_len) if self.policy.reads_keys(decoding) else None))
+            keys=self.compactor.read(block_ids, physical_len) if self.policy.reads_keys(decoding) else None,
+            values=self.compactor.read(block_ids, physical_len, values=True)
+            if self.policy.reads_values(decoding) else None))
         return scores, signals
 
     def _probe(self, probe: Probe) -> None:

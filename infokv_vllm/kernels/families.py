@@ -74,7 +74,7 @@ def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: to
     _, kv_heads, block_size = accumulator.shape
     lengths = seq_lens.to(rows.device)[rows].long()
     blocks = block_table[rows, : -(-int(lengths.max()) // block_size)].long()  # [R, blocks]
-    keys = layout.block_keys(cache, blocks.flatten())  # [R * blocks, kv_heads, block_size, D]
+    keys = layout.block_plane(cache, blocks.flatten())  # [R * blocks, kv_heads, block_size, D]
     keys = keys.view(len(rows), -1, kv_heads, block_size, keys.shape[-1]).transpose(1, 2)
     mass = window_attention_mass(queries[query_index], keys.flatten(2, 3), query_positions[query_index].long(),
                                  scale)  # [R, kv_heads, blocks * block_size]

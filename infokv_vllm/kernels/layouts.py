@@ -27,11 +27,10 @@ class PageLayout:
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def block_keys(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The keys of whole blocks [n] as [n, kv_heads, block_size, head_size] (copied: whole pages are read,
-        which is far faster than gathering slot by slot)."""
-        keys, _ = self.planes(cache)
-        return keys[blocks]
+    def block_plane(self, cache: torch.Tensor, blocks: torch.Tensor, values: bool = False) -> torch.Tensor:
+        """The keys (or values) of whole blocks [n] as [n, kv_heads, block_size, head_size] (copied: whole pages
+        are read, which is far faster than gathering slot by slot)."""
+        return self.planes(cache)[int(values)][blocks]
 
 
 class HeadMajorPageLayout(PageLayout):
@@ -72,11 +71,12 @@ class IndexedPageLayout(PageLayout):
     def pages(self, cache: torch.Tensor) -> torch.Tensor:
         return cache.view(cache.shape[0], cache.shape[1], -1)
 
-    def block_keys(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        key_strides = self._strides[0]
-        if key_strides is not None:
-            return self._plane(cache, key_strides)[blocks]
-        return self.pages(cache)[blocks][..., self.token_index[:, : self.head_size]]
+    def block_plane(self, cache: torch.Tensor, blocks: torch.Tensor, values: bool = False) -> torch.Tensor:
+        strides = self._strides[int(values)]
+        if strides is not None:
+            return self._plane(cache, strides)[blocks]
+        start = self.head_size * int(values)
+        return self.pages(cache)[blocks][..., self.token_index[:, start: start + self.head_size]]
 
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Strided views, where the layout is affine."""

@@ -28,8 +28,9 @@ class SelectionInput:
     device: torch.device
     # [num_layers, num_kv_heads, physical_len] per signal in `ScoringPolicy.signals`
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
-    # [num_layers, num_kv_heads, physical_len, head_size], where the policy `reads_keys`
+    # [num_layers, num_kv_heads, physical_len, head_size], where the policy `reads_keys` / `reads_values`
     keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     decoding: bool = True  # False when the prompt itself is compressed, right after it is processed
 
     def candidates(self) -> torch.Tensor:
@@ -44,7 +45,8 @@ class ScoringPolicy(ABC):
     """Scores every cached token of a request per (layer, KV head); higher means more worth keeping.
 
     `signals` names what the model runner must record for it (`infokv_vllm.signals`); it records nothing else.
-    A policy that `reads_keys` gets the request's cached keys too (read from the KV pages when it compacts).
+    A policy that `reads_keys` (`reads_values`) gets the request's cached keys (values) too, read from the KV pages
+    when it compacts.
     """
 
     name: ClassVar[str]
@@ -52,6 +54,10 @@ class ScoringPolicy(ABC):
 
     def reads_keys(self, decoding: bool) -> bool:
         """Whether scoring a compaction (of the prompt, or while decoding) needs the request's cached keys."""
+        return False
+
+    def reads_values(self, decoding: bool) -> bool:
+        """Whether scoring a compaction needs the request's cached values."""
         return False
 
     def __init__(self, config: CompressionConfig) -> None:

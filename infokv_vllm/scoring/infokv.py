@@ -18,6 +18,10 @@ quantile among the candidates times that weight, from the fused score, in compac
 reasoning trace that restates a step, the older copies go first, whatever attention and entropy say of them. The
 prompt's own compaction leaves it out: a document does not restate itself the way a trace does, and its similarity
 matrix grows with the square of the prompt.
+
+`value_norm` (off by default) adds each candidate's value-vector norm, as a quantile times that weight, in the same
+compactions: VaSE (arXiv 2606.03928) finds that evicting tokens with large values sends reasoning models into
+repetition loops, and protecting them avoids it.
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ class InfoKVPolicy(ScoringPolicy):
     def reads_keys(self, decoding: bool) -> bool:
         return decoding and self.config.redundancy > 0
 
+    def reads_values(self, decoding: bool) -> bool:
+        return decoding and self.config.value_norm > 0
+
     @property
     def signals(self) -> frozenset[str]:  # type: ignore[override]
         needed = {ENTROPY}
@@ -107,12 +114,18 @@ class InfoKVPolicy(ScoringPolicy):
         else:
             attention = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
             fused = FUSION_RULES[self.config.fusion](attention, entropy, candidates, self.alpha, request)
-        if not self.reads_keys(request.decoding):
+        reads_keys, reads_values = self.reads_keys(request.decoding), self.reads_values(request.decoding)
+        if not (reads_keys or reads_values):
             return fused
-        redundancy = request_redundancy(request).to(fused.device)
         if self.alpha == 1.0 or self.config.fusion == "sum":
-            fused = quantile_over(fused, candidates)  # on the [0, 1] scale the penalty uses
-        return fused - self.config.redundancy * quantile_over(redundancy, candidates)
+            fused = quantile_over(fused, candidates)  # on the [0, 1] scale the terms below use
+        if reads_keys:
+            redundancy = request_redundancy(request).to(fused.device)
+            fused = fused - self.config.redundancy * quantile_over(redundancy, candidates)
+        if reads_values:
+            norms = request.values.float().norm(dim=-1).to(fused.device)
+            fused = fused + self.config.value_norm * quantile_over(norms, candidates)
+        return fused
 
 
 class EntropyPolicy(InfoKVPolicy):
@@ -125,4 +138,7 @@ class EntropyPolicy(InfoKVPolicy):
         return 1.0
 
     def reads_keys(self, decoding: bool) -> bool:
+        return False
+
+    def reads_values(self, decoding: bool) -> bool:
         return False

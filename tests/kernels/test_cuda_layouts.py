@@ -84,3 +84,12 @@ def test_start_up_self_check_catches_a_broken_kernel(monkeypatch):
     compaction, window = kernel_disagreements("cpu", torch.float16)
     assert compaction == "compaction moved different bytes"
     assert window.startswith("window attention differs by up to ")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+def test_block_plane_reads_keys_and_values_of_vllm_gpu_pages(layout):
+    caches, _, _ = caches_and_table(layout, torch.float16, 2, LENGTHS)
+    page_layout, blocks = HeadMajorPageLayout(BLOCK_SIZE, HEAD_SIZE), torch.tensor([2, 0, 1])
+    for values in (False, True):
+        columns = slice(HEAD_SIZE, None) if values else slice(None, HEAD_SIZE)
+        assert torch.equal(page_layout.block_plane(caches[1], blocks, values), caches[1][blocks][..., columns])

@@ -112,3 +112,26 @@ def test_torch_family_on_vllm_cpu_pages(keys_strided, values_strided):
                                                seq_lens, 0.3)
     expected = previous + dense_reference(queries, keys, table, requests, positions, seq_lens, 0.3)
     torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("keys_strided", "values_strided"), [(True, True), (False, False), (True, False)],
+                         ids=["strided", "not-strided", "values-not-strided"])
+def test_block_plane_reads_keys_and_values_of_vllm_cpu_pages(keys_strided, values_strided):
+    """What policies that read the cache get (R-KV's keys, the value-norm term's values): each slot's own key
+    and value, through the plane where the layout is strided and through the element index where it is not."""
+    generator = torch.Generator().manual_seed(4)
+    num_blocks, num_heads, block_size, dim = 5, 2, 16, 8
+    keys, values = (torch.randn(num_blocks, num_heads, block_size, dim, generator=generator) for _ in range(2))
+    shuffled = torch.randperm(block_size, generator=generator)
+    key_order = torch.arange(block_size) if keys_strided else shuffled
+    value_order = torch.arange(block_size) if values_strided else shuffled
+    # slot s's key sits in column key_order.argsort()[s] of the column-major key block, its value in row ...
+    pages = torch.cat([keys[:, :, key_order].transpose(2, 3).reshape(num_blocks, num_heads, -1),
+                       values[:, :, value_order].reshape(num_blocks, num_heads, -1)], dim=2)
+    column = torch.arange(dim)[None, :]
+    layout = IndexedPageLayout(torch.cat([column * block_size + key_order.argsort()[:, None],
+                                          block_size * dim + value_order.argsort()[:, None] * dim + column], 1))
+    assert [strides is not None for strides in layout._strides] == [keys_strided, values_strided]
+    blocks = torch.tensor([3, 0, 4])
+    assert torch.equal(layout.block_plane(pages, blocks), keys[blocks])
+    assert torch.equal(layout.block_plane(pages, blocks, values=True), values[blocks])
