@@ -4,9 +4,10 @@ StreamingLLM (sinks + most recent, on the plugin's schedule) needs no signal, so
 runs is the integration's: positions, slot mapping, pages freed and reused, and many compactions over one long
 trace. For each GSM8K problem (chat template, chain of thought, greedy), vLLM serves it with `--kv-compression
 streaming` in-process and transformers applies the same evictions to its own cache
-(`testing.transformers_reference.generate_with_streaming`). Both run the model in its own dtype (bf16 for the
-Qwen models), whose kernels round differently, so traces may part after a while: what must agree is the
-accuracy, within noise, and the share of identical traces shows how long they stay together.
+(`testing.transformers_reference.generate_with_streaming`). Both run the model in the dtype it is served in
+(`testing.models.serving_dtype`: float32 for the bf16 Qwen models on CPUs without bf16 arithmetic), but their
+kernels round differently, so traces may part after a while: what must agree is the accuracy, within noise, and
+the share of identical traces shows how long they stay together.
 
     .venv/bin/python benchmarks/plumbing.py                       # 30 GSM8K train problems on the 0.5B
     .venv/bin/python benchmarks/plumbing.py --smoke               # SmolLM2, 2 problems, short traces
