@@ -116,7 +116,9 @@ class CompressionConfig:
         default=0.0,
         metadata={"help": "InfoKV: weight of each token's value-vector norm, added to the fused score as a quantile "
                           "among the candidates when compressing during decoding (0 = off). VaSE (arXiv "
-                          "2606.03928): evicting tokens with large values sends reasoning models into loops."},
+                          "2606.03928): evicting tokens with large values sends reasoning models into loops. 0.3 cut "
+                          "GSM8K train's loops from 5-6%% to 1-2%% (README, 'Reasoning on real data'); off until "
+                          "the test split confirms it."},
     )
     entropy_top_k: int = field(
         default=10,
