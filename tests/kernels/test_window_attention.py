@@ -125,7 +125,8 @@ def test_block_plane_reads_keys_and_values_of_vllm_cpu_pages(keys_strided, value
     shuffled = torch.randperm(block_size, generator=generator)
     key_order = torch.arange(block_size) if keys_strided else shuffled
     value_order = torch.arange(block_size) if values_strided else shuffled
-    # slot s's key sits in column key_order.argsort()[s] of the column-major key block, its value in row ...
+    # slot s: its key in column key_order.argsort()[s] of the column-major key block, its value in row
+    # value_order.argsort()[s] of the row-major value block (the index below says the same)
     pages = torch.cat([keys[:, :, key_order].transpose(2, 3).reshape(num_blocks, num_heads, -1),
                        values[:, :, value_order].reshape(num_blocks, num_heads, -1)], dim=2)
     column = torch.arange(dim)[None, :]
