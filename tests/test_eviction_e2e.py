@@ -143,8 +143,7 @@ def test_scored_policies_keep_signals_per_request(smollm2_dir, method):
     values its decode-time terms read (InfoKV's redundancy and value norm) are the same whether it runs in a batch
     or alone: nothing leaks between requests. Outputs are not compared: scores of different batch shapes differ in
     the last float bits, which may flip a tie at the budget's edge."""
-    settings = {"method": method, "budget": BUDGET, "decode_interval": INTERVAL, "prefill_window": 16,
-                **({"value_norm": 0.3} if method == "infokv" else {})}
+    settings = {"method": method, "budget": BUDGET, "decode_interval": INTERVAL, "prefill_window": 16}
     two = dict(list(PROMPTS.items())[:2])
     params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     with in_process_llm(smollm2_dir, settings, num_gpu_blocks_override=SMALL_POOL) as llm:

@@ -25,9 +25,10 @@ def selection_input(**signals) -> SelectionInput:
 
 
 def kept(method: str, request: SelectionInput, **settings) -> torch.Tensor:
-    """The kept indices; InfoKV's decode-time redundancy term is off unless a test turns it on (these hand-built
-    requests carry no keys)."""
-    config = CompressionConfig(method=method, sinks=SINKS, pooling_kernel=1, **{"redundancy": 0.0, **settings})
+    """The kept indices; InfoKV's decode-time redundancy and value-norm terms are off unless a test turns them on
+    (these hand-built requests carry no keys or values)."""
+    config = CompressionConfig(method=method, sinks=SINKS, pooling_kernel=1,
+                               **{"redundancy": 0.0, "value_norm": 0.0, **settings})
     return select_tokens(make_policy(config).scores(request), KEEP, SINKS, WINDOW)
 
 
@@ -261,5 +262,5 @@ def test_infokv_value_norm_term_keeps_large_value_tokens():
     assert torch.isin(kept("infokv", request, value_norm=1.0)[..., candidates], torch.tensor(large)).all()
     with_term = make_policy(CompressionConfig(method="infokv", value_norm=0.5))
     assert with_term.reads_values(decoding=True) and not with_term.reads_values(decoding=False)
-    assert not make_policy(CompressionConfig(method="infokv")).reads_values(decoding=True)
+    assert not make_policy(CompressionConfig(method="infokv", value_norm=0.0)).reads_values(decoding=True)
     assert not make_policy(CompressionConfig(method="entropy", value_norm=0.5)).reads_values(decoding=True)
