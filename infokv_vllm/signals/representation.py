@@ -98,5 +98,4 @@ class RepresentationRecorder(SignalRecorder):
                     f"infokv-vllm: decoder layers {missing} recorded no representation evolution this step; the "
                     "model's (compiled) forward does not run infokv::store_evolution")
             self._checked = True
-        for index, layer in enumerate(self.layers):
-            self.storage.write(REPRESENTATION, step.slots, layer.evolution[:count], layer=index)
+        self.storage.write(REPRESENTATION, step.slots, torch.stack([layer.evolution[:count] for layer in self.layers]))

@@ -1,7 +1,8 @@
 """Per-slot scoring signals, stored like the KV pages so they move with their tokens during compaction.
 
-One float32 plane [blocks, kv_heads, block_size] per layer and signal. After per-(layer, head) compaction a slot
-holds different tokens in different layers and heads, so even per-token signals (entropy) are kept per plane.
+One float32 plane [blocks, kv_heads, block_size] per layer and signal, the layers of a signal stacked in one tensor
+so that a step's values reach every layer in one indexed write. After per-(layer, head) compaction a slot holds
+different tokens in different layers and heads, so even per-token signals (entropy) are kept per plane.
 
 With the entropy signal, each block also keeps the entropy of the token after its last slot (`next_entropy`): a
 request that reuses the block from the prefix cache computes that token without the logits it was drawn from.
@@ -23,33 +24,31 @@ class SlotSignals:
         self.block_size = block_size
         self.kernels = kernels
         self.device = device
-        self.planes = {name: [torch.zeros(num_blocks, num_kv_heads, block_size, device=device)
-                              for _ in range(num_layers)]
+        # planes[name][layer] is that layer's plane (a view).
+        self.planes = {name: torch.zeros(num_layers, num_blocks, num_kv_heads, block_size, device=device)
                        for name in sorted(names)}
         self.next_entropy = torch.zeros(num_blocks, device=device)
 
     def _locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return slots // self.block_size, slots % self.block_size
 
-    def write(self, name: str, slots: torch.Tensor, values: torch.Tensor, layer: int | None = None) -> None:
-        """values [tokens] at global slot ids [tokens], in one layer or (layer=None) all layers, every head."""
+    def write(self, name: str, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """values at global slot ids [tokens], every head: [tokens] for every layer alike, or [layers, tokens]."""
         blocks, offsets = self._locate(slots.to(self.device, torch.long))
-        values = values.to(self.device)
-        planes = self.planes[name] if layer is None else [self.planes[name][layer]]
-        for plane in planes:
-            plane[blocks, :, offsets] = values[:, None].to(plane.dtype)
+        planes = self.planes[name]
+        values = values.to(self.device, planes.dtype)
+        # Indices split by a slice put the indexed dimension first: the target is [tokens, layers, kv_heads].
+        planes[:, blocks, :, offsets] = (values[:, None] if values.dim() == 1 else values.T)[..., None]
 
     def zero_blocks(self, name: str, block_ids: list[int]) -> None:
         if block_ids:
-            for plane in self.planes[name]:
-                plane[block_ids] = 0.0
+            self.planes[name][:, block_ids] = 0.0
 
     def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:
         """Every signal of whole blocks, as their KV is copied (prefix-cache copies)."""
         if sources:
             for planes in self.planes.values():
-                for plane in planes:
-                    plane[destinations] = plane[sources]
+                planes[:, destinations] = planes[:, sources]
             self.next_entropy[destinations] = self.next_entropy[sources]
 
     def request_slots(self, block_ids: list[int], indices: torch.Tensor) -> torch.Tensor:
@@ -60,8 +59,7 @@ class SlotSignals:
     def gather(self, block_ids: list[int], length: int) -> dict[str, torch.Tensor]:
         """Each signal for a request's first `length` slots: [layers, kv_heads, length]."""
         blocks, offsets = self._locate(self.request_slots(block_ids, torch.arange(length)).to(self.device))
-        return {name: torch.stack([plane[blocks, :, offsets].T for plane in planes])
-                for name, planes in self.planes.items()}
+        return {name: planes[:, blocks, :, offsets].permute(1, 2, 0) for name, planes in self.planes.items()}
 
     def compact(self, block_ids: list[int], keep: torch.Tensor) -> None:
         block_table = torch.tensor([block_ids], dtype=torch.int32, device=self.device)
