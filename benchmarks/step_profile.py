@@ -18,6 +18,8 @@ import functools
 import os
 import time
 
+import torch
+
 # (owner module, attribute path, label, parent label): the timed parts, outermost first.
 TIMED = [
     ("vllm.v1.engine.core", "EngineCore.step", "engine step", None),
@@ -43,6 +45,7 @@ TIMED = [
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", "model forward", "vLLM execute_model"),
     ("infokv_vllm.attention.backends", "accumulate_in_attention", "window attention (all layers)",
      "model forward"),
+    # Compiled, the evolution is fused into the graph and has no timer of its own.
     ("infokv_vllm.signals.representation", "representation_evolution", "representation evolution (all layers)",
      "model forward"),
     ("infokv_vllm.signals.entropy", "EntropyRecorder.after_forward", "entropy (last + prompt logits)",
@@ -68,6 +71,8 @@ def install_timers() -> tuple[dict, dict]:
         original = getattr(owner, name)
 
         def timed(*args, __original=original, __label=label, **kwargs):
+            if torch.compiler.is_compiling():  # traced into a compiled graph: its time is the graph's
+                return __original(*args, **kwargs)
             started = time.perf_counter()
             try:
                 return __original(*args, **kwargs)
