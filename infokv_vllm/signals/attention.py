@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ContextManager
 
 import torch
@@ -39,6 +39,13 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PlacedQueries:
+    tokens: torch.Tensor  # [T] index among the step's tokens
+    rows: torch.Tensor  # [T] batch row
+    positions: torch.Tensor  # [T] position in the request's kept sequence
+
+
+@dataclass(frozen=True)
 class ObservationWindow:
     """The current step's window: which queries score the cache, and where the mass accumulates."""
 
@@ -47,6 +54,24 @@ class ObservationWindow:
     accumulators: dict[str, torch.Tensor]  # attention layer name -> [blocks, kv_heads, block_size] float32
     layout: PageLayout
     kernels: KernelFamily
+    # (seq_lens, query_start_loc, placed queries) per attention metadata seen this step
+    _placements: list[tuple[torch.Tensor, torch.Tensor, PlacedQueries]] = field(default_factory=list)
+
+    def placed(self, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, device: torch.device) -> PlacedQueries:
+        """Where the window queries sit in this step's batch. Every layer of a KV cache group gets the same
+        metadata tensors, so this is computed once per step and group, not once per layer (ten small ops: 20 us
+        on a 2-core CPU, 0.6 ms a step over 30 layers)."""
+        for lens, starts, placed in self._placements:
+            if lens is seq_lens and starts is query_start_loc:
+                return placed
+        rows, tokens = self.query_rows, self.query_tokens
+        starts_here = query_start_loc.to(rows.device)
+        lengths = seq_lens.to(rows.device)
+        # The queries of a request are the last tokens of its kept sequence: each attends up to its own slot.
+        positions = lengths[rows] - (starts_here[rows + 1] - starts_here[rows]) + (tokens - starts_here[rows])
+        placed = PlacedQueries(tokens.to(device), rows.to(device), positions.to(device))
+        self._placements.append((seq_lens, query_start_loc, placed))
+        return placed
 
 
 _active: ObservationWindow | None = None
@@ -71,15 +96,10 @@ def accumulate_in_attention(layer_name: str, query: torch.Tensor, kv_cache: torc
     window = _active
     if window is None or layer_name not in window.accumulators:
         return
-    rows, tokens = window.query_rows, window.query_tokens
-    starts = query_start_loc.to(rows.device)
-    lengths = seq_lens.to(rows.device)
-    # The queries of a request are the last tokens of its kept sequence: each attends up to its own slot.
-    positions = lengths[rows] - (starts[rows + 1] - starts[rows]) + (tokens - starts[rows])
-    device = kv_cache.device
+    placed = window.placed(seq_lens, query_start_loc, kv_cache.device)
     window.kernels.accumulate_window_attention(
-        window.accumulators[layer_name], query[tokens.to(device)], kv_cache, window.layout, block_table,
-        rows.to(device), positions.to(device), seq_lens, scale)
+        window.accumulators[layer_name], query[placed.tokens], kv_cache, window.layout, block_table, placed.rows,
+        placed.positions, seq_lens, scale)
 
 
 class AttentionRecorder(SignalRecorder):
