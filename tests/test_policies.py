@@ -13,7 +13,7 @@ from infokv_vllm.scoring import SelectionInput, make_policy, POLICIES, select_to
 from infokv_vllm.kernels.window_attention import window_attention_mass
 from infokv_vllm.signals.attention import pool_scores
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
-from infokv_vllm.signals.entropy import topk_entropy
+from infokv_vllm.signals.entropy import top_values, topk_entropy
 from infokv_vllm.signals.representation import representation_evolution
 
 LAYERS, HEADS, LENGTH, SINKS, WINDOW, KEEP = 2, 3, 40, 4, 8, 16
@@ -142,6 +142,21 @@ def test_policies_ask_only_for_the_signals_they_use():
     assert signals("rkv") == {ATTENTION}
     assert [name for name in POLICIES if make_policy(CompressionConfig(method=name)).reads_keys(True)] == [
         "infokv", "rkv"]
+
+
+@pytest.mark.parametrize("vocab", [49152, 151936, 1000, 130])
+def test_top_values_are_torch_topks(vocab):
+    """Whole runs and a remainder (151936 = 1187 x 128), ties within a run and across runs, flat rows, and a
+    vocabulary of fewer runs than k: the same values as torch.topk."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=generator) * 4
+    logits[1] = 1.0
+    logits[2, 300:330] = 50.0
+    logits[3, ::97] = 20.0
+    logits[4, -5:] = 30.0  # the largest values sit in the remainder
+    for k in (1, 10, 20):
+        expected = logits.topk(k, dim=-1).values
+        assert torch.equal(top_values(logits, k).sort(dim=-1, descending=True).values, expected)
 
 
 def test_topk_entropy_bounds():

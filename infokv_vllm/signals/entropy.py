@@ -20,6 +20,26 @@ from infokv_vllm.signals import ENTROPY, ForwardOutputs, NewBlocks, RequestPages
 
 # Prompt logits are computed this many positions at a time: never prompt_len x vocab at once.
 ENTROPY_CHUNK_TOKENS = 256
+# `top_values` splits each row of logits into runs of this many: 128 was the fastest of 128-512 on CPU for
+# vocabularies of 49k and 152k.
+TOP_VALUES_RUN = 128
+
+
+def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values of each row [rows, vocab], in no particular order: the same values torch.topk gives, at
+    a quarter to an eighth of its cost over a vocabulary on CPU (measured: 8 x 49k logits 0.55 -> 0.11 ms).
+
+    Only the k runs with the largest maxima can hold the row's k largest values: a value in any other run is
+    at most that run's maximum, below or equal to k maxima of selected runs, which are k values already. So the
+    top k is taken over those k runs (plus the vocabulary's remainder after the last whole run) only."""
+    rows, vocab = logits.shape
+    runs = vocab // TOP_VALUES_RUN
+    if runs <= k:
+        return logits.topk(k, dim=-1).values
+    body = logits[:, : runs * TOP_VALUES_RUN].reshape(rows, runs, TOP_VALUES_RUN)
+    best = body.amax(dim=-1).topk(k, dim=-1).indices
+    candidates = body.gather(1, best[..., None].expand(rows, k, TOP_VALUES_RUN)).flatten(1)
+    return torch.cat([candidates, logits[:, runs * TOP_VALUES_RUN:]], dim=1).topk(k, dim=-1, sorted=False).values
 
 
 def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -27,7 +47,7 @@ def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
 
     Over the top k rather than the full vocabulary: the long tail adds noise, not information (method doc).
     """
-    top = logits.float().topk(k, dim=-1).values
+    top = top_values(logits.float(), k)
     log_probs = top.log_softmax(dim=-1)
     return -(log_probs.exp() * log_probs).sum(dim=-1) / math.log(k)
 
