@@ -191,6 +191,9 @@ def main() -> None:
                         help="add these policies to results/NAME.json (same samples): its cells, full-cache lengths "
                              "and finished policies are kept, the full cache is not run again")
     parser.add_argument("--name", default=None, help="results/<name>.json (default: scenarios-<model>)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                        help="serving dtype (default: the --extend file's, else the model's own where this CPU "
+                             "multiplies it natively, else float32)")
     args = parser.parse_args()
     if args.smoke:
         args.model, args.policies, args.budgets, args.count = "smollm2", "infokv", "64,50%,60%full+prompt", 2
@@ -205,7 +208,11 @@ def main() -> None:
     from infokv_vllm.testing.models import MODELS, sanity_check, serving_dtype
 
     model = MODELS[args.model].ensure()
-    dtype = serving_dtype(model)
+    earlier = json.loads((Path(__file__).parent / "results" / f"{args.extend}.json").read_text()) if args.extend else {}
+    if args.dtype and earlier and args.dtype != earlier["dtype"]:
+        # Greedy traces differ between dtypes: cells of one file compare policies on one model.
+        parser.error(f"--extend {args.extend} ran in {earlier['dtype']}, not --dtype {args.dtype}")
+    dtype = args.dtype or earlier.get("dtype") or serving_dtype(model)
     print(sanity_check(model), flush=True)  # the full cache must answer known questions before any number counts
     tokenizer = AutoTokenizer.from_pretrained(model)
     levels = tuple(int(level) for level in args.math_levels.split(","))
@@ -224,7 +231,6 @@ def main() -> None:
     finished_before, minutes_before, runs = [], 0.0, []
     if args.extend:
         name = args.name or args.extend
-        earlier = json.loads((Path(__file__).parent / "results" / f"{args.extend}.json").read_text())
         full_lengths = earlier["full_lengths"]
         missing = [sample.id for sample in samples if sample.id not in full_lengths]
         if missing or len(samples) != len(full_lengths):
@@ -240,7 +246,7 @@ def main() -> None:
                             minutes=minutes_before + (time.perf_counter() - started) / 60,
                             finished_policies=finished_before + finished,
                             settings={k: v for k, v in vars(args).items() if k != "smoke"},
-                            runs=[*runs, {k: v for k, v in vars(args).items() if k != "smoke"}],
+                            runs=[*runs, {k: v for k, v in vars(args).items() if k != "smoke"} | {"dtype": dtype}],
                             cells=[asdict(cell) for cell in cells], full_lengths=full_lengths)
         plot(cells, labels, path.with_suffix(".png"), f"{args.model}: accuracy per KV budget")
 
