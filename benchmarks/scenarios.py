@@ -213,7 +213,7 @@ def main() -> None:
         # Greedy traces differ between dtypes: cells of one file compare policies on one model.
         parser.error(f"--extend {args.extend} ran in {earlier['dtype']}, not --dtype {args.dtype}")
     dtype = args.dtype or earlier.get("dtype") or serving_dtype(model)
-    print(sanity_check(model), flush=True)  # the full cache must answer known questions before any number counts
+    print(sanity_check(model, dtype=dtype), flush=True)  # the full cache must answer known questions first
     tokenizer = AutoTokenizer.from_pretrained(model)
     levels = tuple(int(level) for level in args.math_levels.split(","))
     samples = [sample for suite in args.suites.split(",")
