@@ -279,22 +279,3 @@ def test_infokv_value_norm_term_keeps_large_value_tokens():
     assert with_term.reads_values(decoding=True) and not with_term.reads_values(decoding=False)
     assert not make_policy(CompressionConfig(method="infokv", value_norm=0.0)).reads_values(decoding=True)
     assert not make_policy(CompressionConfig(method="entropy", value_norm=0.5)).reads_values(decoding=True)
-
-
-def test_infokv_coverage_spreads_picks_over_layers_and_heads():
-    """Attention ranks the candidates in the same order in every (layer, head), so without the term every row
-    keeps the same four. With it, the first row keeps those four and the second, penalised for them, the next
-    four; every candidate kept is kept by fewer rows; the prompt's own compaction is left alone."""
-    attention = torch.arange(LENGTH, 0, -1, dtype=torch.float32).expand(LAYERS, HEADS, LENGTH).clone()
-    signals = {ATTENTION: attention, ENTROPY: flat(0.5), REPRESENTATION: flat(1.0)}
-    request = selection_input(**signals)
-    candidates = slice(SINKS, KEEP - WINDOW)
-    plain = kept("infokv", request)[..., candidates].flatten(0, 1)
-    assert torch.equal(plain, torch.arange(SINKS, SINKS + 4).expand(LAYERS * HEADS, 4))
-    covered = kept("infokv", request, coverage=1.0)[..., candidates].flatten(0, 1)
-    assert torch.equal(covered[0], plain[0])
-    assert torch.equal(covered[1], torch.arange(SINKS + 4, SINKS + 8))
-    assert covered.unique().numel() > plain.unique().numel()
-    assert covered.unique(return_counts=True)[1].max() < LAYERS * HEADS
-    prompt = dataclasses.replace(request, decoding=False)
-    assert torch.equal(kept("infokv", prompt, coverage=1.0), kept("infokv", prompt))

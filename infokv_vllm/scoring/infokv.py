@@ -22,12 +22,6 @@ matrix grows with the square of the prompt.
 `value_norm` (0.3 by default, chosen on GSM8K train) adds each candidate's value-vector norm, as a quantile times
 that weight, in the same compactions: VaSE (arXiv 2606.03928) finds that evicting tokens with large values sends
 reasoning models into repetition loops, and protecting them avoids it.
-
-`coverage` (off by default) spreads the same compactions' picks over the layers and KV heads: each (layer, head),
-in order, scores a candidate lower by that weight times the share of the (layer, head)s before it that keep it.
-Every term above is mostly shared by all layers (a token's entropy is the same in each), so the scored policies
-keep much the same tokens everywhere and drop the rest everywhere, where random eviction keeps almost every token
-in some layer, and on GSM8K scores as well (README, 'Reasoning on real data').
 """
 
 from __future__ import annotations
@@ -81,19 +75,6 @@ def fuse_split(attention, entropy, candidates, alpha: float, request: SelectionI
 FUSION_RULES = {"sum": fuse_sum, "rank": fuse_rank, "split": fuse_split}
 
 
-def spread_over_rows(scores: torch.Tensor, candidates: torch.Tensor, chosen: int, weight: float) -> torch.Tensor:
-    """Scores [layers, heads, length] whose top `chosen` candidates per (layer, head) are a greedy cover: each row
-    in turn (layer-major) loses `weight` times the share of the rows before it that keep a candidate, then keeps its
-    top `chosen`. Non-candidates are left as they are (`select_tokens` keeps them anyway)."""
-    rows = scores.flatten(0, 1).clone()
-    kept_by = torch.zeros(scores.shape[-1], device=scores.device)
-    for index, row in enumerate(rows):
-        if index:
-            row[candidates] -= weight * kept_by[candidates] / index
-        kept_by[row.masked_fill(~candidates, float("-inf")).topk(chosen).indices] += 1
-    return rows.view_as(scores)
-
-
 class InfoKVPolicy(ScoringPolicy):
     name = "infokv"
 
@@ -134,8 +115,7 @@ class InfoKVPolicy(ScoringPolicy):
             attention = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
             fused = FUSION_RULES[self.config.fusion](attention, entropy, candidates, self.alpha, request)
         reads_keys, reads_values = self.reads_keys(request.decoding), self.reads_values(request.decoding)
-        covers = request.decoding and self.config.coverage > 0
-        if not (reads_keys or reads_values or covers):
+        if not (reads_keys or reads_values):
             return fused
         if self.alpha == 1.0 or self.config.fusion == "sum":
             fused = quantile_over(fused, candidates)  # on the [0, 1] scale the terms below use
@@ -145,9 +125,6 @@ class InfoKVPolicy(ScoringPolicy):
         if reads_values:
             norms = request.values.float().norm(dim=-1).to(fused.device)
             fused = fused + self.config.value_norm * quantile_over(norms, candidates)
-        chosen = request.kept_len - request.sinks - request.window
-        if covers and 0 < chosen < int(candidates.sum()):
-            fused = spread_over_rows(fused, candidates, chosen, self.config.coverage)
         return fused
 
 
