@@ -220,12 +220,9 @@ class CompressionConfig:
             fail("sinks", f"{self.sinks} must not be negative")
         if self.pool_target is not None and not 0.0 < self.pool_target <= 1.0:
             fail("pool_target", f"{self.pool_target} is outside (0, 1]")
-        if not 0.0 <= self.alpha <= 1.0:
-            fail("alpha", f"{self.alpha} is outside [0, 1]")
-        if not 0.0 <= self.redundancy <= 1.0:
-            fail("redundancy", f"{self.redundancy} is outside [0, 1]")
-        if not 0.0 <= self.value_norm <= 1.0:
-            fail("value_norm", f"{self.value_norm} is outside [0, 1]")
+        for name in ("alpha", "redundancy", "value_norm"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(name, f"{getattr(self, name)} is outside [0, 1]")
         if self.entropy_top_k < 2:
             fail("entropy_top_k", f"{self.entropy_top_k} must be at least 2 (entropy over one token is 0)")
         if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
