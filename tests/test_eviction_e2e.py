@@ -87,8 +87,7 @@ def test_pages_held_stay_within_budget_and_are_reused(streaming_engine):
 
 def test_outputs_do_not_depend_on_other_requests(streaming_engine):
     together = run_to_completion(streaming_engine, PROMPTS, GREEDY)
-    # Two of the four alone (each alone run decodes 200 steps by itself; the batch's first and last request).
-    for request_id, prompt in [*PROMPTS.items()][::3]:
+    for request_id, prompt in PROMPTS.items():
         alone = run_to_completion(streaming_engine, {request_id: prompt}, GREEDY)
         assert alone[request_id] == together[request_id], request_id
 
