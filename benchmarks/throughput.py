@@ -39,6 +39,15 @@ from pathlib import Path
 PROMPT_TOKEN_RANGE = (1000, 40000)
 
 
+# Workload defaults: CPU (SmolLM2, a pool of about 3 uncompressed requests), smoke (tiny), and GPU (an 8B model
+# on one 80 GB GPU: a pool of 6,656 16-token blocks, about 32 uncompressed requests).
+WORKLOADS = {
+    "cpu": dict(requests=24, prompt_len="128,384", output_len=384, budget=128, interval=64, small_blocks=61),
+    "smoke": dict(requests=4, prompt_len="40,80", output_len=96, budget=48, interval=32, small_blocks=8),
+    "gpu": dict(requests=256, prompt_len="768,1280", output_len=2048, budget=512, interval=64, small_blocks=6656),
+}
+
+
 @dataclass(frozen=True)
 class Workload:
     requests: int
@@ -191,12 +200,13 @@ def main() -> None:
                         help="on the small pool")
     parser.add_argument("--ample-methods", default="none,streaming,infokv", type=methods_of(METHODS),
                         help="on the ample pool capped at the compressed concurrency ('none' is the ceiling)")
-    parser.add_argument("--requests", type=int, default=24)
-    parser.add_argument("--prompt-len", default="128,384", help="min,max prompt tokens (uniform)")
-    parser.add_argument("--output-len", type=int, default=384)
-    parser.add_argument("--budget", type=int, default=128)
-    parser.add_argument("--interval", type=int, default=64)
-    parser.add_argument("--small-blocks", type=int, default=61,
+    # The workload's defaults depend on --gpu and --smoke (WORKLOADS); a value given here wins over both.
+    parser.add_argument("--requests", type=int)
+    parser.add_argument("--prompt-len", help="min,max prompt tokens (uniform)")
+    parser.add_argument("--output-len", type=int)
+    parser.add_argument("--budget", type=int)
+    parser.add_argument("--interval", type=int)
+    parser.add_argument("--small-blocks", type=int,
                         help="the small pool in blocks (CPU: 61 blocks of 32 tokens, about 3 uncompressed requests)")
     parser.add_argument("--memory-pressure", action="store_true",
                         help="policies compress running requests before vLLM would preempt one (--kv-memory-pressure)")
@@ -216,11 +226,11 @@ def main() -> None:
     parser.add_argument("--name", default="throughput", help="the results' file name")
     args = parser.parse_args()
     if args.smoke:
-        args.requests, args.prompt_len, args.output_len, args.budget, args.interval = 4, "40,80", 96, 48, 32
-        args.small_blocks, args.repeats, args.methods, args.ample_methods = 8, 1, "none,infokv", "none"
-    if args.gpu:
-        args.requests, args.prompt_len, args.output_len, args.budget, args.interval = 256, "768,1280", 2048, 512, 64
-        args.small_blocks = 6656
+        args.repeats, args.methods, args.ample_methods = 1, "none,infokv", "none"
+    defaults = WORKLOADS["smoke" if args.smoke else "gpu" if args.gpu else "cpu"]
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from infokv_vllm.testing.local_engine import BLOCK_SIZE

@@ -77,7 +77,11 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "backend, and decoder layers are wrapped before vLLM compiles", ("self",)),
     VllmInternal(f"{_RUNNER}.get_kv_cache_spec", "overridden: layers report CompressedAttentionSpec", ("self",)),
     VllmInternal(f"{_RUNNER}.initialize_kv_cache", "overridden: compactor and signal planes are built on the "
-                 "allocated caches", ("self", "kv_cache_config")),
+                 "allocated caches, except the minimal cache of a profiling call", ("self", "kv_cache_config",
+                                                                                  "is_profiling")),
+    VllmInternal(f"{_RUNNER}._init_minimal_kv_cache_for_profiling", "the GPU runner's CUDA-graph memory profile "
+                 "initialises a throw-away cache first, marked as such",
+                 source_has=("self.initialize_kv_cache(minimal_config, is_profiling=True)",)),
     VllmInternal(f"{_RUNNER}.execute_model", "overridden: compactions are applied before the forward",
                  ("self", "scheduler_output")),
     VllmInternal(f"{_RUNNER}.sample_tokens", "overridden: the worker's report joins the output", ("self",)),

@@ -166,6 +166,32 @@ def test_scored_policies_keep_signals_per_request(smollm2_dir, method):
         assert free_blocks(llm) == initial_free
 
 
+def test_a_profiling_cache_before_the_real_one_leaves_nothing_behind(smollm2_dir):
+    """vLLM's GPU runner profiles CUDA-graph memory on a minimal KV cache of a few blocks, discards it, then
+    initialises the real pool. Replayed here on the CPU runner (which inherits those methods): compression's
+    state is built for the real pool only, so compactions on it index its blocks. Signal planes kept from the
+    minimal cache crashed the first throughput run on an H200 (a block id beyond the planes' 256 blocks)."""
+    settings = {"method": "infokv", "budget": BUDGET, "decode_interval": INTERVAL}
+    two = dict(list(PROMPTS.items())[:2])
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    with in_process_llm(smollm2_dir, settings, num_gpu_blocks_override=SMALL_POOL) as llm:
+        runner = model_runner_of(llm)
+        real_config, signal_count = runner.kv_cache_config, len(runner.recorders)
+        expected = run_to_completion(llm, two, params)
+        runner._cleanup_profiling_kv_cache()
+        runner.compilation_config.max_cudagraph_capture_size = 2  # a CUDA-graph size, as the GPU runner has
+        runner._init_minimal_kv_cache_for_profiling()
+        assert runner.kv_cache_config.num_blocks < SMALL_POOL and not runner.recorders
+        runner._cleanup_profiling_kv_cache()
+        runner.initialize_kv_cache(real_config)
+        assert runner.signals.planes["attention"].shape[1] == real_config.num_blocks
+        assert len(runner.recorders) == signal_count == 3
+        initial_free = free_blocks(llm)
+        assert run_to_completion(llm, two, params) == expected
+        assert scheduler_of(llm).totals.events > 0
+        assert free_blocks(llm) == initial_free
+
+
 def test_requests_carry_their_own_budget_or_opt_out(smollm2_dir):
     """`SamplingParams.extra_args` (the OpenAI API's `vllm_xargs`) override the server's budget per request;
     a bad value is refused when the request is added, and the engine goes on serving the others."""

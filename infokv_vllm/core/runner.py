@@ -104,9 +104,13 @@ class CompressingRunnerMixin:
             specs[name] = CompressedAttentionSpec(**fields)
         return specs
 
-    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
-        super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        if not self.compression.enabled:
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs) -> None:
+        super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
+        # Built afresh on every call: vLLM's GPU runner, when it profiles CUDA-graph memory, first initialises a
+        # minimal cache of a few blocks and discards it (`is_profiling`); planes and recorders kept from that one
+        # would index the real pool's blocks out of range (found on an H200 with a memory-profiled pool).
+        self.compactor, self.signals, self.recorders = None, None, []
+        if not self.compression.enabled or is_profiling:
             return
         (group,) = self.kv_cache_config.kv_cache_groups
         layer_names = list(group.layer_names)
