@@ -25,8 +25,11 @@ BUDGET, INTERVAL, BLOCK_SIZE = 64, 32, GPU_ENGINE["block_size"]
 
 
 def test_infokv_runs_with_cuda_graphs_triton_kernels_and_scoring_attention(gpu_model_dir):
+    """Started as a deployment starts: without a fixed KV size, so vLLM profiles CUDA-graph memory on a minimal
+    KV cache before the real pool (signal planes built for that cache crashed an H200 run)."""
     settings = {"method": "infokv", "budget": BUDGET, "decode_interval": INTERVAL}
-    with in_process_llm(gpu_model_dir, settings, **GPU_ENGINE) as llm:
+    engine = {**GPU_ENGINE, "kv_cache_memory_bytes": None, "num_gpu_blocks_override": 4096}
+    with in_process_llm(gpu_model_dir, settings, **engine) as llm:
         config = llm.llm_engine.vllm_config
         assert config.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
         runner = model_runner_of(llm)
