@@ -285,6 +285,18 @@ def main() -> None:
     ceiling_seqs = args.requests
     per_process = args.gpu if args.engine_per_process is None else args.engine_per_process
     runner = run_in_own_process if per_process else run
+
+    def save(complete: bool) -> tuple[Path, list[dict]]:
+        done = [config for config in small + ample if any((r.pool, r.method) == config for r in results)]
+        summary = summarise(results, done)
+        path = write_report(args.name, args.smoke, complete=complete, model=model_name,
+                            dtype=engine.get("dtype", "float32"), block_size=block_size,
+                            attention_backend=args.attention_backend, mode=args.mode, workload=asdict(workload),
+                            small_blocks=args.small_blocks, ample_blocks=ample_blocks,
+                            ceiling_max_num_seqs=ceiling_seqs, repeats=args.repeats, summary=summary,
+                            runs=[asdict(r) for r in results])
+        return path, summary
+
     for round_index in range(args.repeats):
         for pool, method in small + ample:
             if (round_index, pool) == (0, "ample"):
@@ -297,7 +309,9 @@ def main() -> None:
             print(f"round {round_index} {pool:5} {method:9} {result.output_tokens_per_s:8.2f} tok/s "
                   f"peak {result.peak_running} mean {result.mean_running}", flush=True)
             results.append(result)
-    summary = summarise(results, small + ample)
+            # After every run, so that a run cut short (a GPU machine's 10-minute call) leaves what it measured.
+            save(complete=False)
+    path, summary = save(complete=True)
     print(f"{'configuration':18} {'blocks':>6} {'seqs':>4} {'tok/s (min-max)':>20} {'vs vanilla':>20} "
           f"{'vs ceiling':>20} {'peak':>4} {'mean':>5} {'preempt':>7} {'events':>6} {'TTFT p50/p90 s':>15} "
           f"{'TPOT p50/p90 ms':>16}")
@@ -308,11 +322,6 @@ def main() -> None:
               f"{row['mean_running']:>5} {row['preemptions']:>7} {row['compression_events']:>6} "
               f"{row['ttft_p50_s']:>7.1f}/{row['ttft_p90_s']:<7.1f} "
               f"{row['tpot_p50_ms']:>7.1f}/{row['tpot_p90_ms']:<8.1f}")
-    path = write_report(args.name, args.smoke, model=model_name, dtype=engine.get("dtype", "float32"),
-                        block_size=block_size, attention_backend=args.attention_backend, mode=args.mode,
-                        workload=asdict(workload), small_blocks=args.small_blocks,
-                        ample_blocks=ample_blocks, ceiling_max_num_seqs=ceiling_seqs,
-                        repeats=args.repeats, summary=summary, runs=[asdict(r) for r in results])
     plot(summary, path.with_suffix(".png"),
          f"{model_name}, {args.mode}, {args.requests} requests x {args.output_len} output tokens, "
          f"budget {args.budget} + {args.interval}; small pool {args.small_blocks} blocks")

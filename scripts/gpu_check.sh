@@ -50,7 +50,10 @@ step_throughput() {
   [ -f $LLAMA8B/model.safetensors.index.json ] || step_llama8b
   eval "local options=(${THROUGHPUT_ARGS:---mode compiled --repeats 1 --methods none,infokv --ample-methods none --attention-backend FLASH_ATTN})"
   timeout $((${GPU_CHECK_SECONDS:-590} - SECONDS)) python3 benchmarks/throughput.py --gpu --model $LLAMA8B \
-    --name throughput-gpu "${options[@]}" && cp benchmarks/results/throughput-gpu.* "$OUT/"
+    --name throughput-gpu "${options[@]}"
+  local status=$?
+  cp benchmarks/results/throughput-gpu.* "$OUT/" 2>/dev/null  # written after every run, also when cut short
+  return $status
 }
 
 step_tests() {

@@ -23,7 +23,7 @@ def run_smoke(script: str, *flags: str, name: str | None = None) -> dict:
 def test_throughput_smoke():
     report = run_smoke("throughput.py", "--engine-per-process")  # as on a GPU
     rows = {(r["pool"], r["method"]): r for r in report["summary"]}
-    assert set(rows) == {("small", "infokv"), ("small", "none"), ("ample", "none")}
+    assert report["complete"] and set(rows) == {("small", "infokv"), ("small", "none"), ("ample", "none")}
     assert all(r["output_tokens"] == 4 * 96 for r in report["runs"])
     compressed, vanilla, ceiling = rows[("small", "infokv")], rows[("small", "none")], rows[("ample", "none")]
     assert compressed["compression_events"] > 0
