@@ -30,6 +30,8 @@ TIMED = [
      "engine step"),
     ("infokv_vllm.signals.entropy", "EntropyRecorder.before_compactions", "entropy store",
      "worker: compactions + execute"),
+    ("infokv_vllm.signals.attention", "AttentionRecorder._add_deferred_mass", "deferred window mass",
+     "worker: compactions + execute"),
     ("infokv_vllm.core.runner", "CompressingRunnerMixin._compact", "compaction (score + move)",
      "worker: compactions + execute"),
     ("infokv_vllm.core.compaction", "PagedKVCompactor.compact", "move KV pages", "compaction (score + move)"),
@@ -43,7 +45,8 @@ TIMED = [
     ("infokv_vllm.signals.attention", "AttentionRecorder.before_forward", "observation window set-up",
      "prepare inputs + length shift"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", "model forward", "vLLM execute_model"),
-    ("infokv_vllm.attention.backends", "accumulate_in_attention", "window attention (all layers)",
+    # In the step (Triton) this is the mass; deferred (torch) it stores the queries, and the mass has its own timer.
+    ("infokv_vllm.attention.backends", "record_window_queries", "window attention (all layers)",
      "model forward"),
     # Compiled, the evolution is fused into the graph and has no timer of its own.
     ("infokv_vllm.signals.representation", "representation_evolution", "representation evolution (all layers)",

@@ -222,7 +222,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
-    parser.add_argument("--methods", default="none,streaming,snapkv,entropy,infokv", type=methods_of(METHODS),
+    parser.add_argument("--methods", default="none,streaming,snapkv,rkv,entropy,infokv", type=methods_of(METHODS),
                         help="on the small pool")
     parser.add_argument("--ample-methods", default="none,streaming,infokv", type=methods_of(METHODS),
                         help="on the ample pool capped at the compressed concurrency ('none' is the ceiling)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -220,6 +221,18 @@ def test_rkv_redundancy_matches_the_token_by_token_reference():
     keys = torch.randn(2, 12, 4)
     keys[:, 7] = keys[:, 2] * 2  # duplicates, to cross the threshold
     torch.testing.assert_close(key_redundancy(keys), rkv_redundancy_loop(keys, REDUNDANCY_THRESHOLD))
+
+
+@pytest.mark.parametrize("layers_at_once", [5, 2, 1])
+def test_rkv_redundancy_of_layers_together_equals_layer_by_layer(monkeypatch, layers_at_once):
+    from infokv_vllm.scoring import rkv
+
+    torch.manual_seed(0)
+    keys = torch.randn(5, 2, 12, 4)
+    keys[:, :, 7] = keys[:, :, 2] * 2
+    monkeypatch.setattr(rkv, "REDUNDANCY_BATCH_BYTES", layers_at_once * 2 * 12 * 12 * 4)
+    together = rkv.request_redundancy(types.SimpleNamespace(keys=keys))
+    torch.testing.assert_close(together, torch.stack([rkv.key_redundancy(layer) for layer in keys]))
 
 
 def repeated_step(copies: list[int]) -> SelectionInput:

@@ -2,7 +2,7 @@
 
 For each vLLM backend a platform wraps, one factory (`ScoringBackends`) builds a subclass of the backend whose
 impl runs vLLM's kernel unchanged and then, for observation-window queries only, adds their softmax mass into the
-attention signal (`signals.attention.accumulate_in_attention`). While a compressing worker builds its model,
+attention signal (`signals.attention.record_window_queries`). While a compressing worker builds its model,
 vLLM's backend registry points each wrapped name at its subclass (`compat.attention_backends`), so vLLM still
 selects, configures and reports the backend by its own name, and the attention output is its own kernel's.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, ContextManager
 
 from infokv_vllm import compat
-from infokv_vllm.signals.attention import accumulate_in_attention
+from infokv_vllm.signals.attention import record_window_queries
 
 
 class WindowScoringImplMixin:
@@ -27,7 +27,7 @@ class WindowScoringImplMixin:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if attn_metadata is not None:
-            accumulate_in_attention(layer.layer_name, query, kv_cache, attn_metadata.seq_lens,
+            record_window_queries(layer.layer_name, query, kv_cache, attn_metadata.seq_lens,
                                     attn_metadata.query_start_loc, attn_metadata.block_table, self.scale)
         return output
 

@@ -11,13 +11,16 @@ import torch
 
 from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_torch, compact_plane_triton
 from infokv_vllm.kernels.layouts import PageLayout
-from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton, window_attention_mass
+from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton
 
 
 class KernelFamily:
     """Compaction of KV pages and signal planes, and the window-attention accumulation."""
 
     name: str
+    # Whether the attention signal stores the window queries and computes their mass only when a compaction or
+    # probe reads it (`signals/attention.py`), or adds it inside each layer's attention, step by step.
+    defers_window_attention: bool
 
     def compact_kv(self, cache: torch.Tensor, layout: PageLayout, block_table: torch.Tensor, keep: torch.Tensor,
                    n_keep: torch.Tensor) -> None:
@@ -39,6 +42,9 @@ class KernelFamily:
 
 class TorchKernels(KernelFamily):
     name = "torch"
+    # A torch call costs tens of microseconds whatever its size: one call per layer for a whole window's queries,
+    # not one per layer and decode step.
+    defers_window_attention = True
 
     def compact_kv(self, cache, layout, block_table, keep, n_keep) -> None:
         if layout.token_index is not None:
@@ -52,16 +58,15 @@ class TorchKernels(KernelFamily):
 
     def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
                                     query_positions, seq_lens, scale) -> None:
-        # Decode steps give each request in its window one query: those requests go through one batched op.
-        # A prompt's window (many queries of one request, once per request) goes on its own, unpadded.
-        rows, counts = query_rows.unique(return_counts=True)
-        decoding = torch.isin(query_rows, rows[counts == 1]).nonzero().flatten()
-        if len(decoding):
-            _accumulate_rows(accumulator, queries, cache, layout, block_table, query_rows[decoding],
-                             decoding[:, None], query_positions, seq_lens, scale)
-        for row in rows[counts > 1]:
-            _accumulate_rows(accumulator, queries, cache, layout, block_table, row[None],
-                             (query_rows == row).nonzero().T, query_positions, seq_lens, scale)
+        # Requests with the same number of queries go through one batched op (decode steps: one query each; the
+        # deferred windows: a decode window each); a prompt's window, with more, goes with its own kind.
+        rows, counts = query_rows.unique_consecutive(return_counts=True)
+        firsts = counts.cumsum(0) - counts
+        for count in counts.unique().tolist():
+            mine = (counts == count).nonzero().flatten()
+            _accumulate_rows(accumulator, queries, cache, layout, block_table, rows[mine],
+                             firsts[mine, None] + torch.arange(count, device=firsts.device), query_positions,
+                             seq_lens, scale)
 
 
 def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
@@ -72,18 +77,27 @@ def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: to
     or stale block-table entries past its blocks, which may be another request's) get exactly zero mass, as the
     queries' positions mask them, and the adds accumulate, so they change nothing."""
     _, kv_heads, block_size = accumulator.shape
+    num_rows, num_queries = query_index.shape
     lengths = seq_lens.to(rows.device)[rows].long()
-    blocks = block_table[rows, : -(-int(lengths.max()) // block_size)].long()  # [R, blocks]
-    keys = layout.block_plane(cache, blocks.flatten())  # [R * blocks, kv_heads, block_size, D]
-    keys = keys.view(len(rows), -1, kv_heads, block_size, keys.shape[-1]).transpose(1, 2)
-    mass = window_attention_mass(queries[query_index], keys.flatten(2, 3), query_positions[query_index].long(),
-                                 scale)  # [R, kv_heads, blocks * block_size]
-    mass = mass.view(len(rows), kv_heads, -1, block_size).transpose(1, 2).flatten(0, 1)
-    accumulator.index_put_((blocks.flatten(),), mass, accumulate=True)
+    blocks = block_table[rows, : -(-int(lengths.max()) // block_size)].long().flatten()  # [R * blocks]
+    keys = layout.block_plane(cache, blocks)  # [R * blocks, kv_heads, block_size, D]
+    # [R, kv_heads, D, blocks * block_size]: one matrix per request and KV head
+    keys = keys.view(num_rows, -1, *keys.shape[1:]).permute(0, 2, 4, 1, 3).flatten(3, 4).float()
+    head_size, length = keys.shape[-2:]
+    # [R, kv_heads, T * group, D]: the rows of a query head group, query by query
+    grouped = queries[query_index].float().view(num_rows, num_queries, kv_heads, -1, head_size).transpose(1, 2)
+    logits = torch.matmul(grouped.flatten(2, 3), keys).view(num_rows, kv_heads, num_queries, -1, length)
+    future = torch.arange(length, device=keys.device) > query_positions[query_index].view(
+        num_rows, 1, num_queries, 1, 1)
+    mass = logits.mul_(scale).masked_fill_(future, float("-inf")).softmax(dim=-1).sum(dim=(2, 3))
+    mass = mass.view(num_rows, kv_heads, -1, block_size).transpose(1, 2).flatten(0, 1)
+    accumulator.index_put_((blocks,), mass, accumulate=True)
 
 
 class TritonKernels(KernelFamily):
     name = "triton"
+    # One fused kernel per layer and step costs little on a GPU, and stored queries would take GPU memory.
+    defers_window_attention = False
 
     def __init__(self, split_slots: int | None = None) -> None:
         self.split_slots = split_slots  # window attention's slots per program; None: `slots_per_split` decides

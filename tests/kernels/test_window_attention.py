@@ -14,11 +14,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def paged_case(seed: int, q_heads: int, kv_heads: int, head_dim: int = 32, block_size: int = 16):
-    """Ragged requests on shuffled blocks; some queries decode (last slot, batched together by the torch family),
-    some are a prefill chunk's tail."""
+    """Ragged requests on shuffled blocks; some queries decode (last slot), some are a prefill chunk's tail or a
+    stored decode window. The torch family batches the requests with as many queries as each other (three with
+    one, two with three)."""
     generator = torch.Generator().manual_seed(seed)
-    seq_lens = [37, 5, 70, 22, 1]
-    window = [3, 1, 8, 1, 1]  # window queries per request, the last ones of the sequence (a chunk's tail)
+    seq_lens = [37, 5, 70, 22, 1, 9]
+    window = [3, 1, 8, 1, 1, 3]  # window queries per request, the last ones of the sequence
     table, num_blocks = shuffled_block_table(seq_lens, block_size, 3, generator)
     keys = torch.randn(num_blocks, kv_heads, block_size, head_dim, generator=generator)
     requests = torch.cat([torch.full((w,), r) for r, w in enumerate(window)]).int()
