@@ -44,14 +44,23 @@ def normalise_over(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
 
 def quantile_over(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Each candidate's rank among the candidates of its (layer, head), scaled to [0, 1]; tied values share
-    their average rank (so a flat signal favours no position)."""
+    their average rank (so a flat signal favours no position).
+
+    From one sort: a value's average rank is the middle of its run of equal values in sorted order, whose first
+    and last index running maximum and minimum find (a quarter of the cost of binary-searching every value)."""
     count = int(candidates.sum())
-    masked = scores.masked_fill(~candidates, float("-inf")).contiguous()
-    ordered = masked.sort(dim=-1).values
-    below = torch.searchsorted(ordered, masked, side="left")
-    not_above = torch.searchsorted(ordered, masked, side="right")
-    ranks = (below + not_above - 1).float() / 2 - (scores.shape[-1] - count)
-    return ranks.clamp(min=0) / max(count - 1, 1)
+    length = scores.shape[-1]
+    # Non-candidates at -inf: one run below every candidate, ranked below 0 and clamped there.
+    ordered, order = scores.masked_fill(~candidates, float("-inf")).sort(dim=-1)
+    index = torch.arange(length, device=scores.device).expand_as(ordered)
+    run_starts = torch.ones_like(ordered, dtype=torch.bool)
+    run_starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    run_ends = torch.ones_like(run_starts)
+    run_ends[..., :-1] = run_starts[..., 1:]
+    first = torch.where(run_starts, index, 0).cummax(dim=-1).values
+    last = torch.where(run_ends, index, length - 1).flip(-1).cummin(dim=-1).values.flip(-1)
+    ranks = ((first + last).float() / 2 - (length - count)).clamp_(min=0) / max(count - 1, 1)
+    return torch.empty_like(ranks).scatter_(-1, order, ranks)
 
 
 def fuse_sum(attention, entropy, candidates, alpha: float, request: SelectionInput) -> torch.Tensor:

@@ -32,14 +32,10 @@ from infokv_vllm.signals.attention import pool_scores
 
 MIX_LAMBDA = 0.07
 REDUNDANCY_THRESHOLD = 0.5
-# Layers are scored together while their similarity matrices take at most this many bytes: one op for every layer
-# of a decode-time compaction (30 x 3 x 192 x 192 floats for SmolLM2 at budget 128 + interval 64, 13 MiB), one layer
-# at a time for a long prompt (3 x 2,000 x 2,000 floats is 46 MiB a layer).
-REDUNDANCY_BATCH_BYTES = 64 << 20
 
 
 def key_redundancy(keys: torch.Tensor, threshold: float = REDUNDANCY_THRESHOLD) -> torch.Tensor:
-    """keys [..., heads, n, d] -> redundancy [..., heads, n], a softmax over the n tokens of each head."""
+    """keys [heads, n, d] -> redundancy [heads, n], a softmax over the n tokens of each head."""
     unit = keys.float() / (keys.float().norm(dim=-1, keepdim=True) + 1e-8)
     similarity = unit @ unit.transpose(-1, -2)  # [heads, n, n]
     similarity.diagonal(dim1=-2, dim2=-1).zero_()
@@ -52,11 +48,9 @@ def key_redundancy(keys: torch.Tensor, threshold: float = REDUNDANCY_THRESHOLD) 
 
 
 def request_redundancy(request: SelectionInput) -> torch.Tensor:
-    """`key_redundancy` of every layer of a request, [layers, kv_heads, physical_len], as many layers at a time
-    as REDUNDANCY_BATCH_BYTES allows (the similarity matrices are [kv_heads, n, n] a layer)."""
-    _, heads, length, _ = request.keys.shape
-    layers_at_once = max(1, REDUNDANCY_BATCH_BYTES // (heads * length * length * 4))
-    return torch.cat([key_redundancy(keys) for keys in request.keys.split(layers_at_once)])
+    """`key_redundancy` of every layer of a request, [layers, kv_heads, physical_len]; one layer at a time, as the
+    similarity matrices are [kv_heads, n, n]."""
+    return torch.stack([key_redundancy(layer_keys) for layer_keys in request.keys])
 
 
 class RKVPolicy(ScoringPolicy):
