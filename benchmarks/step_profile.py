@@ -34,6 +34,11 @@ TIMED = [
      "worker: compactions + execute"),
     ("infokv_vllm.core.runner", "CompressingRunnerMixin._compact", "compaction (score + move)",
      "worker: compactions + execute"),
+    ("infokv_vllm.core.runner", "CompressingRunnerMixin._score", "score", "compaction (score + move)"),
+    ("infokv_vllm.core.compaction", "PagedKVCompactor.read", "read keys / values", "score"),
+    ("infokv_vllm.scoring.infokv", "InfoKVPolicy.scores", "InfoKV policy", "score"),
+    # infokv's own name for R-KV's function (rkv's policy calls it through its module)
+    ("infokv_vllm.scoring.infokv", "request_redundancy", "key redundancy", "InfoKV policy"),
     ("infokv_vllm.core.compaction", "PagedKVCompactor.compact", "move KV pages", "compaction (score + move)"),
     ("infokv_vllm.signals.storage", "SlotSignals.compact", "move signal planes", "compaction (score + move)"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", "vLLM execute_model",

@@ -1,10 +1,11 @@
 """Scoring attention backends: vLLM's attention backends, whose impl also records the attention signal.
 
 For each vLLM backend a platform wraps, one factory (`ScoringBackends`) builds a subclass of the backend whose
-impl runs vLLM's kernel unchanged and then, for observation-window queries only, adds their softmax mass into the
-attention signal (`signals.attention.record_window_queries`). While a compressing worker builds its model,
-vLLM's backend registry points each wrapped name at its subclass (`compat.attention_backends`), so vLLM still
-selects, configures and reports the backend by its own name, and the attention output is its own kernel's.
+impl runs vLLM's kernel unchanged and then hands the observation window's queries to the attention signal
+(`signals.attention.record_window_queries`, which adds their softmax mass, or stores them for later). While a
+compressing worker builds its model, vLLM's backend registry points each wrapped name at its subclass
+(`compat.attention_backends`), so vLLM still selects, configures and reports the backend by its own name, and
+the attention output is its own kernel's.
 
 vLLM resolves a backend by its class path, so the built classes are globals of this module, named
 `Scoring<vLLM's class name>` (e.g. `ScoringFlashAttentionBackend` and its impl `ScoringFlashAttentionImpl`). They
@@ -21,14 +22,14 @@ from infokv_vllm.signals.attention import record_window_queries
 
 class WindowScoringImplMixin:
     """Goes in front of a vLLM attention impl (`forward(layer, query, key, value, kv_cache, attn_metadata,
-    output, ...)` whose metadata has seq_lens, query_start_loc and block_table): runs vLLM's attention, then adds
-    the window queries' mass."""
+    output, ...)` whose metadata has seq_lens, query_start_loc and block_table): runs vLLM's attention, then hands
+    the window queries to the attention signal."""
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if attn_metadata is not None:
             record_window_queries(layer.layer_name, query, kv_cache, attn_metadata.seq_lens,
-                                    attn_metadata.query_start_loc, attn_metadata.block_table, self.scale)
+                                  attn_metadata.query_start_loc, attn_metadata.block_table, self.scale)
         return output
 
 

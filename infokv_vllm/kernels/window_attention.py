@@ -15,8 +15,8 @@ occupy every multiprocessor of a GPU: one program per (request, KV head, split).
 2. the mass pass: each program combines the rows' statistics over all splits, walks its split again and adds
    each slot's probability summed over the rows. A slot belongs to one split, so the adds need no atomics.
 
-Reference: `window_attention_mass` below (dense torch, also the torch family's path), tested against the kernels
-under TRITON_INTERPRET=1 with one split and with many.
+Reference: `window_attention_mass` below (dense torch; the torch family batches the same arithmetic over pages in
+`families.py`), tested against the kernels under TRITON_INTERPRET=1 with one split and with many.
 """
 
 from __future__ import annotations
