@@ -7,6 +7,7 @@ indents each part under the one that contains it. Timers add a few microseconds 
 are called layers x steps times, so `none` runs with the same wrappers installed where they exist.
 
     .venv/bin/python benchmarks/step_profile.py                 # eager and compiled, about 8 minutes
+    .venv/bin/python benchmarks/step_profile.py --small-pool --methods entropy,infokv --modes eager
     .venv/bin/python benchmarks/step_profile.py --smoke
 """
 
@@ -115,7 +116,7 @@ def profile(model, workload, method: str, mode: str, blocks: int, seconds: dict,
 
 def main() -> None:
     from report import methods_of, write_report
-    from throughput import Workload
+    from throughput import WORKLOADS, Workload
 
     from infokv_vllm.config import METHODS
 
@@ -125,9 +126,16 @@ def main() -> None:
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--small-pool", action="store_true",
+                        help="the throughput benchmark's CPU workload on its small pool, with --kv-memory-pressure "
+                             "(24 requests, 384 output tokens, 61 blocks): compactions come from memory pressure too")
     args = parser.parse_args()
     methods = args.methods.split(",")
     workload = Workload(args.requests, (128, 384), args.output_len, budget=128, interval=64)
+    if args.small_pool:
+        cpu = WORKLOADS["cpu"]
+        workload = Workload(cpu["requests"], tuple(map(int, cpu["prompt_len"].split(","))), cpu["output_len"],
+                            cpu["budget"], cpu["interval"], memory_pressure=True)
     if args.smoke:
         workload, methods, args.modes = Workload(2, (40, 80), 96, 48, 32), ["none", "infokv"], "eager"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,7 +145,8 @@ def main() -> None:
 
     model = ensure_model()
     seconds, calls = install_timers()
-    blocks = workload.requests * -(-workload.max_model_len // BLOCK_SIZE) + 1
+    blocks = WORKLOADS["cpu"]["small_blocks"] if args.small_pool else \
+        workload.requests * -(-workload.max_model_len // BLOCK_SIZE) + 1
     results = [profile(model, workload, method, mode, blocks, seconds, calls)
                for mode in args.modes.split(",") for method in methods]
     depth = {}
@@ -150,7 +159,8 @@ def main() -> None:
         if any(cells):
             print(f"{'  ' * depth[label] + label:44}" + "".join(f"{c:>16.2f}" if c else f"{'-':>16}" for c in cells))
     print(f"{'steps':44}" + "".join(f"{r['steps']:>16}" for r in results))
-    write_report("step_profile", args.smoke, model=MODEL_NAME, workload=vars(workload) | {"blocks": blocks},
+    name = "step_profile-small-pool" if args.small_pool else "step_profile"
+    write_report(name, args.smoke, model=MODEL_NAME, workload=vars(workload) | {"blocks": blocks},
                  parts=[{"label": label, "parent": parent} for _, _, label, parent in TIMED], results=results)
 
 

@@ -43,10 +43,13 @@ def test_zero_copy_and_compact_act_on_every_layer():
     signals.write("entropy", slots, values)
     signals.copy_blocks([2], [0])
     assert torch.equal(signals.planes["entropy"][:, 0], signals.planes["entropy"][:, 2])
-    keep = torch.tensor([[[1, 4, 6], [0, 2, 7]]]).expand(LAYERS, HEADS, 3)
+    # Each layer and head keeps its own slots, as per-(layer, head) compaction does
+    generator = torch.Generator().manual_seed(0)
+    keep = torch.stack([torch.stack([torch.randperm(8, generator=generator)[:3].sort().values
+                                     for _ in range(HEADS)]) for _ in range(LAYERS)])
     signals.compact(block_ids, keep)
     kept = signals.gather(block_ids, 3)["entropy"]
-    assert torch.equal(kept, torch.stack([values[:, [1, 4, 6]], values[:, [0, 2, 7]]], dim=1))
+    assert torch.equal(kept, torch.stack([values[layer, keep[layer]] for layer in range(LAYERS)]))
     signals.zero_blocks("entropy", [2, 5])
     assert signals.planes["entropy"][:, [2, 5]].count_nonzero() == 0
     assert signals.planes["entropy"][:, 0].count_nonzero() == LAYERS * HEADS * BLOCK_SIZE

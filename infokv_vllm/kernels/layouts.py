@@ -23,6 +23,7 @@ class PageLayout:
         self.head_size = head_size
 
     token_index: torch.Tensor | None = None
+    strided = True  # whether `planes` gives strided views (else only `token_index` reaches the elements)
 
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -70,6 +71,10 @@ class IndexedPageLayout(PageLayout):
             + torch.arange(self.head_size)[None, :] * dim_stride
         return (offset, slot_stride, dim_stride) if torch.equal(index, expected) else None
 
+    @property
+    def strided(self) -> bool:  # type: ignore[override]
+        return None not in self._strides
+
     def pages(self, cache: torch.Tensor) -> torch.Tensor:
         return cache.view(cache.shape[0], cache.shape[1], -1)
 
@@ -88,7 +93,7 @@ class IndexedPageLayout(PageLayout):
 
     def planes(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Strided views, where the layout is affine."""
-        if None in self._strides:
+        if not self.strided:
             raise ValueError("this KV page layout is not a strided view; use the torch kernels")
         key_strides, value_strides = self._strides
         return self._plane(cache, key_strides), self._plane(cache, value_strides)

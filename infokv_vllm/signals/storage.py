@@ -62,8 +62,8 @@ class SlotSignals:
         return {name: planes[:, blocks, :, offsets].permute(1, 2, 0) for name, planes in self.planes.items()}
 
     def compact(self, block_ids: list[int], keep: torch.Tensor) -> None:
+        """Move one request's kept slots (keep [layers, kv_heads, kept], as the KV moves) in every signal."""
         block_table = torch.tensor([block_ids], dtype=torch.int32, device=self.device)
-        n_keep = torch.tensor([keep.shape[-1]], dtype=torch.int32, device=self.device)
+        keep = keep.to(device=self.device, dtype=torch.int32)
         for planes in self.planes.values():
-            for plane, layer_keep in zip(planes, keep.to(device=self.device, dtype=torch.int32)):
-                self.kernels.compact_signal(plane, block_table, layer_keep[None], n_keep)
+            self.kernels.compact_signals(planes, block_table, keep)

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from infokv_vllm.kernels.compaction import compact_pages_torch, compact_plane_torch, compact_plane_triton
+from infokv_vllm.kernels.families import TorchKernels
+from infokv_vllm.kernels.layouts import IndexedPageLayout
 from infokv_vllm.kernels.selfcheck import shuffled_block_table
 
 
@@ -91,6 +93,29 @@ def test_torch_on_vllm_cpu_pages_with_column_major_keys():
     after_keys = pages[..., : block_size * dim].view(num_blocks, num_heads, dim, block_size).transpose(2, 3)
     after_values = pages[..., block_size * dim:].view(num_blocks, num_heads, block_size, dim)
     check_compacted(keys, after_keys, table, keep, n_keep, lengths)
+    check_compacted(values, after_values, table, keep, n_keep, lengths)
+
+
+@pytest.mark.parametrize("keys_strided", [True, False], ids=["planes", "element-index"])
+def test_torch_family_on_vllm_cpu_pages(keys_strided):
+    """The family moves vLLM's CPU pages through their strided key and value planes, and a layout that has none
+    (keys stored in a shuffled slot order) element by element."""
+    keys, table, keep, n_keep, lengths = random_paged_batch(6, width=32)
+    values = keys.flip(-1) + 1
+    num_blocks, num_heads, block_size, dim = keys.shape
+    order = torch.arange(block_size) if keys_strided else torch.randperm(
+        block_size, generator=torch.Generator().manual_seed(2))
+    column_of = order.argsort()  # the column of the key block that holds each slot
+    pages = torch.cat([keys[:, :, order].transpose(2, 3).reshape(num_blocks, num_heads, -1),
+                       values.reshape(num_blocks, num_heads, -1)], dim=2)
+    slot, column = torch.arange(block_size)[:, None], torch.arange(dim)[None, :]
+    layout = IndexedPageLayout(torch.cat([column * block_size + column_of[:, None],
+                                          block_size * dim + slot * dim + column], dim=1))
+    assert layout.strided == keys_strided
+    TorchKernels().compact_kv(pages, layout, table, keep, n_keep)
+    after_keys = pages[..., : block_size * dim].view(num_blocks, num_heads, dim, block_size)[..., column_of]
+    after_values = pages[..., block_size * dim:].view(num_blocks, num_heads, block_size, dim)
+    check_compacted(keys, after_keys.transpose(2, 3), table, keep, n_keep, lengths)
     check_compacted(values, after_values, table, keep, n_keep, lengths)
 
 

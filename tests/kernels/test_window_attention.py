@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infokv_vllm.kernels.families import TorchKernels
-from infokv_vllm.kernels.layouts import IndexedPageLayout
+from infokv_vllm.kernels.layouts import HeadMajorPageLayout, IndexedPageLayout
 from infokv_vllm.kernels.selfcheck import shuffled_block_table
 from infokv_vllm.kernels.window_attention import accumulate_window_attention_triton, window_attention_mass
 
@@ -113,6 +113,28 @@ def test_torch_family_on_vllm_cpu_pages(keys_strided, values_strided):
                                                seq_lens, 0.3)
     expected = previous + dense_reference(queries, keys, table, requests, positions, seq_lens, 0.3)
     torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_family_keeps_its_row_groups_for_the_same_index_tensors_only():
+    """Layers of one step share the index tensors, so their row groups are worked out once. The next step's
+    queries are new tensors even where vLLM's metadata buffers (block table, lengths) are the same ones, changed in
+    place: the row groups are worked out again."""
+    kernels = TorchKernels()
+    queries, keys, table, requests, positions, seq_lens = paged_case(5, 4, 2)
+    layout = HeadMajorPageLayout(keys.shape[2], keys.shape[3])
+    for step in range(2):
+        if step == 1:
+            seq_lens[2] = 40  # request 2 is shorter now (compacted): its window's positions move down
+            requests, positions = requests.clone(), positions.clone()
+            positions[4:12] = torch.arange(32, 40)
+        for layer in range(2):  # other keys and queries, the same index tensors
+            layer_keys, layer_queries = keys + layer, queries * (layer + 1)
+            accumulator = torch.zeros(keys.shape[:3])
+            kernels.accumulate_window_attention(accumulator, layer_queries,
+                                                torch.cat([layer_keys, torch.zeros_like(layer_keys)], -1), layout,
+                                                table, requests, positions, seq_lens, 0.3)
+            expected = dense_reference(layer_queries, layer_keys, table, requests, positions, seq_lens, 0.3)
+            torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(("keys_strided", "values_strided"), [(True, True), (False, False), (True, False)],
