@@ -110,16 +110,16 @@ def compact_plane_torch(plane: torch.Tensor, block_table: torch.Tensor, keep: to
         plane[dst_block, heads, dst_offset] = plane[src_block, heads, src_offset]
 
 
-def compact_layers_torch(planes: torch.Tensor, blocks: torch.Tensor, keep: torch.Tensor) -> None:
-    """One request's per-slot values in every layer at once: planes [layers, blocks, heads, block_size], `blocks`
-    the request's block ids, keep [layers, heads, kept] ascending slot indices (kept slot keep[l, h, j] moves to
-    slot j). One gather and one scatter for all layers; the gather copies before the scatter writes, so overlap is
-    harmless."""
-    block_size = planes.shape[-1]
-    table = blocks.long()
-    source = keep.long()
-    target = torch.arange(keep.shape[-1], device=keep.device).expand_as(source)
-    layers = torch.arange(planes.shape[0], device=planes.device)[:, None, None]
-    heads = torch.arange(planes.shape[2], device=planes.device)[None, :, None]
-    planes[layers, table[target // block_size], heads, target % block_size] = \
-        planes[layers, table[source // block_size], heads, source % block_size]
+def compact_layers_torch(planes: torch.Tensor, block_table: torch.Tensor, keep: torch.Tensor) -> None:
+    """`compact_plane_torch` for one request in every layer at once: planes [layers, blocks, heads, block_size],
+    block_table [1, blocks], keep [layers, heads, kept] (each (layer, head) row is moved as a head of one request
+    would be). One gather and one scatter for all layers; the gather copies first, so overlap is harmless."""
+    layers, _, heads, block_size = planes.shape
+    layer = torch.arange(layers, device=planes.device)[:, None, None]
+    head = torch.arange(heads, device=planes.device)[None, :, None]
+    n_keep = torch.tensor([keep.shape[-1]])
+    for src_block, src_offset, dst_block, dst_offset in _moves(block_table, keep.flatten(0, 1)[None], n_keep,
+                                                               block_size):
+        src_block, src_offset, dst_block, dst_offset = (index.view(keep.shape) for index in (
+            src_block, src_offset, dst_block, dst_offset))
+        planes[layer, dst_block, head, dst_offset] = planes[layer, src_block, head, src_offset]

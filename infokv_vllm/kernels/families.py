@@ -53,6 +53,10 @@ class TorchKernels(KernelFamily):
     # not one per layer and decode step.
     defers_window_attention = True
 
+    def __init__(self) -> None:
+        # The index tensors of the last window-attention call and the row groups worked out from them
+        self._last_groups: tuple[tuple[torch.Tensor, ...], list[RowGroup]] | None = None
+
     def compact_kv(self, cache, layout, block_table, keep, n_keep) -> None:
         if not layout.strided:
             compact_pages_torch(layout.pages(cache), layout.token_index, block_table, keep, n_keep)
@@ -64,11 +68,7 @@ class TorchKernels(KernelFamily):
             compact_plane_torch(plane, block_table, keep, n_keep)
 
     def compact_signals(self, planes, block_table, keep) -> None:
-        compact_layers_torch(planes, block_table[0], keep)  # one op for every layer, not one per layer
-
-    def __init__(self) -> None:
-        # The index tensors of the last window-attention call and the row groups worked out from them
-        self._last_groups: tuple[tuple[torch.Tensor, ...], list[RowGroup]] | None = None
+        compact_layers_torch(planes, block_table, keep)  # one op for every layer, not one per layer
 
     def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
                                     query_positions, seq_lens, scale) -> None:
