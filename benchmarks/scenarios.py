@@ -146,7 +146,8 @@ def plot(cells: list[Cell], budgets: list[str], path: Path, title: str) -> None:
         if full:
             axis.axhline(full.accuracy, color="black", linestyle="--", label=f"full cache ({full.accuracy:.2f})")
         for policy in dict.fromkeys(cell.policy for cell in mine if cell.policy != NONE):
-            points = [(budgets.index(cell.budget), cell) for cell in mine if cell.policy == policy]
+            points = sorted(((budgets.index(cell.budget), cell) for cell in mine if cell.policy == policy),
+                            key=lambda point: point[0])
             xs = [x for x, _ in points]
             axis.errorbar(xs, [c.accuracy for _, c in points], marker="o", capsize=3, label=policy,
                           yerr=[[c.accuracy - c.interval[0] for _, c in points],
@@ -223,8 +224,9 @@ def main() -> None:
         samples = [dataclasses.replace(sample, max_tokens=min(sample.max_tokens, 48)) for sample in samples]
     budgets = [Budget.parse(text) for text in args.budgets.split(",")]
     policies = args.policies.split(",")
+    max_model_len = max(4096, args.retrieval_tokens + 1024)  # a haystack, its question and instructions, the reply
     base_flags = ["--dtype", dtype, "--kv-cache-memory-bytes", f"{int(args.kv_cache_gib * 2**30)}",
-                  "--max-model-len", "4096", "--max-num-seqs", str(args.concurrency), *EAGER]
+                  "--max-model-len", str(max_model_len), "--max-num-seqs", str(args.concurrency), *EAGER]
     labels = [budget.label for budget in budgets]
     cells: list[Cell] = []
     full_lengths: dict[str, int] = {}  # sample id -> prompt + trace tokens with the full cache
@@ -237,6 +239,8 @@ def main() -> None:
             parser.error(f"--extend {args.extend}: it ran other samples (e.g. none of {missing[:3]})")
         cells = [Cell(**{**cell, "interval": tuple(cell["interval"])}) for cell in earlier["cells"]]
         labels = list(dict.fromkeys([cell.budget for cell in cells if cell.policy != NONE] + labels))
+        # token budgets in size order, so an extension's 96 or 256 lands beside the earlier 128 and 192
+        labels.sort(key=lambda label: (0, int(label)) if label.isdigit() else (1, labels.index(label)))
         finished_before, minutes_before = earlier["finished_policies"], earlier["minutes"]
         runs = earlier.get("runs", [earlier["settings"]])
     started = time.perf_counter()
