@@ -239,8 +239,9 @@ def main() -> None:
             parser.error(f"--extend {args.extend}: it ran other samples (e.g. none of {missing[:3]})")
         cells = [Cell(**{**cell, "interval": tuple(cell["interval"])}) for cell in earlier["cells"]]
         labels = list(dict.fromkeys([cell.budget for cell in cells if cell.policy != NONE] + labels))
-        # token budgets in size order, so an extension's 96 or 256 lands beside the earlier 128 and 192
-        labels.sort(key=lambda label: (0, int(label)) if label.isdigit() else (1, labels.index(label)))
+        # token budgets in size order, so an extension's 96 or 256 lands beside the earlier 128 and 192; the
+        # others (ratios) after them, in their order (a stable sort)
+        labels.sort(key=lambda label: (0, int(label)) if label.isdigit() else (1, 0))
         finished_before, minutes_before = earlier["finished_policies"], earlier["minutes"]
         runs = earlier.get("runs", [earlier["settings"]])
     started = time.perf_counter()
