@@ -13,8 +13,10 @@ batch keeps T of the pool, pages taken where the least observed attention is los
 concurrency x (B + interval / 2) over the pool, so both keep about the same KV; the KV actually held is measured
 (vLLM's `kv_cache_usage_perc`, sampled every half second) and reported beside the accuracies, as are output
 tokens/s, running requests and preemptions. Configurations are interleaved per round; servers restart per run.
+Each round draws its own samples (seed + round): greedy replies to the same prompts would repeat, so pooling
+rounds of one draw would count each answer twice and narrow the intervals without new evidence.
 
-    .venv/bin/python benchmarks/pool.py --per-class 12 --rounds 1     # Qwen2.5-Coder-0.5B
+    .venv/bin/python benchmarks/pool.py --per-class 10 --rounds 2     # Qwen2.5-Coder-0.5B
     .venv/bin/python benchmarks/pool.py --smoke                       # SmolLM2, tiny: checks the script runs
 """
 
@@ -211,8 +213,7 @@ def main() -> None:
 
     model = MODELS[args.model].ensure()
     dtype = serving_dtype(model)
-    items = workload(args.per_class, args.seed, args.retrieval_tokens, args.reasoning_max_tokens,
-                     AutoTokenizer.from_pretrained(model))
+    tokenizer = AutoTokenizer.from_pretrained(model)
     pool_tokens = (args.pool_blocks - 1) * BLOCK_SIZE
     target = args.pool_target or min(1.0, args.concurrency * (args.budget + args.decode_interval / 2) / pool_tokens)
     base = ["--dtype", dtype, "--num-gpu-blocks-override", str(args.pool_blocks), "--block-size", str(BLOCK_SIZE),
@@ -223,6 +224,8 @@ def main() -> None:
     runs = []
     for round_index in range(args.rounds):
         order = CONFIGS if round_index % 2 == 0 else tuple(reversed(CONFIGS))
+        items = workload(args.per_class, args.seed + round_index, args.retrieval_tokens, args.reasoning_max_tokens,
+                         tokenizer)
         for config in order:
             run = run_config(model, config, flags[config], items, args.concurrency)
             run["round"] = round_index
@@ -246,7 +249,7 @@ def main() -> None:
     for run in runs:
         by_round.setdefault(run["round"], {})[run["config"]] = run["output_tokens_per_s"]
     pool_vs_uniform = median_range([r["pool"] / r["uniform"] for r in by_round.values()])
-    print(f"\n{args.model}, {args.per_class} per class x {args.rounds} rounds, pool target {target:.3f}")
+    print(f"\n{args.model}, {args.per_class} per class x {args.rounds} rounds (a draw each), pool target {target:.3f}")
     print("config   | " + " | ".join(f"{name:>18}" for name in CLASSES) + " | KV mean | tok/s")
     for config in CONFIGS:
         cells = summary[config]["accuracy"]
@@ -258,8 +261,8 @@ def main() -> None:
           f"{pool_vs_uniform[2]:.2f})")
     path = write_report("pool", args.smoke, model=args.model, settings=vars(args), pool_target=target, runs=runs,
                         summary=summary, pool_vs_uniform_tokens_per_s=pool_vs_uniform)
-    plot(summary, path.with_suffix(".png"), f"{args.model}: {args.per_class} per class, pool {args.pool_blocks} "
-         f"blocks, uniform budget {args.budget}, pool target {target:.2f}")
+    plot(summary, path.with_suffix(".png"), f"{args.model}: {args.per_class} per class x {args.rounds} rounds, "
+         f"pool {args.pool_blocks} blocks, uniform budget {args.budget}, pool target {target:.2f}")
 
 
 if __name__ == "__main__":
