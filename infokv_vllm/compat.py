@@ -85,6 +85,11 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal(f"{_RUNNER}.execute_model", "overridden: compactions are applied before the forward",
                  ("self", "scheduler_output")),
     VllmInternal(f"{_RUNNER}.sample_tokens", "overridden: the worker's report joins the output", ("self",)),
+    VllmInternal("vllm.v1.worker.gpu_model_runner.AsyncGPUModelRunnerOutput.__init__", "under asynchronous "
+                 "scheduling sample_tokens returns this wrapper; the report joins the output it wraps, which "
+                 "get_output() hands the scheduler", source_has=("self._model_runner_output = model_runner_output",)),
+    VllmInternal("vllm.v1.worker.gpu_model_runner.AsyncGPUModelRunnerOutput.get_output", "returns the wrapped "
+                 "output (the report rides on it)", ("self",), source_has=("output = self._model_runner_output",)),
     VllmInternal(f"{_RUNNER}._prepare_inputs", "overridden: seq_lens and slot_mapping are shifted to the kept "
                  "length after vLLM prepares the step", ("self", "scheduler_output", "num_scheduled_tokens")),
     VllmInternal(f"{_RUNNER}._model_forward", "overridden: the observation window is open during the forward",
@@ -148,6 +153,14 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "requests) to the workers, holding both ends until that step has run", ("self",),
                  source_has=("self.kv_cache_manager.take_kv_cache_block_copies()",
                              "self._free_cow_retained_blocks(")),
+    VllmInternal("vllm.config.scheduler.SchedulerConfig.get_scheduler_cls", "a custom scheduler class is used as "
+                 "named, asynchronous scheduling or not (vLLM picks AsyncScheduler only for its default): "
+                 "CompressingScheduler.__new__ picks our async variant", ("self",),
+                 source_has=("return resolve_obj_by_qualname(self.scheduler_cls)",)),
+    VllmInternal("vllm.v1.engine.core.EngineCore.__init__", "the scheduler class is called with vllm_config as a "
+                 "keyword, which CompressingScheduler.__new__ reads", source_has=("vllm_config=vllm_config,",)),
+    VllmInternal("vllm.v1.core.sched.async_scheduler.AsyncScheduler._update_after_schedule", "the async variant "
+                 "of our scheduler inherits vLLM's output placeholders", ("self", "scheduler_output")),
     VllmInternal(f"{_SCHEDULER}.__init__", "the requests and the running list decisions are made for, and the KV "
                  "cache manager they go through", source_has=("self.requests:", "self.running:",
                                                               "self.kv_cache_manager = KVCacheManager(")),

@@ -4,8 +4,7 @@ vLLM pickles the `SchedulerOutput` to every worker and hands one rank's `ModelRu
 scheduler; extra attributes survive both trips, so ours ride along as one typed attribute each way:
 
 - `SchedulerOutput.infokv_plan` (`StepPlan`): compactions to apply before this step's forward, requests to
-  score without compacting (the pool-wide mode's probes), where each open observation window starts, and token
-  entropies measured in the request's previous step;
+  score without compacting (the pool-wide mode's probes), and where each open observation window starts;
 - `ModelRunnerOutput.infokv_report` (`WorkerReport`): what the reporting rank measured in this step, loss
   curves of the probed requests included.
 
@@ -69,33 +68,18 @@ class LossCurve:
 
 
 @dataclass(frozen=True)
-class TokenEntropies:
-    """Entropies of a request's tokens at logical positions first_position, first_position + 1, ...
-
-    A step that computes positions [a, b) yields the entropies of tokens a+1 .. b (token i's entropy is that of
-    the distribution at position i - 1). All but the last token already have KV when the message arrives, one
-    step later; the last is the first token the request computes in that step.
-    """
-
-    first_position: int
-    values: np.ndarray  # float32
-
-
-@dataclass(frozen=True)
 class StepPlan:
     """The scheduler's compression instructions for one step, sent to every worker."""
 
     compactions: list[Compaction] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
     window_starts: dict[str, int] = field(default_factory=dict)  # request id -> logical position
-    entropies: dict[str, TokenEntropies] = field(default_factory=dict)  # request id -> previous step's values
 
 
 @dataclass
 class WorkerReport:
     """What a worker measured in one step (only the reporting rank's report reaches the scheduler)."""
 
-    entropies: dict[str, TokenEntropies] = field(default_factory=dict)
     loss_curves: dict[str, LossCurve] = field(default_factory=dict)  # request id -> this step's probe
     seconds_scoring: float = 0.0
     seconds_compacting: float = 0.0

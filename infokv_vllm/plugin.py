@@ -147,12 +147,6 @@ def prepare_engine_args(engine_args: Any) -> CompressionConfig:
                 f"infokv-vllm: --{option.replace('_', '-')} {theirs} cannot be combined with {flag_name('method')} "
                 f"{compression.method}: compression brings its own {option} ({ours}).")
         setattr(engine_args, option, ours)
-    if engine_args.async_scheduling:
-        raise CompressionConfigError(
-            f"infokv-vllm: --async-scheduling is not supported with {flag_name('method')} {compression.method} "
-            "yet: compaction runs on vLLM's synchronous schedule. Remove the flag (compression turns vLLM's "
-            "default asynchronous scheduling off).")
-    engine_args.async_scheduling = False
     adapter.prepare_engine_args(engine_args, compression)
     # Compression hooks into the V1 model runner (vllm/v1/worker/gpu_model_runner.py); Model Runner V2 has
     # other interfaces. The variable is inherited by the spawned engine core and copied to Ray workers.

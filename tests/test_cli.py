@@ -96,6 +96,38 @@ def test_compression_keeps_prefix_caching_and_selects_the_v1_runner(smollm2_dir,
     assert asked.cache_config.enable_prefix_caching is True
 
 
+def test_async_scheduling_is_left_to_vllm(smollm2_dir):
+    """Compression no longer refuses --async-scheduling: vLLM decides, and its CPU platform schedules
+    synchronously whatever is asked; our scheduler class is named either way."""
+    from infokv_vllm.plugin import SCHEDULER_CLS
+
+    settings = {ADDITIONAL_CONFIG_KEY: {"method": "infokv", "budget": 128}}
+    for asked in (True, None):
+        config = engine_config(smollm2_dir, async_scheduling=asked, additional_config=settings)
+        assert config.scheduler_config.async_scheduling is False
+        assert config.scheduler_config.scheduler_cls == SCHEDULER_CLS
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_scheduler_class_follows_the_resolved_async_setting(asynchronous):
+    """vLLM resolves async_scheduling after the plugin names its scheduler and instantiates the named class as
+    is: CompressingScheduler becomes the AsyncScheduler variant where the engine schedules asynchronously."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from infokv_vllm.core.scheduler import CompressingAsyncScheduler, CompressingScheduler
+
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=asynchronous))
+    scheduler = CompressingScheduler.__new__(CompressingScheduler, vllm_config=config)
+    assert type(scheduler) is (CompressingAsyncScheduler if asynchronous else CompressingScheduler)
+    assert isinstance(scheduler, AsyncScheduler) is asynchronous
+    # Our overrides come before vLLM's in either class (they call vLLM's through super()).
+    mro = CompressingAsyncScheduler.__mro__
+    assert mro.index(CompressingScheduler) < mro.index(AsyncScheduler) < mro.index(Scheduler)
+
+
 def test_method_none_changes_nothing(smollm2_dir, monkeypatch):
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     plain = engine_config(smollm2_dir)
@@ -114,7 +146,6 @@ def test_method_none_changes_nothing(smollm2_dir, monkeypatch):
                                  "prompt_lookup_max": 2}}, "speculative decoding"),
         ({"scheduler_cls": "my.Scheduler"}, "--scheduler-cls my.Scheduler cannot be combined"),
         ({"worker_cls": "my.Worker"}, "--worker-cls my.Worker cannot be combined"),
-        ({"async_scheduling": True}, "--async-scheduling is not supported"),
         ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8 is not supported"),
     ],
 )

@@ -114,6 +114,7 @@ def test_the_first_token_after_a_hit_keeps_the_entropy_a_cold_run_measures(smoll
         engine.add_request("cold", QUESTIONS["second"], GREEDY)
         engine.step()
         (cold,) = scheduler.requests
-        measured = scheduler._entropies[cold]  # reported by this step, stored with the next
-        assert stored == pytest.approx(float(measured.values[first_computed - measured.first_position]), abs=1e-4)
+        block = scheduler.manager.req_to_blocks[cold][first_computed // BLOCK_SIZE].block_id
+        measured = float(runner.signals.planes["entropy"][0][block, 0, 0])  # stored after the cold prefill
+        assert stored == pytest.approx(measured, abs=1e-4)
         assert stored > 0

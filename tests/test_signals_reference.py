@@ -3,18 +3,14 @@ window attention (SnapKV-style), top-k token entropy and representation evolutio
 
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
 import pytest
 import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from infokv_vllm.messages import TokenEntropies, attach_plan, plan_of
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.signals.entropy import topk_entropy
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
+from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +54,8 @@ def prompt_compression_signals(smollm2_dir, prompt_ids, chunk_tokens: int | None
 
 @pytest.fixture(scope="module", params=[None, 24], ids=["one-chunk", "chunked-prefill"])
 def vllm_signals(request, smollm2_dir, prompt_ids) -> dict[str, torch.Tensor]:
-    """In 24-token chunks the window and the entropies sent back through the scheduler cross chunk boundaries."""
+    """In 24-token chunks the window and the entropies (each chunk's last one waits for its token) cross chunk
+    boundaries."""
     return prompt_compression_signals(smollm2_dir, prompt_ids, request.param)
 
 
@@ -116,28 +113,3 @@ def test_token_entropy_matches_transformers(vllm_signals, transformers_outputs):
 
 def test_representation_evolution_matches_transformers(vllm_signals, transformers_outputs):
     check_representation_evolution(vllm_signals, transformers_outputs)
-
-
-def test_workers_score_with_the_entropies_the_scheduler_sends(smollm2_dir, prompt_ids):
-    """Under tensor parallelism every rank must score with the same entropies: the workers take them from the
-    scheduler's output, not from their own computation. Replace what the scheduler sends with a marker (the
-    token's position) and find exactly the marker in the signal the policy scores with."""
-
-    def send_markers(llm):
-        scheduler = scheduler_of(llm)
-        schedule = scheduler.schedule
-
-        def schedule_with_markers(*args, **kwargs):
-            output = schedule(*args, **kwargs)
-            plan = plan_of(output)
-            attach_plan(output, dataclasses.replace(plan, entropies={
-                request_id: TokenEntropies(sent.first_position, np.arange(
-                    sent.first_position, sent.first_position + len(sent.values), dtype=np.float32))
-                for request_id, sent in plan.entropies.items()}))
-            return output
-
-        scheduler.schedule = schedule_with_markers
-
-    signals = prompt_compression_signals(smollm2_dir, prompt_ids, 24, send_markers)
-    positions = torch.arange(len(prompt_ids), dtype=torch.float32)
-    assert torch.equal(signals[ENTROPY][0, 0], positions), "position 0 is a sink: 0"

@@ -1,7 +1,7 @@
 """Tensor parallelism on CPU: two workers, each holding one of the tiny Llama's two KV heads and selecting for it
-with the budgets, decisions and entropies the scheduler sends; as worker processes (vLLM's multiprocessing
-executor) and as Ray actors (vLLM's Ray executor, adapted to CPUs by the plugin), on a local Ray cluster the test
-starts itself."""
+with the budgets and decisions the scheduler sends (and the entropies of the logits gathered on every rank); as
+worker processes (vLLM's multiprocessing executor) and as Ray actors (vLLM's Ray executor, adapted to CPUs by the
+plugin), on a local Ray cluster the test starts itself."""
 
 from __future__ import annotations
 

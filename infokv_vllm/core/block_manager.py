@@ -104,8 +104,11 @@ class CompactingAttentionManager(FullAttentionManager):
     def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
         if request.request_id in self.evicted:
             return
-        # vLLM hashes the blocks a step will compute when it schedules them; wait until they are computed.
-        super().cache_blocks(request, min(num_tokens, request.num_computed_tokens), *args, **kwargs)
+        # vLLM hashes the blocks a step will compute when it schedules them; wait until they are computed. Under
+        # asynchronous scheduling the computed count includes tokens still being sampled (placeholders), whose
+        # ids, and so the hashes of their blocks, are not known yet.
+        computed = request.num_computed_tokens - request.num_output_placeholders
+        super().cache_blocks(request, min(num_tokens, computed), *args, **kwargs)
 
     def pop_blocks_for_free(self, request_id):
         # Finish, abort and preemption all come through here; a preempted request is recomputed in full.

@@ -29,6 +29,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.utils.math_utils import cdiv
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 
 from infokv_vllm import logger
 from infokv_vllm.config import compression_of
@@ -171,8 +172,11 @@ class CompressingRunnerMixin:
 
     def sample_tokens(self, *args, **kwargs):
         output = super().sample_tokens(*args, **kwargs)
-        if self.compression.enabled and isinstance(output, ModelRunnerOutput) and output.req_ids:
-            attach_report(output, self._report)
+        # Under asynchronous scheduling the output is wrapped until its sampled tokens reach the host; the
+        # scheduler receives the wrapped one.
+        inner = output._model_runner_output if isinstance(output, AsyncGPUModelRunnerOutput) else output
+        if self.compression.enabled and isinstance(inner, ModelRunnerOutput) and inner.req_ids:
+            attach_report(inner, self._report)
             self._report = WorkerReport()
         return output
 

@@ -2,9 +2,8 @@
 
 Compression is decided here, before vLLM allocates the step's slots, so the tail pages a compaction frees serve
 this very step. The decision travels to every worker on the `SchedulerOutput` (`messages.StepPlan`); the
-workers choose *which* tokens with the active scoring policy and move them before the step's forward. Token
-entropies come back from the reporting worker and go out again with the request's next step, so every
-tensor-parallel rank scores with the same budgets, decisions and entropies.
+workers choose *which* tokens with the active scoring policy and move them before the step's forward, so every
+tensor-parallel rank compacts to the same lengths.
 
 Budgets are per request: the server's settings, overridden by what a request gives in its `extra_args` (the
 OpenAI API's `vllm_xargs`, see `CompressionConfig.for_request`; the frontend has already refused bad values).
@@ -28,6 +27,15 @@ scores (the slots computed since count as window), one step or more after the pr
 With prefix caching on, a request's computed blocks are hashed just before its first compaction (so the next
 request with the same prefix reuses them), and the block manager gives every cached or shared block the
 compaction would rewrite a private copy (`core/block_manager.py`).
+
+Asynchronous scheduling (vLLM's GPU default): vLLM schedules step N+1 while step N runs, so a request's
+`num_computed_tokens` already counts the tokens N is computing. Deciding on it is what the synchronous schedule
+decides one step later, with the same numbers: the workers run the steps in order (on a GPU, on one stream), so a
+compaction in N+1 moves KV and signals that N has written, and the slots it frees are written only by later
+steps. Nothing a decision needs comes back with N's output: the signals stay on the workers. Only the pool-wide
+mode's loss curves do, and they arrive a step later (a compaction uses the probe's scores, whenever it comes).
+`CompressingScheduler` becomes `CompressingAsyncScheduler` (over vLLM's `AsyncScheduler`) when the engine
+schedules asynchronously: vLLM picks its own async class only for the default scheduler.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
@@ -44,7 +53,7 @@ from infokv_vllm import logger
 from infokv_vllm.config import CompressionConfig, compression_of
 from infokv_vllm.core.block_manager import CompactingAttentionManager
 from infokv_vllm.core.pool import PoolCandidate, kept_lengths
-from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, TokenEntropies, attach_plan, report_of
+from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, attach_plan, report_of
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 from infokv_vllm.scoring import make_policy
 from infokv_vllm.signals import ATTENTION
@@ -62,6 +71,14 @@ class CompressionRecord:
 
 
 class CompressingScheduler(Scheduler):
+    def __new__(cls, *args, **kwargs):
+        # vLLM instantiates the configured class by name, and resolves `async_scheduling` after the plugin names
+        # it: the asynchronous variant is chosen here, where the resolved config arrives.
+        vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+        if cls is CompressingScheduler and vllm_config.scheduler_config.async_scheduling:
+            cls = CompressingAsyncScheduler
+        return super().__new__(cls)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.compression = compression_of(self.vllm_config)
@@ -77,7 +94,6 @@ class CompressingScheduler(Scheduler):
         self.records: dict[str, CompressionRecord] = {}
         self.totals = CompressionStats()  # since start-up; the frontend's metrics derive from it
         self._past_prompt: set[str] = set()  # requests whose prompt-compression point has been evaluated
-        self._entropies: dict[str, TokenEntropies] = {}  # reported, to be sent with the request's next step
         self._settings: dict[str, CompressionConfig] = {}  # per request: the server's, as the request overrides
         # Pool-wide mode, per request: the logical length of its next probe (absent: the end of its prompt), and
         # its last probe's curve, shortened by the compactions since (absent until the probe's report arrives)
@@ -98,9 +114,8 @@ class CompressingScheduler(Scheduler):
                 {c.request_id for c in compactions} | {probe.request_id for probe in probes})
         output = super().schedule(*args, **kwargs)
         # A request preempted later in this same schedule() lost all its blocks; nothing is left to move, and
-        # its entropies will be measured again when it is recomputed.
+        # it will be probed again when it is recomputed.
         for request_id in output.preempted_req_ids:
-            self._entropies.pop(request_id, None)
             self._curves.pop(request_id, None)
             self._next_probe.pop(request_id, None)
         if not self.requests:
@@ -110,19 +125,15 @@ class CompressingScheduler(Scheduler):
         attach_plan(output, StepPlan(
             compactions=[c for c in compactions if c.request_id not in output.preempted_req_ids],
             probes=[probe for probe in probes if probe.request_id not in output.preempted_req_ids],
-            window_starts=self._window_starts(output) if self._scores_attention else {},
-            entropies={request_id: self._entropies.pop(request_id)
-                       for request_id in output.num_scheduled_tokens if request_id in self._entropies}))
+            window_starts=self._window_starts(output) if self._scores_attention else {}))
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output, *args, **kwargs):
-        # Before vLLM's bookkeeping, which frees the requests that finish in this step (and their entropies).
+        # Before vLLM's bookkeeping, which frees the requests that finish in this step (and their curves).
         report = report_of(model_runner_output)
         if report is not None:
             self.totals.seconds_scoring += report.seconds_scoring
             self.totals.seconds_compacting += report.seconds_compacting
-            self._entropies.update((request_id, entropies) for request_id, entropies in report.entropies.items()
-                                   if request_id in self.requests)
             self._curves.update((request_id, curve) for request_id, curve in report.loss_curves.items()
                                 if request_id in self._next_probe)
         return super().update_from_output(scheduler_output, model_runner_output, *args, **kwargs)
@@ -168,7 +179,7 @@ class CompressingScheduler(Scheduler):
     def requests_held(self) -> dict[str, int]:
         """How many requests each piece of the scheduler's per-request compression state holds."""
         return {"records": len(self.records), "past_prompt": len(self._past_prompt),
-                "entropies": len(self._entropies), "settings": len(self._settings),
+                "settings": len(self._settings),
                 "evicted": len(self.manager.evicted), "next_probe": len(self._next_probe),
                 "curves": len(self._curves)}
 
@@ -355,7 +366,6 @@ class CompressingScheduler(Scheduler):
         self._past_prompt.discard(request.request_id)
         self._next_probe.pop(request.request_id, None)
         self._curves.pop(request.request_id, None)
-        self._entropies.pop(request.request_id, None)
         record = self.records.pop(request.request_id, None)
         if self.settings_of(request).enabled:
             record = record or CompressionRecord()
@@ -365,3 +375,8 @@ class CompressingScheduler(Scheduler):
                          record.blocks_freed, max(record.peak_slots, held))
         self._settings.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
+
+
+class CompressingAsyncScheduler(CompressingScheduler, AsyncScheduler):
+    """`CompressingScheduler` over vLLM's `AsyncScheduler` (output placeholders, caching on output), for engines
+    that schedule the next step while the current one runs (see the module's docstring)."""

@@ -12,8 +12,8 @@ it compresses on CUDA.
 - CUDA graphs: attention is vLLM's piecewise split point, so it runs outside captured graphs and the
   accumulation runs on every step. FULL graph modes would capture attention and replay it without the
   accumulation, so they are downgraded to PIECEWISE with one log line (vLLM's default is FULL_AND_PIECEWISE).
-- Async scheduling (vLLM's GPU default) is switched off with one info line: compaction runs on the synchronous
-  schedule.
+- Asynchronous scheduling stays vLLM's default (`core/scheduler.py` says why compactions are safe under it); it
+  has not run on a GPU yet, which one info line says, with `--no-async-scheduling` as the way back.
 - Pages: a logical [blocks, kv_heads, block_size, 2 * head_size] view per layer, any physical stride order
   (`HeadMajorPageLayout`). Kernels: Triton (`--kv-kernels auto`), or torch.
 - Start-up self-check: both Triton kernels run on small random pages of the cache's dtype on the GPU against the
@@ -41,6 +41,8 @@ from infokv_vllm.kernels.selfcheck import kernel_disagreements
 
 EXPERIMENTAL_WARNING = ("infokv-vllm: compression on CUDA is experimental (the README's platform table says what has "
                         "run on GPUs); answer quality is measured on CPU only")
+ASYNC_SCHEDULING_NOTE = ("infokv-vllm: asynchronous scheduling (vLLM's default on GPUs) with compression has not run "
+                         "on a GPU yet; --no-async-scheduling schedules synchronously, as every GPU run so far did")
 
 
 # vLLM's backend name -> vLLM's backend class: the backends whose impl records the attention signal on CUDA
@@ -83,8 +85,8 @@ class CUDAAdapter(PlatformAdapter):
                         "the observation window's scoring runs on every step",
                         compilation.cudagraph_mode or "FULL_AND_PIECEWISE (vLLM's default)")
         compilation.cudagraph_mode = mode
-        logger.info("infokv-vllm: async scheduling is off while compressing: compaction runs on vLLM's "
-                    "synchronous schedule")
+        if engine_args.async_scheduling is not False:
+            logger.info(ASYNC_SCHEDULING_NOTE)
 
     def page_layout(self, attention_layer: Any, spec: Any) -> PageLayout:
         layout = HeadMajorPageLayout(spec.block_size, spec.head_size)

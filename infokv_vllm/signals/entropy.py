@@ -2,21 +2,24 @@
 
 Token i's entropy is that of the distribution it was drawn from: the logits at position i - 1. It is measured
 after the forward (the last token of each request already has the logits vLLM samples from; only prefill
-positions before it need extra logits, computed a bounded number at a time), reported to the scheduler, and
-stored from what the scheduler sends back with the request's next step. That round trip makes every
-tensor-parallel rank score with the reporting rank's values.
+positions before it need extra logits, computed a bounded number at a time) and stored on this worker at once:
+the step's tokens but its first get the values its own logits give, and each request's next token (its KV is
+written in the request's next step) keeps its value until then.
+
+Every rank measures the same values: `compute_logits` gathers the vocabulary across tensor-parallel ranks, so
+each rank takes the entropy of the same logits. Keeping them on the worker (not sending them round through the
+scheduler) is what lets a compaction decided while the previous step is still in flight (vLLM's asynchronous
+scheduling) score with every entropy its tokens have: the worker runs steps in order, the scheduler does not
+wait for their outputs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
-
-import numpy as np
 import torch
 
-from infokv_vllm.messages import StepPlan, TokenEntropies, WorkerReport
-from infokv_vllm.signals import ENTROPY, ForwardOutputs, NewBlocks, RequestPages, SignalRecorder, StepView
+from infokv_vllm.messages import StepPlan, WorkerReport
+from infokv_vllm.signals import ENTROPY, ForwardOutputs, NewBlocks, SignalRecorder, StepView
 
 # Prompt logits are computed this many positions at a time: never prompt_len x vocab at once.
 ENTROPY_CHUNK_TOKENS = 256
@@ -67,30 +70,6 @@ class EntropyRecorder(SignalRecorder):
     def requests_held(self) -> int:
         return len(self._next_token_entropy)
 
-    def before_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
-        """All but the last value belong to tokens computed in the request's previous step, which sit
-        contiguously after its last compaction; the last belongs to the first token of this step, whose slot is
-        known only once the step's inputs are prepared."""
-        slots, values, ended_blocks, next_values = [], [], [], []
-        block_size = self.storage.block_size
-        for request_id, entropies in plan.entropies.items():
-            request = pages(request_id)
-            first = entropies.first_position - request.evicted
-            indices = torch.arange(first, first + len(entropies.values) - 1)
-            slots.append(self.storage.request_slots(request.block_ids, indices))
-            values.append(torch.from_numpy(entropies.values[:-1]))
-            self._next_token_entropy[request_id] = float(entropies.values[-1])
-            if not request.evicted:
-                # A token that starts a block is the one after the previous block's last slot.
-                positions = np.arange(first, first + len(entropies.values))
-                starts = np.flatnonzero((positions % block_size == 0) & (positions > 0))
-                ended_blocks.extend(request.block_ids[position // block_size - 1] for position in positions[starts])
-                next_values.extend(entropies.values[starts])
-        if slots:
-            self.storage.write(ENTROPY, torch.cat(slots), torch.cat(values))
-        if ended_blocks:
-            self.storage.next_entropy[ended_blocks] = torch.tensor(next_values, device=self.storage.device)
-
     def after_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
         """A request that reuses cached blocks computes its first token without the logits before it: its entropy
         is the one the cached block kept."""
@@ -98,14 +77,12 @@ class EntropyRecorder(SignalRecorder):
             self._next_token_entropy[request_id] = float(self.storage.next_entropy[block])
 
     def after_forward(self, step: StepView, outputs: ForwardOutputs, report: WorkerReport) -> None:
-        """Measure the entropies this step's logits give and report them to the scheduler; store those the
-        scheduler sent for each request's first token of the step (0 for a sequence's first token, a sink).
-
-        Every rank computes them, as `compute_logits` gathers across tensor-parallel ranks, but only the
-        reporting rank's values are used."""
+        """Measure the entropies this step's logits give and store them: each row's first token gets the value
+        its request kept from its previous step (0 for a sequence's first token, a sink), the others their own,
+        and the row's last value waits for the token it belongs to."""
         starts = step.query_starts
         count = starts[-1]
-        entropies = torch.empty(count)
+        entropies = torch.empty(count)  # row r, token t: the entropy of the token after t
         last = torch.tensor(starts[1:]) - 1
         entropies[last] = topk_entropy(outputs.last_logits[: len(step.request_ids)], self.top_k).cpu()
         inner = torch.ones(count, dtype=torch.bool)
@@ -116,10 +93,15 @@ class EntropyRecorder(SignalRecorder):
         for chunk in inner.split(ENTROPY_CHUNK_TOKENS) if len(inner) else ():
             logits = outputs.compute_logits(outputs.hidden_states[chunk.to(outputs.hidden_states.device)])
             entropies[chunk] = topk_entropy(logits, self.top_k).cpu()
-        report.entropies.update({
-            request_id: TokenEntropies(int(step.positions[starts[row]]) + 1,
-                                       entropies[starts[row]:starts[row + 1]].numpy().astype(np.float32))
-            for row, request_id in enumerate(step.request_ids)})
-        first_values = torch.tensor([self._next_token_entropy.pop(request_id, 0.0)
-                                     for request_id in step.request_ids])
-        self.storage.write(ENTROPY, step.slots[torch.tensor(starts[:-1], device=step.slots.device)], first_values)
+        own = torch.empty(count)  # the entropy of each of the step's tokens
+        own[1:] = entropies[:-1]
+        own[starts[:-1]] = torch.tensor([self._next_token_entropy.pop(request_id, 0.0)
+                                         for request_id in step.request_ids])
+        self.storage.write(ENTROPY, step.slots, own)
+        self._next_token_entropy.update(zip(step.request_ids, entropies[last].tolist()))
+        # A block whose last slot this step wrote keeps the entropy of the token after it, for a request that
+        # reuses the block from the prefix cache (it computes that token without the logits it was drawn from).
+        ends = (step.slots % self.storage.block_size == self.storage.block_size - 1).cpu()
+        if ends.any():
+            self.storage.next_entropy[step.slots[ends.to(step.slots.device)] // self.storage.block_size] = \
+                entropies[ends].to(self.storage.device)
