@@ -8,8 +8,9 @@ Three classes of requests share each server, mixed in turn and kept `--concurren
   last turn (graded like RULER's QA: any reference answer, case-blind).
 
 Configurations, on the same pool (`--num-gpu-blocks-override`): `vanilla` (no compression), `uniform` (infokv with
-`--kv-budget B`: every request keeps B + interval at most), and `pool` (infokv with `--kv-pool-target T`: the
-batch keeps T of the pool, pages taken where the least observed attention is lost). T defaults to uniform's total:
+`--kv-budget B`: every request keeps B + interval at most), `pool` (infokv with `--kv-pool-target T`: the
+batch keeps T of the pool, pages taken where the least observed attention is lost) and `pool-floor` (the same with
+`--kv-budget F`, which the pool-wide mode takes as every request's floor). T defaults to uniform's total:
 concurrency x (B + interval / 2) over the pool, so both keep about the same KV; the KV actually held is measured
 (vLLM's `kv_cache_usage_perc`, sampled every half second) and reported beside the accuracies, as are output
 tokens/s, running requests and preemptions. Configurations are interleaved per round; servers restart per run.
@@ -33,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CLASSES = ("retrieval", "reasoning", "chat")
-CONFIGS = ("vanilla", "uniform", "pool")
+CONFIGS = ("vanilla", "uniform", "pool", "pool-floor")
 BLOCK_SIZE = 32
 CHAT_TURNS = 3
 CANNED_REPLIES = ("That is an interesting point of view.", "I see what the author means.",
@@ -157,15 +158,15 @@ def run_config(model: Path, config: str, flags: list[str], items: list[dict], co
             "samples": {name: len(h) for name, h in hits.items()}}
 
 
-def plot(summary: dict, path: Path, title: str) -> None:
+def plot(summary: dict, configs: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(CONFIGS)
-    for offset, config in enumerate(CONFIGS):
+    width = 0.8 / len(configs)
+    for offset, config in enumerate(configs):
         cells = [summary[config]["accuracy"][name] for name in CLASSES]
         values = [cell["accuracy"] for cell in cells]
         errors = [[v - cell["interval"][0] for v, cell in zip(values, cells)],
@@ -173,7 +174,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         label = f"{config} (KV {summary[config]['kv_usage_mean']:.0%} of pool)"
         axis.bar([i + offset * width for i in range(len(CLASSES))], values, width, yerr=errors, capsize=3,
                  label=label)
-    axis.set_xticks([i + width for i in range(len(CLASSES))], CLASSES)
+    axis.set_xticks([i + width * (len(configs) - 1) / 2 for i in range(len(CLASSES))], CLASSES)
     axis.set_ylabel("accuracy (95% Wilson)")
     axis.set_ylim(0, 1.05)
     axis.set_title(title, fontsize=9)
@@ -197,11 +198,17 @@ def main() -> None:
     parser.add_argument("--decode-interval", type=int, default=64)
     parser.add_argument("--pool-blocks", type=int, default=640, help="KV pool of every configuration, in blocks "
                                                                       f"of {BLOCK_SIZE} tokens")
+    parser.add_argument("--configs", default="vanilla,uniform,pool", help=f"a subset of {','.join(CONFIGS)}")
+    parser.add_argument("--pool-floor", type=int, default=128, help="pool-floor's --kv-budget (every request's floor)")
     parser.add_argument("--pool-target", type=float, default=None,
                         help="the pool configuration's --kv-pool-target (default: uniform's total KV)")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="round r draws with seed + r (tune on another seed)")
+    parser.add_argument("--name", default="pool", help="results/<name>.json and .png")
     args = parser.parse_args()
+    configs = args.configs.split(",")
+    if unknown := set(configs) - set(CONFIGS):
+        parser.error(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if args.smoke:
         args.model, args.per_class, args.concurrency, args.retrieval_tokens = "smollm2", 2, 6, 400
         args.reasoning_max_tokens, args.budget, args.decode_interval, args.pool_blocks = 48, 96, 32, 96
@@ -220,10 +227,11 @@ def main() -> None:
             "--max-model-len", str(pool_tokens), "--max-num-seqs", str(args.concurrency), *EAGER]
     infokv = ["--kv-compression", "infokv", "--kv-decode-interval", str(args.decode_interval)]
     flags = {"vanilla": base, "uniform": [*base, *infokv, "--kv-budget", str(args.budget)],
-             "pool": [*base, *infokv, "--kv-pool-target", f"{target:.4f}"]}
+             "pool": [*base, *infokv, "--kv-pool-target", f"{target:.4f}"],
+             "pool-floor": [*base, *infokv, "--kv-pool-target", f"{target:.4f}", "--kv-budget", str(args.pool_floor)]}
     runs = []
     for round_index in range(args.rounds):
-        order = CONFIGS if round_index % 2 == 0 else tuple(reversed(CONFIGS))
+        order = configs if round_index % 2 == 0 else configs[::-1]
         items = workload(args.per_class, args.seed + round_index, args.retrieval_tokens, args.reasoning_max_tokens,
                          tokenizer)
         for config in order:
@@ -235,7 +243,7 @@ def main() -> None:
                   f"{run['kv_usage_peak']:.0%} peak, {run['running_mean']:.1f} running, "
                   f"{run['preemptions']:.0f} preemptions, {run['seconds']:.0f} s", flush=True)
     summary = {}
-    for config in CONFIGS:
+    for config in configs:
         mine = [run for run in runs if run["config"] == config]
         accuracy = {}
         for name in CLASSES:
@@ -248,22 +256,23 @@ def main() -> None:
     by_round = {}
     for run in runs:
         by_round.setdefault(run["round"], {})[run["config"]] = run["output_tokens_per_s"]
-    pool_vs_uniform = median_range([r["pool"] / r["uniform"] for r in by_round.values()])
+    # Output tokens/s of each pool-wide configuration over uniform's, round by round.
+    vs_uniform = {config: median_range([r[config] / r["uniform"] for r in by_round.values()])
+                  for config in configs if config.startswith("pool") and "uniform" in configs}
     print(f"\n{args.model}, {args.per_class} per class x {args.rounds} rounds (a draw each), pool target {target:.3f}")
-    print("config   | " + " | ".join(f"{name:>18}" for name in CLASSES) + " | KV mean | tok/s")
-    for config in CONFIGS:
+    print("config     | " + " | ".join(f"{name:>18}" for name in CLASSES) + " | KV mean | tok/s")
+    for config in configs:
         cells = summary[config]["accuracy"]
-        print(f"{config:8} | " + " | ".join(
+        print(f"{config:10} | " + " | ".join(
             f"{cells[n]['accuracy']:.2f} ({cells[n]['interval'][0]:.2f}-{cells[n]['interval'][1]:.2f})"
             for n in CLASSES) + f" | {summary[config]['kv_usage_mean']:6.0%} | "
             f"{summary[config]['output_tokens_per_s'][0]:.1f}")
-    print(f"pool / uniform output tokens/s: {pool_vs_uniform[0]:.2f}x ({pool_vs_uniform[1]:.2f}-"
-          f"{pool_vs_uniform[2]:.2f})")
-    path = write_report("pool", args.smoke, model=args.model, settings=vars(args), pool_target=target, runs=runs,
-                        summary=summary, pool_vs_uniform_tokens_per_s=pool_vs_uniform)
-    plot(summary, path.with_suffix(".png"), f"{args.model}: {args.per_class} per class x {args.rounds} rounds, "
-         f"pool {args.pool_blocks} blocks, uniform budget {args.budget}, pool target {target:.2f}")
-
+    for config, ratio in vs_uniform.items():
+        print(f"{config} / uniform output tokens/s: {ratio[0]:.2f}x ({ratio[1]:.2f}-{ratio[2]:.2f})")
+    path = write_report(args.name, args.smoke, model=args.model, settings=vars(args), pool_target=target, runs=runs,
+                        summary=summary, vs_uniform_tokens_per_s=vs_uniform)
+    plot(summary, configs, path.with_suffix(".png"), f"{args.model}: {args.per_class} per class x {args.rounds} "
+         f"rounds, pool {args.pool_blocks} blocks, uniform budget {args.budget}, pool target {target:.2f}")
 
 if __name__ == "__main__":
     main()

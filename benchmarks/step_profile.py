@@ -9,6 +9,12 @@ are called layers x steps times, so `none` runs with the same wrappers installed
     .venv/bin/python benchmarks/step_profile.py                 # eager and compiled, about 8 minutes
     .venv/bin/python benchmarks/step_profile.py --small-pool --methods entropy,infokv --modes eager
     .venv/bin/python benchmarks/step_profile.py --smoke
+
+`--hot-prefix` profiles what a request that finds its prompt's prefix cached waits for before its first token (the
+prefix-cache benchmark's TTFT): one request computes a shared prefix (and is compressed), then each measured
+request (the prefix plus a few new tokens) runs alone; only the steps up to its first token are timed.
+
+    .venv/bin/python benchmarks/step_profile.py --hot-prefix --model qwen2.5-0.5b --methods none,infokv
 """
 
 from __future__ import annotations
@@ -29,8 +35,6 @@ TIMED = [
     ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", "vLLM schedule", "schedule + compaction decisions"),
     ("infokv_vllm.core.runner", "CompressingRunnerMixin.execute_model", "worker: compactions + execute",
      "engine step"),
-    ("infokv_vllm.signals.entropy", "EntropyRecorder.before_compactions", "entropy store",
-     "worker: compactions + execute"),
     ("infokv_vllm.signals.attention", "AttentionRecorder._add_deferred_mass", "deferred window mass",
      "worker: compactions + execute"),
     ("infokv_vllm.core.runner", "CompressingRunnerMixin._compact", "compaction (score + move)",
@@ -114,6 +118,57 @@ def profile(model, workload, method: str, mode: str, blocks: int, seconds: dict,
                 "ms_per_step": {label: 1000 * seconds[label] / steps for label in seconds}}
 
 
+def profile_hot_prefix(model, dtype: str, method: str, mode: str, args, seconds: dict, calls: dict) -> dict:
+    """Time the steps up to the first token of requests whose prefix is cached (the engine otherwise idle)."""
+    import random
+
+    from throughput import PROMPT_TOKEN_RANGE
+    from vllm import SamplingParams
+
+    from infokv_vllm.testing.local_engine import in_process_llm
+
+    rng = random.Random(0)
+    prefix = [rng.randrange(*PROMPT_TOKEN_RANGE) for _ in range(args.prefix_len)]
+    prompts = [{"prompt_token_ids": prefix + [rng.randrange(*PROMPT_TOKEN_RANGE) for _ in range(args.suffix_len)]}
+               for _ in range(args.requests + 1)]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    compression = None if method == "none" else {"method": method, "budget": args.budget,
+                                                  "decode_interval": args.interval}
+    first_token_ms, steps_to_first, cached_tokens, by_label = [], [], [], collections.defaultdict(float)
+    with in_process_llm(model, compression, dtype=dtype, max_model_len=args.prefix_len + args.suffix_len +
+                        args.output_len, enforce_eager=mode == "eager", enable_prefix_caching=True) as llm:
+        engine = llm.llm_engine
+        for index, prompt in enumerate(prompts):  # the first computes the prefix: a warm-up, not measured
+            engine.add_request(f"r{index}", prompt, params)
+            seconds.clear()
+            calls.clear()
+            started, first = time.perf_counter(), None
+            while engine.has_unfinished_requests():
+                outputs = [output for output in engine.step() if output.outputs[0].token_ids]
+                if first is None and outputs:
+                    first = time.perf_counter() - started
+                    if index:
+                        first_token_ms.append(1000 * first)
+                        steps_to_first.append(calls["engine step"])
+                        cached_tokens.append(outputs[0].num_cached_tokens)
+                        for label, value in seconds.items():
+                            by_label[label] += 1000 * value / args.requests
+    return {"method": method, "mode": mode, "first_token_ms": first_token_ms, "steps_to_first_token": steps_to_first,
+            "cached_tokens": cached_tokens, "ms_per_request": dict(by_label)}
+
+
+def print_table(results: list[dict], key: str, title: str, count_key: str, count_title: str) -> None:
+    depth = {}
+    for _, _, label, parent in TIMED:
+        depth[label] = 0 if parent is None else depth[parent] + 1
+    print(f"{title:44}" + "".join(f"{r['method'][:9] + '/' + r['mode'][:5]:>16}" for r in results))
+    for _, _, label, _ in TIMED:
+        cells = [r[key].get(label) for r in results]
+        if any(cells):
+            print(f"{'  ' * depth[label] + label:44}" + "".join(f"{c:>16.2f}" if c else f"{'-':>16}" for c in cells))
+    print(f"{count_title:44}" + "".join(f"{str(r[count_key]):>16}" for r in results))
+
+
 def main() -> None:
     from report import methods_of, write_report
     from throughput import WORKLOADS, Workload
@@ -129,6 +184,13 @@ def main() -> None:
     parser.add_argument("--small-pool", action="store_true",
                         help="the throughput benchmark's CPU workload on its small pool, with --kv-memory-pressure "
                              "(24 requests, 384 output tokens, 61 blocks): compactions come from memory pressure too")
+    parser.add_argument("--hot-prefix", action="store_true",
+                        help="time the steps up to the first token of requests that find their prefix cached")
+    parser.add_argument("--model", default="smollm2", help="a name in infokv_vllm.testing.models.MODELS")
+    parser.add_argument("--prefix-len", type=int, default=2048, help="--hot-prefix: the shared prefix, in tokens")
+    parser.add_argument("--suffix-len", type=int, default=32, help="--hot-prefix: each request's own tokens")
+    parser.add_argument("--budget", type=int, default=512, help="--hot-prefix: --kv-budget (the prefix benchmark's)")
+    parser.add_argument("--interval", type=int, default=64, help="--hot-prefix: --kv-decode-interval")
     args = parser.parse_args()
     methods = args.methods.split(",")
     workload = Workload(args.requests, (128, 384), args.output_len, budget=128, interval=64)
@@ -138,29 +200,34 @@ def main() -> None:
                             cpu["budget"], cpu["interval"], memory_pressure=True)
     if args.smoke:
         workload, methods, args.modes = Workload(2, (40, 80), 96, 48, 32), ["none", "infokv"], "eager"
+        args.model, args.requests, args.prefix_len, args.suffix_len = "smollm2", 2, 192, 16
+        args.output_len, args.budget, args.interval = 48, 64, 32
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from infokv_vllm.testing.local_engine import BLOCK_SIZE
-    from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
+    from infokv_vllm.testing.models import MODELS, serving_dtype
 
-    model = ensure_model()
+    model = MODELS[args.model].ensure()
     seconds, calls = install_timers()
+    modes = args.modes.split(",")
+    if args.hot_prefix:
+        results = [profile_hot_prefix(model, serving_dtype(model), method, mode, args, seconds, calls)
+                   for mode in modes for method in methods]
+        print_table(results, "ms_per_request", "ms up to the first token, per request", "steps_to_first_token",
+                    "steps up to the first token")
+        print(f"{'first token (ms)':44}" + "".join(
+            f"{sorted(r['first_token_ms'])[len(r['first_token_ms']) // 2]:>16.0f}" for r in results))
+        write_report("step_profile-hot-prefix", args.smoke, model=args.model,
+                     workload={key: getattr(args, key) for key in ("requests", "prefix_len", "suffix_len",
+                                                                   "output_len", "budget", "interval")},
+                     parts=[{"label": label, "parent": parent} for _, _, label, parent in TIMED], results=results)
+        return
     blocks = WORKLOADS["cpu"]["small_blocks"] if args.small_pool else \
         workload.requests * -(-workload.max_model_len // BLOCK_SIZE) + 1
-    results = [profile(model, workload, method, mode, blocks, seconds, calls)
-               for mode in args.modes.split(",") for method in methods]
-    depth = {}
-    for _, _, label, parent in TIMED:
-        depth[label] = 0 if parent is None else depth[parent] + 1
-    header = f"{'ms per engine step':44}" + "".join(f"{r['method'][:9] + '/' + r['mode'][:5]:>16}" for r in results)
-    print(header)
-    for _, _, label, _ in TIMED:
-        cells = [r["ms_per_step"].get(label) for r in results]
-        if any(cells):
-            print(f"{'  ' * depth[label] + label:44}" + "".join(f"{c:>16.2f}" if c else f"{'-':>16}" for c in cells))
-    print(f"{'steps':44}" + "".join(f"{r['steps']:>16}" for r in results))
+    results = [profile(model, workload, method, mode, blocks, seconds, calls) for mode in modes for method in methods]
+    print_table(results, "ms_per_step", "ms per engine step", "steps", "steps")
     name = "step_profile-small-pool" if args.small_pool else "step_profile"
-    write_report(name, args.smoke, model=MODEL_NAME, workload=vars(workload) | {"blocks": blocks},
+    write_report(name, args.smoke, model=args.model, workload=vars(workload) | {"blocks": blocks},
                  parts=[{"label": label, "parent": parent} for _, _, label, parent in TIMED], results=results)
 
 

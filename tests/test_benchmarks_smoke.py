@@ -45,6 +45,20 @@ def test_step_profile_smoke():
     assert none["ms_per_step"]["model forward"] > 0
 
 
+def test_step_profile_hot_prefix_smoke():
+    """Requests after the first find the shared prefix cached; only the steps up to their first token are timed."""
+    report = run_smoke("step_profile.py", "--hot-prefix", name="step_profile-hot-prefix")
+    none, infokv = report["results"]
+    prefix = report["workload"]["prefix_len"]
+    for result in (none, infokv):
+        assert len(result["first_token_ms"]) == report["workload"]["requests"]
+        # Every measured request hits the whole prefix (its pages are full blocks of 32) and needs one step.
+        assert all(cached == prefix for cached in result["cached_tokens"]), result["cached_tokens"]
+        assert result["steps_to_first_token"] == [1] * report["workload"]["requests"]
+    assert infokv["ms_per_request"]["entropy (last + prompt logits)"] > 0
+    assert "entropy (last + prompt logits)" not in none["ms_per_request"]
+
+
 def test_bench_serve_smoke():
     """`vllm bench serve` against a server without and one with compression: every request completes with its
     fixed output length, and the numbers are vLLM's own."""
