@@ -8,9 +8,8 @@ Three classes of requests share each server, mixed in turn and kept `--concurren
   last turn (graded like RULER's QA: any reference answer, case-blind).
 
 Configurations, on the same pool (`--num-gpu-blocks-override`): `vanilla` (no compression), `uniform` (infokv with
-`--kv-budget B`: every request keeps B + interval at most), `pool` (infokv with `--kv-pool-target T`: the
-batch keeps T of the pool, pages taken where the least observed attention is lost) and `pool-floor` (the same with
-`--kv-budget F`, which the pool-wide mode takes as every request's floor). T defaults to uniform's total:
+`--kv-budget B`: every request keeps B + interval at most) and `pool` (infokv with `--kv-pool-target T`: the
+batch keeps T of the pool, pages taken where the least observed attention is lost). T defaults to uniform's total:
 concurrency x (B + interval / 2) over the pool, so both keep about the same KV; the KV actually held is measured
 (vLLM's `kv_cache_usage_perc`, sampled every half second) and reported beside the accuracies, as are output
 tokens/s, running requests and preemptions. Configurations are interleaved per round; servers restart per run.
@@ -34,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CLASSES = ("retrieval", "reasoning", "chat")
-CONFIGS = ("vanilla", "uniform", "pool", "pool-floor")
+CONFIGS = ("vanilla", "uniform", "pool")
 BLOCK_SIZE = 32
 CHAT_TURNS = 3
 CANNED_REPLIES = ("That is an interesting point of view.", "I see what the author means.",
@@ -199,7 +198,6 @@ def main() -> None:
     parser.add_argument("--pool-blocks", type=int, default=640, help="KV pool of every configuration, in blocks "
                                                                       f"of {BLOCK_SIZE} tokens")
     parser.add_argument("--configs", default="vanilla,uniform,pool", help=f"a subset of {','.join(CONFIGS)}")
-    parser.add_argument("--pool-floor", type=int, default=128, help="pool-floor's --kv-budget (every request's floor)")
     parser.add_argument("--pool-target", type=float, default=None,
                         help="the pool configuration's --kv-pool-target (default: uniform's total KV)")
     parser.add_argument("--rounds", type=int, default=1)
@@ -227,8 +225,7 @@ def main() -> None:
             "--max-model-len", str(pool_tokens), "--max-num-seqs", str(args.concurrency), *EAGER]
     infokv = ["--kv-compression", "infokv", "--kv-decode-interval", str(args.decode_interval)]
     flags = {"vanilla": base, "uniform": [*base, *infokv, "--kv-budget", str(args.budget)],
-             "pool": [*base, *infokv, "--kv-pool-target", f"{target:.4f}"],
-             "pool-floor": [*base, *infokv, "--kv-pool-target", f"{target:.4f}", "--kv-budget", str(args.pool_floor)]}
+             "pool": [*base, *infokv, "--kv-pool-target", f"{target:.4f}"]}
     runs = []
     for round_index in range(args.rounds):
         order = configs if round_index % 2 == 0 else configs[::-1]
@@ -258,7 +255,7 @@ def main() -> None:
         by_round.setdefault(run["round"], {})[run["config"]] = run["output_tokens_per_s"]
     # Output tokens/s of each pool-wide configuration over uniform's, round by round.
     vs_uniform = {config: median_range([r[config] / r["uniform"] for r in by_round.values()])
-                  for config in configs if config.startswith("pool") and "uniform" in configs}
+                  for config in configs if config == "pool" and "uniform" in configs}
     print(f"\n{args.model}, {args.per_class} per class x {args.rounds} rounds (a draw each), pool target {target:.3f}")
     print("config     | " + " | ".join(f"{name:>18}" for name in CLASSES) + " | KV mean | tok/s")
     for config in configs:

@@ -1,4 +1,5 @@
-"""The pool-wide mode's two pure pieces: loss curves from scores and attention, and the choice of kept lengths."""
+"""The pool-wide mode's pure pieces: loss curves from scores and attention, how many pages the requests with a
+curve owe, and the choice of kept lengths."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from infokv_vllm.core.pool import PoolCandidate, kept_lengths
+from infokv_vllm.core.pool import PoolCandidate, kept_lengths, pages_owed
 from infokv_vllm.scoring import eviction_losses, select_tokens
 
 SINKS, WINDOW = 2, 3
@@ -57,3 +58,12 @@ def test_on_equal_losses_the_request_holding_more_pages_gives_first():
     long = PoolCandidate("long", physical_len=160, least_len=16, losses=_curve(0.0, 150))
     # "long" gives 4 pages until both hold 6, then they alternate.
     assert kept_lengths([short, long], goal_blocks=6, block_size=16) == {"long": 80, "short": 80}
+
+
+def test_requests_with_a_curve_owe_only_what_they_hold_above_their_share():
+    # A batch arriving at once: two requests probed (60 and 4 pages), the others' curves a step away. The pool is
+    # 200 pages over its target, but the two owe only their excess over 2 x 9 pages, down to 2 x (9 - 2).
+    assert pages_owed(200, [60, 4], fair_share=9, room=2) == 50
+    # Within their shares together (one above, one below), they owe nothing: no compaction at every new page.
+    assert pages_owed(200, [11, 4], fair_share=9, room=2) == 0
+    assert pages_owed(3, [60, 4], fair_share=9, room=2) == 3  # never more than the pool needs

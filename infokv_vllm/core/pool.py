@@ -5,11 +5,15 @@ attention that evicting its e lowest-scored slots would lose. A share of attenti
 request, so a page of one request compares with a page of another: the pages go where the least attention is lost
 per page freed (greedy water-filling over page-aligned lengths), down to no request's least length (its floor,
 its sinks and window). A request whose window ignores its history gives up more than one whose window reads it.
+
+Only requests with a curve can give pages, while the target counts every request's KV; `pages_owed` keeps the
+first requests probed in a batch that arrives at once from paying for the others, whose curves are a step away.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,3 +54,13 @@ def kept_lengths(candidates: list[PoolCandidate], goal_blocks: int, block_size: 
         freed += 1
         offer(by_id[request_id], length)
     return kept
+
+
+def pages_owed(goal_blocks: int, held_blocks: list[int], fair_share: float, room: float) -> int:
+    """How many of `goal_blocks` the candidates (holding `held_blocks` pages each) give: none while together they
+    hold no more than `fair_share` pages each, then down to `fair_share - room` each (so they grow `room` pages
+    before they give again), and never more than the goal. The water-filling still decides which of them gives."""
+    held, count = sum(held_blocks), len(held_blocks)
+    if held <= fair_share * count:
+        return 0
+    return min(goal_blocks, math.ceil(held - (fair_share - room) * count))

@@ -52,7 +52,7 @@ from vllm.v1.request import Request
 from infokv_vllm import logger
 from infokv_vllm.config import CompressionConfig, compression_of
 from infokv_vllm.core.block_manager import CompactingAttentionManager
-from infokv_vllm.core.pool import PoolCandidate, kept_lengths
+from infokv_vllm.core.pool import PoolCandidate, kept_lengths, pages_owed
 from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, attach_plan, report_of
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 from infokv_vllm.scoring import make_policy
@@ -247,7 +247,14 @@ class CompressingScheduler(Scheduler):
     def _meet_pool_target(self, probed: set[str]) -> list[Compaction]:
         """Pool-wide mode: when the running requests' KV plus their next step's needs exceed the target share of
         the pool, free the pages that lose the least, down to the target less room for every compressed request
-        to grow one decode interval (so the batch is not compacted again at each step)."""
+        to grow one decode interval (so the batch is not compacted again at each step).
+
+        Only requests with a loss curve can give pages, and requests still in their prompt, or waiting for their
+        first curve, hold KV the target counts. So the requests with a curve give pages only once they hold more
+        than their fair share (the target, less what uncompressed requests hold, split evenly over the compressed
+        requests), and then down to it less their room: a batch that starts at once is not crushed into its first
+        probed requests while the others' curves are a step away; the others give theirs when their curves
+        arrive."""
         pool = self.kv_cache_manager.block_pool
         usable = pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
         target = int(self.compression.pool_target * usable)
@@ -255,13 +262,19 @@ class CompressingScheduler(Scheduler):
         over = usable - pool.get_num_free_blocks() + needed - target
         if over <= 0:
             return []
-        compressed = sum(self.settings_of(request).enabled for request in self.running)
-        room = min(target // 2, compressed * cdiv(self.compression.decode_interval, self.manager.block_size))
-        return self._free_lowest_loss_pages(over + room, probed, "pool target")
+        compressed = [request for request in self.running if self.settings_of(request).enabled]
+        room = min(target // 2, len(compressed) * cdiv(self.compression.decode_interval, self.manager.block_size))
+        uncompressed = sum(len(self.manager.req_to_blocks[request.request_id]) for request in self.running
+                           if not self.settings_of(request).enabled)
+        fair_share = max(0, target - uncompressed) / max(len(compressed), 1)
+        return self._free_lowest_loss_pages(over + room, probed, "pool target",
+                                            (fair_share, room / max(len(compressed), 1)))
 
-    def _free_lowest_loss_pages(self, goal: int, excluded: set[str], cause: str) -> list[Compaction]:
+    def _free_lowest_loss_pages(self, goal: int, excluded: set[str], cause: str,
+                                fair_share: tuple[float, float] | None = None) -> list[Compaction]:
         """Compact the requests with a loss curve (not in `excluded`) to free `goal` pages where they lose the
-        least attention (`core/pool.py`); fewer where floors stop it."""
+        least attention (`core/pool.py`); fewer where floors stop it, or where a `fair_share` (pages per request,
+        and the room each keeps to grow) says the candidates owe fewer (`pages_owed`)."""
         candidates, windows = [], {}
         for request in self.running:
             request_id = request.request_id
@@ -274,6 +287,9 @@ class CompressingScheduler(Scheduler):
             least = max(self.settings_of(request).budget_for(logical, request.num_prompt_tokens),
                         curve.sinks + windows[request_id])
             candidates.append(PoolCandidate(request_id, physical, least, curve.losses))
+        if fair_share is not None:
+            goal = pages_owed(goal, [cdiv(candidate.physical_len, self.manager.block_size)
+                                     for candidate in candidates], *fair_share)
         compactions = []
         physical_lens = {candidate.request_id: candidate.physical_len for candidate in candidates}
         for request_id, kept in kept_lengths(candidates, goal, self.manager.block_size).items():
