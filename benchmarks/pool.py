@@ -253,7 +253,7 @@ def main() -> None:
     by_round = {}
     for run in runs:
         by_round.setdefault(run["round"], {})[run["config"]] = run["output_tokens_per_s"]
-    # Output tokens/s of each pool-wide configuration over uniform's, round by round.
+    # The pool-wide configuration's output tokens/s over uniform's, round by round (when both ran).
     vs_uniform = {config: median_range([r[config] / r["uniform"] for r in by_round.values()])
                   for config in configs if config == "pool" and "uniform" in configs}
     print(f"\n{args.model}, {args.per_class} per class x {args.rounds} rounds (a draw each), pool target {target:.3f}")
@@ -270,6 +270,7 @@ def main() -> None:
                         summary=summary, vs_uniform_tokens_per_s=vs_uniform)
     plot(summary, configs, path.with_suffix(".png"), f"{args.model}: {args.per_class} per class x {args.rounds} "
          f"rounds, pool {args.pool_blocks} blocks, uniform budget {args.budget}, pool target {target:.2f}")
+
 
 if __name__ == "__main__":
     main()

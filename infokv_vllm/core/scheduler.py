@@ -262,16 +262,19 @@ class CompressingScheduler(Scheduler):
         over = usable - pool.get_num_free_blocks() + needed - target
         if over <= 0:
             return []
-        compressed = [request for request in self.running if self.settings_of(request).enabled]
-        room = min(target // 2, len(compressed) * cdiv(self.compression.decode_interval, self.manager.block_size))
-        uncompressed = sum(len(self.manager.req_to_blocks[request.request_id]) for request in self.running
-                           if not self.settings_of(request).enabled)
-        fair_share = max(0, target - uncompressed) / max(len(compressed), 1)
+        compressed, uncompressed_blocks = 0, 0
+        for request in self.running:
+            if self.settings_of(request).enabled:
+                compressed += 1
+            else:
+                uncompressed_blocks += len(self.manager.req_to_blocks[request.request_id])
+        room = min(target // 2, compressed * cdiv(self.compression.decode_interval, self.manager.block_size))
         return self._free_lowest_loss_pages(over + room, probed, "pool target",
-                                            (fair_share, room / max(len(compressed), 1)))
+                                            fair_share=max(0, target - uncompressed_blocks) / max(compressed, 1),
+                                            room=room / max(compressed, 1))
 
-    def _free_lowest_loss_pages(self, goal: int, excluded: set[str], cause: str,
-                                fair_share: tuple[float, float] | None = None) -> list[Compaction]:
+    def _free_lowest_loss_pages(self, goal: int, excluded: set[str], cause: str, fair_share: float | None = None,
+                                room: float = 0.0) -> list[Compaction]:
         """Compact the requests with a loss curve (not in `excluded`) to free `goal` pages where they lose the
         least attention (`core/pool.py`); fewer where floors stop it, or where a `fair_share` (pages per request,
         and the room each keeps to grow) says the candidates owe fewer (`pages_owed`)."""
@@ -289,7 +292,7 @@ class CompressingScheduler(Scheduler):
             candidates.append(PoolCandidate(request_id, physical, least, curve.losses))
         if fair_share is not None:
             goal = pages_owed(goal, [cdiv(candidate.physical_len, self.manager.block_size)
-                                     for candidate in candidates], *fair_share)
+                                     for candidate in candidates], fair_share, room)
         compactions = []
         physical_lens = {candidate.request_id: candidate.physical_len for candidate in candidates}
         for request_id, kept in kept_lengths(candidates, goal, self.manager.block_size).items():

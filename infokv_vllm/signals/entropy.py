@@ -16,6 +16,7 @@ wait for their outputs.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from infokv_vllm.messages import StepPlan, WorkerReport
@@ -101,7 +102,6 @@ class EntropyRecorder(SignalRecorder):
         self._next_token_entropy.update(zip(step.request_ids, entropies[last].tolist()))
         # A block whose last slot this step wrote keeps the entropy of the token after it, for a request that
         # reuses the block from the prefix cache (it computes that token without the logits it was drawn from).
-        ends = (step.slots % self.storage.block_size == self.storage.block_size - 1).cpu()
-        if ends.any():
-            self.storage.next_entropy[step.slots[ends.to(step.slots.device)] // self.storage.block_size] = \
-                entropies[ends].to(self.storage.device)
+        ends = step.slots % self.storage.block_size == self.storage.block_size - 1
+        self.storage.next_entropy[step.slots[ends] // self.storage.block_size] = \
+            entropies.to(self.storage.device)[ends]
