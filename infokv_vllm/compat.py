@@ -55,8 +55,14 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal("vllm.entrypoints.openai.completion.serving.OpenAIServingCompletion._create_completion",
                  "the same for completions", source_has=("self.engine_client.generate(",
                                                          "self.completion_stream_generator(")),
-    VllmInternal("vllm.v1.engine.input_processor.InputProcessor.__init__", "the frontend's config, whose "
-                 "cache_config.num_gpu_blocks the engine handshake fills in", source_has=("self.vllm_config",)),
+    VllmInternal("vllm.v1.engine.input_processor.InputProcessor.__init__", "wrapped: the frontend's config "
+                 "(whose cache_config.num_gpu_blocks the engine handshake fills in) says whether the decoder built "
+                 "next reads compression stats", source_has=("self.vllm_config",)),
+    VllmInternal("vllm.v1.engine.async_llm.AsyncLLM.__init__", "its InputProcessor is built before the engine "
+                 "client, whose decoder reads EngineCoreOutputs' annotations",
+                 source_has=("InputProcessor(self.vllm_config", "EngineCoreClient.make_async_mp_client(")),
+    VllmInternal("vllm.v1.engine.llm_engine.LLMEngine.__init__", "the same for the offline engine",
+                 source_has=("InputProcessor(self.vllm_config", "EngineCoreClient.make_client(")),
     VllmInternal("vllm.v1.engine.EngineCoreRequest", "what admission reads",
                  fields=("prompt_token_ids", "sampling_params")),
     VllmInternal("vllm.v1.kv_cache_interface.FullAttentionSpec.max_memory_usage_bytes", "overridden: vLLM's "
@@ -67,12 +73,17 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "fatal-error message arrives here (EngineDeadError), which marks the process for the exit status "
                  "above", ("self", "frames"),
                  source_has=("EngineCoreProc.ENGINE_CORE_DEAD", "raise EngineDeadError()")),
-    VllmInternal("vllm.v1.engine.EngineCoreOutputs", "annotation `scheduler_stats` widened: the frontend's msgspec "
-                 "decoder drops undeclared fields, our compression stats among them", fields=("scheduler_stats",)),
+    VllmInternal("vllm.v1.engine.EngineCoreOutputs", "annotation `scheduler_stats` widened where compression is "
+                 "on: the frontend's msgspec decoder drops undeclared fields, our compression stats among them",
+                 fields=("scheduler_stats",)),
     # --- worker and runner (platforms/cpu.py, core/runner.py) ---
     VllmInternal("vllm.v1.worker.cpu_worker.CPUWorker.init_device", "builds its runner through the module global "
                  "`CPUModelRunner`, swapped for ours during the call", source_has=("CPUModelRunner(self.vllm_config",)),
     VllmInternal("vllm.v1.worker.cpu_worker.CPUModelRunner", "the module global swapped above"),
+    VllmInternal("vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory", "overridden: the KV memory "
+                 "reported is net of the signal planes and probe scores kept per block", ("self",)),
+    VllmInternal("vllm.v1.worker.gpu_worker.Worker.determine_available_memory", "overridden: the same on CUDA",
+                 ("self",)),
     VllmInternal(f"{_RUNNER}.load_model", "overridden: the model is built under the platform's scoring attention "
                  "backend, and decoder layers are wrapped before vLLM compiles", ("self",)),
     VllmInternal(f"{_RUNNER}.get_kv_cache_spec", "overridden: layers report CompressedAttentionSpec", ("self",)),
@@ -293,6 +304,8 @@ class EngineArgsHooks(Protocol):
 
     def compression_enabled(self, args: Any) -> bool: ...
 
+    def compression_on(self, vllm_config: Any) -> bool: ...
+
 
 _PATCHED_MARK = "__infokv_patched__"
 # Set in a frontend process whose engine core reported a fatal error (not a shutdown it was asked for).
@@ -343,6 +356,15 @@ def apply(hooks: EngineArgsHooks) -> None:
 
     from vllm.v1.engine.input_processor import InputProcessor
 
+    def input_processor_init(original: Callable) -> Callable:
+        def wrapper(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if hooks.compression_on(self.vllm_config):
+                decode_compression_stats()
+        return wrapper
+
+    _wrap(InputProcessor, "__init__", input_processor_init)
+
     def process_inputs(original: Callable) -> Callable:
         def wrapper(self, *args, **kwargs):
             request = original(self, *args, **kwargs)
@@ -369,14 +391,6 @@ def apply(hooks: EngineArgsHooks) -> None:
         return wrapper
 
     _wrap(AsyncLLM, "generate", generate)
-
-    # Plugins are registered before vLLM builds its decoders, and msgspec reads the annotation when a decoder
-    # is built.
-    from vllm.v1.engine import EngineCoreOutputs
-
-    from infokv_vllm.metrics import CompressionSchedulerStats
-
-    EngineCoreOutputs.__annotations__["scheduler_stats"] = CompressionSchedulerStats | None
 
     # vLLM's API server stops when its engine core dies, but `vllm serve` then exits with status 0, as after a
     # clean shutdown. With compression on, a failing step exits with status 1, so a supervisor sees the failure.
@@ -406,6 +420,21 @@ def apply(hooks: EngineArgsHooks) -> None:
         return wrapper
 
     _wrap(ServeSubcommand, "cmd", serve_cmd, staticmethod)
+
+
+def decode_compression_stats() -> None:
+    """The frontend's decoders read the compression stats the scheduler sends beside vLLM's `SchedulerStats`.
+
+    msgspec drops undeclared fields, and reads `EngineCoreOutputs`' annotations once, when the process builds its
+    first decoder; every frontend (each API server, `LLM`) builds it right after its InputProcessor, which calls
+    this where its engine compresses. A process whose engine does not compress keeps vLLM's own annotation, as
+    without the plugin (so a second, compressing engine in that process would publish no compression metrics).
+    """
+    from vllm.v1.engine import EngineCoreOutputs
+
+    from infokv_vllm.metrics import CompressionSchedulerStats
+
+    EngineCoreOutputs.__annotations__["scheduler_stats"] = CompressionSchedulerStats | None
 
 
 @contextlib.contextmanager

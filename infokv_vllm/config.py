@@ -8,6 +8,9 @@ generated from the fields below, so a new knob is one field here.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -29,6 +32,9 @@ KERNELS: tuple[str, ...] = get_args(Kernels)
 
 # Used when compression is on and neither `budget` nor `budget_ratio` is given.
 DEFAULT_BUDGET_TOKENS = 1024
+# Token counts above this exceed any context vLLM serves (and the int32 positions and slots the kernels use).
+MAX_TOKENS = 2**31 - 1
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
 class CompressionConfigError(ValueError):
@@ -200,14 +206,18 @@ class CompressionConfig:
         def fail(option: str, why: str) -> None:
             raise CompressionConfigError(f"infokv-vllm: invalid {flag_name(option)}: {why}", option, why)
 
-        if self.method not in METHODS:
-            fail("method", f"{self.method!r} is not one of {', '.join(METHODS)}")
-        if self.kernels not in KERNELS:
-            fail("kernels", f"{self.kernels!r} is not one of {', '.join(KERNELS)}")
-        if self.fusion not in FUSIONS:
-            fail("fusion", f"{self.fusion!r} is not one of {', '.join(FUSIONS)}")
-        if self.entropy_score not in ENTROPY_SCORES:
-            fail("entropy_score", f"{self.entropy_score!r} is not one of {', '.join(ENTROPY_SCORES)}")
+        for name, normalised in _checked_types(self, fail).items():
+            object.__setattr__(self, name, normalised)
+        for name, choices in (("method", METHODS), ("kernels", KERNELS), ("fusion", FUSIONS),
+                              ("entropy_score", ENTROPY_SCORES)):
+            if getattr(self, name) not in choices:
+                fail(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name in ("budget", "prefill_window", "decode_window", "decode_interval", "sinks", "entropy_top_k",
+                     "pooling_kernel"):
+            if getattr(self, name) is not None and getattr(self, name) > MAX_TOKENS:
+                fail(name, f"{getattr(self, name)} exceeds {MAX_TOKENS}, more tokens than any context holds")
+        if not 0 <= self.seed <= MAX_SEED:
+            fail("seed", f"{self.seed} is outside [0, {MAX_SEED}]")
         if self.budget is not None and self.budget <= self.reserved_tokens:
             fail("budget", f"{self.budget} leaves no room to choose tokens: it must exceed sinks + window "
                            f"= {self.reserved_tokens}")
@@ -227,60 +237,56 @@ class CompressionConfig:
             fail("entropy_top_k", f"{self.entropy_top_k} must be at least 2 (entropy over one token is 0)")
         if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
             fail("pooling_kernel", f"{self.pooling_kernel} must be an odd number >= 1")
+        if (self.enabled and self.budget is None and self.budget_ratio is None and self.pool_target is None
+                and DEFAULT_BUDGET_TOKENS <= self.reserved_tokens):
+            window = "prefill_window" if self.prefill_window >= self.decode_window else "decode_window"
+            fail(window, f"{getattr(self, window)} leaves the default budget ({DEFAULT_BUDGET_TOKENS} tokens) no "
+                         f"room to choose tokens beside sinks + window = {self.reserved_tokens}: give "
+                         f"{flag_name('budget')} above {self.reserved_tokens}, or a smaller window")
 
     def for_request(self, extra_args: dict[str, Any] | None) -> CompressionConfig:
-        """These (the server's) settings as one request overrides them through `REQUEST_SETTINGS` keys of its
-        `extra_args`; other keys belong to other extensions and are ignored.
+        """These (the server's) settings as one request overrides them through the `REQUEST_SETTINGS` keys of its
+        `extra_args`; every other key belongs to vLLM or another extension and is left alone.
 
         A request may opt out (`kv_compression: none`), give its own `kv_budget` and/or `kv_budget_ratio`, which
         replace the server's budget and ratio together, or turn `kv_keep_prompt` on or off. It cannot switch to
         another scoring policy: the workers record only the signals the server's policy needs. Errors name the
-        request field.
+        request field and its value.
         """
-        given = {key: value for key, value in (extra_args or {}).items() if key.startswith("kv_")}
+        given = {key: value for key, value in (extra_args or {}).items() if key in REQUEST_SETTINGS}
         if not given:
             return self
 
         def fail(key: str, why: str) -> None:
             raise CompressionConfigError(f"infokv-vllm: invalid vllm_xargs.{key}: {why}", key, why)
 
-        for key in given:
-            if key not in REQUEST_SETTINGS:
-                fail(key, f"unknown compression setting; a request may give {', '.join(REQUEST_SETTINGS)}")
         if not self.enabled:
             fail(next(iter(given)), f"compression is off on this server ({flag_name('method')} none)")
         method = given.get("kv_compression", self.method)
-        if method not in ("none", self.method):
+        if type(method) is not str or method not in ("none", self.method):
             fail("kv_compression", f"{method!r}: a request may give 'none' (opt out) or this server's method "
                                    f"{self.method!r}")
         changes: dict[str, Any] = {"method": method}
         if "kv_budget" in given or "kv_budget_ratio" in given:
             changes.update(budget=None, budget_ratio=None)
-        for key, kind in (("kv_budget", int), ("kv_budget_ratio", float)):
-            if key in given:
-                value = given[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                    fail(key, f"{value!r} is not a number")
-                try:
-                    number = kind(value)
-                except ValueError:
-                    fail(key, f"{value!r} is not {'an integer' if kind is int else 'a number'}")
-                if kind is int and float(value) != number:
-                    fail(key, f"{value!r} is not an integer")
-                changes[REQUEST_SETTINGS[key]] = number
+        if "kv_budget" in given:
+            changes["budget"] = _request_number(given["kv_budget"], int, lambda why: fail("kv_budget", why))
+        if "kv_budget_ratio" in given:
+            changes["budget_ratio"] = _request_number(given["kv_budget_ratio"], float,
+                                                      lambda why: fail("kv_budget_ratio", why))
         if "kv_keep_prompt" in given:
             # vLLM's `vllm_xargs` schema has no booleans: JSON true arrives as 1.
             value = given["kv_keep_prompt"]
-            switch = {True: True, False: False, "true": True, "false": False}.get(
-                value.lower() if isinstance(value, str) else value)
-            if switch is None or isinstance(value, float):
+            switch = _REQUEST_SWITCHES.get(value.lower() if type(value) is str else value) \
+                if type(value) in (bool, int, str) else None
+            if switch is None:
                 fail("kv_keep_prompt", f"{value!r} is not true or false")
             changes["keep_prompt"] = switch
         try:
             return dataclasses.replace(self, **changes)
         except CompressionConfigError as error:
-            key = next(key for key, field in REQUEST_SETTINGS.items() if field == error.field)
-            fail(key, error.why)
+            fail(next((key for key, name in REQUEST_SETTINGS.items() if name == error.field and key in given),
+                      next(iter(given))), error.why)
 
     @classmethod
     def from_additional_config(cls, additional_config: dict[str, Any] | None) -> CompressionConfig:
@@ -297,7 +303,7 @@ class CompressionConfig:
                 f"infokv-vllm: additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a dict of settings or a "
                 f"method name, not {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(map(str, set(raw) - known))
         if unknown:
             raise CompressionConfigError(
                 f"infokv-vllm: unknown setting(s) {unknown} in additional_config[{ADDITIONAL_CONFIG_KEY!r}]; "
@@ -306,6 +312,66 @@ class CompressionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# What a request's `kv_keep_prompt` may be: JSON booleans, vLLM's 1 and 0 for them, or their names.
+_REQUEST_SWITCHES = {True: True, False: False, "true": True, "false": False}
+
+
+def _request_number(given: Any, kind: type[int] | type[float], fail: Callable[[str], None]) -> int | float:
+    """A request's numeric setting as `kind`: numbers and numeric strings (vLLM's `vllm_xargs` carries both); an
+    integer setting takes integral values only, and neither takes booleans, NaN or infinities."""
+    refusal = f"{given!r} is not {'an integer' if kind is int else 'a finite number'}"
+    value = given
+    if type(given) is str:
+        try:
+            value = int(given) if kind is int and given.strip().lstrip("+-").isdigit() else float(given)
+        except ValueError:
+            fail(refusal)
+    if type(value) not in (int, float) or not _finite(value) or kind is int and value != int(value):
+        fail(refusal)
+    return kind(value)
+
+
+def _types_of(hint: Any) -> frozenset[type]:
+    """The types a declared setting admits: `int | None` -> {int, NoneType}, a Literal of names -> {str}."""
+    if typing.get_origin(hint) is Literal:
+        return frozenset(type(choice) for choice in get_args(hint))
+    return frozenset(get_args(hint) or (hint,))
+
+
+_FIELD_TYPES = {name: _types_of(hint) for name, hint in typing.get_type_hints(CompressionConfig).items()}
+
+
+def _checked_types(config: CompressionConfig, fail: Callable[[str, str], None]) -> dict[str, Any]:
+    """Check every setting against its declared type, exactly: a bool is not an int, an int not a bool, a float
+    is finite, a choice is a string. Settings from `additional_config` arrive as parsed JSON or Python values,
+    unchecked by argparse. Returns the integers given for float settings, as floats."""
+    normalised = {}
+    for setting in dataclasses.fields(config):
+        value, kinds = getattr(config, setting.name), _FIELD_TYPES[setting.name]
+        if value is None and type(None) in kinds:
+            continue
+        if bool in kinds:
+            if type(value) is not bool:
+                fail(setting.name, f"{value!r} is not true or false")
+        elif int in kinds:
+            if type(value) is not int:
+                fail(setting.name, f"{value!r} is not an integer")
+        elif float in kinds:
+            if type(value) not in (int, float) or not _finite(value):
+                fail(setting.name, f"{value!r} is not a finite number")
+            normalised[setting.name] = float(value)
+        elif type(value) is not str:
+            fail(setting.name, f"{value!r} is not a string")
+    return normalised
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
 
 
 _PARSED_ATTRIBUTE = "_infokv_compression"

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import typing
 from typing import Any
 
-from infokv_vllm import logger
+from infokv_vllm import __version__, logger
 from infokv_vllm.compat import SUPPORTED_VLLM
 from infokv_vllm.config import (
     ADDITIONAL_CONFIG_KEY,
@@ -31,6 +32,8 @@ from infokv_vllm.config import (
 
 SCHEDULER_CLS = "infokv_vllm.core.scheduler.CompressingScheduler"
 CLI_GROUP_TITLE = "InfoKV"
+_FLAGS = frozenset(flag_name(field.name) for field in dataclasses.fields(CompressionConfig)) | frozenset(
+    "--no-" + flag_name(field.name)[2:] for field in dataclasses.fields(CompressionConfig) if field.type == "bool")
 
 _registered = False
 
@@ -49,18 +52,50 @@ def register() -> None:
         return
     import vllm
 
+    _registered = True
     if not vllm_version_supported(vllm.__version__):
-        logger.error(
-            "infokv-vllm supports vLLM %s but found %s: the plugin is NOT active and --kv-compression is "
-            "unavailable. Install a supported vLLM or a matching infokv-vllm.", SUPPORTED_VLLM,
-            vllm.__version__)
+        _refuse_compression(vllm.__version__)
         return
     from infokv_vllm import compat
     from infokv_vllm.core.block_manager import register_kv_cache_spec
 
     compat.apply(sys.modules[__name__])
     register_kv_cache_spec()
-    _registered = True
+
+
+def _refuse_compression(vllm_version: str) -> None:
+    """On a vLLM outside the supported range the plugin stays out of vLLM, except to stop any engine that asks for
+    compression (a `--kv-*` flag, or its key in `additional_config`), which would otherwise run uncompressed."""
+    message = (f"infokv-vllm {__version__} supports vLLM {SUPPORTED_VLLM}, but vLLM {vllm_version} is installed: "
+               "compression is unavailable. Install a supported vLLM, or an infokv-vllm release for this one.")
+    if _asks_for_compression(sys.argv):
+        raise SystemExit(message)
+    logger.warning("%s The plugin is not active.", message)
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        if CompressionConfig.from_additional_config(self.additional_config).enabled:
+            raise CompressionConfigError(message)
+        return original(self, *args, **kwargs)
+
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _asks_for_compression(argv: list[str]) -> bool:
+    """Whether a command line gives a `--kv-*` flag, or turns compression on in `--additional-config`."""
+    for previous, argument in zip(["", *argv], argv):
+        flag, _, value = argument.partition("=")
+        if flag in _FLAGS:
+            return True
+        given = value if flag == "--additional-config" else argument if previous == "--additional-config" else None
+        if given is not None and ADDITIONAL_CONFIG_KEY in given:
+            try:
+                return CompressionConfig.from_additional_config(json.loads(given)).enabled
+            except (ValueError, AttributeError):
+                return True  # malformed settings of ours: stop with the reason rather than guess
+    return False
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
@@ -111,6 +146,11 @@ def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any] | 
             previous = {"method": previous}
         merged[ADDITIONAL_CONFIG_KEY] = {**previous, **given}
     return merged
+
+
+def compression_on(vllm_config: Any) -> bool:
+    """Whether an engine's config turns compression on."""
+    return compression_of(vllm_config).enabled
 
 
 def compression_enabled(args: argparse.Namespace) -> bool:
@@ -169,16 +209,16 @@ def admit_request(vllm_config: Any, prompt_len: int, params: Any) -> None:
     """
     from vllm.exceptions import VLLMValidationError
 
-    if params is None:
-        return
     server = compression_of(vllm_config)
+    if params is None or not server.enabled:
+        return  # with compression off, every request is vLLM's alone
     try:
         settings = server.for_request(params.extra_args)
     except CompressionConfigError as error:
         raise VLLMValidationError(str(error), parameter=f"vllm_xargs.{error.field}",
                                   value=(params.extra_args or {}).get(error.field)) from None
     num_blocks = vllm_config.cache_config.num_gpu_blocks
-    if not server.enabled or not num_blocks:
+    if not num_blocks:
         return
     pool = (num_blocks - 1) * vllm_config.cache_config.block_size  # block 0 is vLLM's null block
     if prompt_len + params.max_tokens <= pool:

@@ -4,12 +4,14 @@ fail here, loudly (no engine is started)."""
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from importlib.metadata import entry_points
 
 import pytest
 
-import infokv_vllm
 from infokv_vllm import compat, plugin
+from infokv_vllm.config import CompressionConfigError
 
 
 def test_entry_points_are_discoverable():
@@ -53,7 +55,9 @@ def test_every_vllm_override_of_ours_is_listed():
     our override uncalled."""
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.worker.cpu_worker import CPUWorker
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
 
     from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
     from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -61,13 +65,15 @@ def test_every_vllm_override_of_ours_is_listed():
     from infokv_vllm.core.block_manager import CompactingAttentionManager, CompressedAttentionSpec
     from infokv_vllm.core.runner import CompressingRunnerMixin
     from infokv_vllm.core.scheduler import CompressingScheduler
+    from infokv_vllm.core.worker import CompressingWorkerMixin
     from infokv_vllm.platforms.cpu_ray import CPURayExecutor, CPURayWorkerProc
 
     listed = {internal.target for internal in compat.VLLM_INTERNALS}
     for ours, theirs in ((CompressingRunnerMixin, GPUModelRunner), (CompressingScheduler, Scheduler),
                          (CompactingAttentionManager, FullAttentionManager),
                          (CompressedAttentionSpec, FullAttentionSpec), (CPURayExecutor, RayExecutorV2),
-                         (CPURayWorkerProc, RayWorkerProc)):
+                         (CPURayWorkerProc, RayWorkerProc), (CompressingWorkerMixin, CPUWorker),
+                         (CompressingWorkerMixin, Worker)):
         for name, value in vars(ours).items():
             if callable(value) and hasattr(theirs, name) and not name.startswith("__"):
                 assert f"{theirs.__module__}.{theirs.__qualname__}.{name}" in listed, (ours.__name__, name)
@@ -99,16 +105,50 @@ def test_registration_is_idempotent():
     assert EngineArgs.create_engine_config is before
 
 
-def test_unsupported_vllm_version_refuses_to_register(monkeypatch, caplog):
+@pytest.fixture
+def unsupported_vllm(monkeypatch):
+    """vLLM reports a version outside the supported range, in a process whose plugin has not registered yet."""
     import vllm
+    from vllm.engine.arg_utils import EngineArgs
 
     monkeypatch.setattr(vllm, "__version__", "0.40.1")
     monkeypatch.setattr(plugin, "_registered", False)
-    # Our logger hands records to vLLM's, which does not propagate to the root logger where caplog listens.
-    monkeypatch.setattr(infokv_vllm.logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(EngineArgs, "create_engine_config", EngineArgs.create_engine_config)
+    return EngineArgs
+
+
+@pytest.mark.parametrize("argv", [
+    ["vllm", "serve", "model", "--kv-compression", "infokv"],
+    ["vllm", "serve", "model", "--kv-budget=128"],
+    ["vllm", "serve", "model", "--additional-config", '{"kv_compression": {"method": "snapkv"}}'],
+    ["vllm", "serve", "model", '--additional-config={"kv_compression": "infokv"}'],
+])
+def test_unsupported_vllm_stops_a_command_line_that_asks_for_compression(unsupported_vllm, monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=r"supports vLLM >=0.32,<0.33, but vLLM 0.40.1 is installed"):
+        plugin.register()
+
+
+def test_unsupported_vllm_stops_an_engine_that_asks_for_compression(unsupported_vllm, monkeypatch, smollm2_dir):
+    monkeypatch.setattr(sys, "argv", ["python", "script.py"])
     plugin.register()
-    assert plugin._registered is False
-    assert "supports vLLM >=0.32,<0.33 but found 0.40.1" in caplog.text
+    engine_args = unsupported_vllm(model=str(smollm2_dir), additional_config={"kv_compression": {"method": "infokv"}})
+    with pytest.raises(CompressionConfigError, match=r"supports vLLM >=0.32,<0.33, but vLLM 0.40.1"):
+        engine_args.create_engine_config()
+
+
+@pytest.mark.parametrize("argv", [
+    ["vllm", "serve", "model"],
+    ["vllm", "serve", "model", "--additional-config", '{"kv_compression": "none", "other": 1}'],
+])
+def test_unsupported_vllm_leaves_engines_without_compression_to_vllm(unsupported_vllm, monkeypatch, argv,
+                                                                     smollm2_dir):
+    monkeypatch.setattr(sys, "argv", argv)
+    plugin.register()
+    engine_args = unsupported_vllm(model=str(smollm2_dir), dtype="float32", additional_config={"other": 1})
+    vllm_config = engine_args.create_engine_config()
+    assert vllm_config.scheduler_config.scheduler_cls != plugin.SCHEDULER_CLS
+    assert vllm_config.additional_config == {"other": 1}
 
 
 def test_cpu_worker_builds_its_runner_through_the_module_name_we_swap():
@@ -152,18 +192,32 @@ def test_cpu_attention_backend_override_is_scoped():
     assert AttentionBackendEnum.CPU_ATTN.get_path() == default
 
 
-@pytest.mark.usefixtures("vllm_plugins_loaded")
-def test_compression_stats_survive_the_engine_to_frontend_trip():
-    """vLLM's own encoder and decoder for engine-core outputs, as the engine core and the frontend use them."""
-    from vllm.v1.engine import EngineCoreOutputs
-    from vllm.v1.metrics.stats import SchedulerStats
-    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+DECODED_STATS = """
+import sys
+from vllm.plugins import load_general_plugins
+from vllm.v1.engine import EngineCoreOutputs
+from vllm.v1.metrics.stats import SchedulerStats
+from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+from infokv_vllm import compat
+from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
 
-    from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
+load_general_plugins()
+if sys.argv[1] == "on":
+    compat.decode_compression_stats()
+sent = CompressionSchedulerStats.extend(SchedulerStats(num_running_reqs=3), CompressionStats(events=2))
+received = MsgpackDecoder(EngineCoreOutputs).decode(
+    MsgpackEncoder().encode(EngineCoreOutputs(outputs=[], scheduler_stats=sent))).scheduler_stats
+print(type(received).__name__, received.num_running_reqs, getattr(received, "compression", None))
+"""
 
-    sent = CompressionSchedulerStats.extend(SchedulerStats(num_running_reqs=3),
-                                            CompressionStats(events=2, tokens_evicted=96, seconds_scoring=0.5))
-    received = MsgpackDecoder(EngineCoreOutputs).decode(
-        MsgpackEncoder().encode(EngineCoreOutputs(outputs=[], scheduler_stats=sent))).scheduler_stats
-    assert received.num_running_reqs == 3
-    assert received.compression == sent.compression
+
+@pytest.mark.parametrize(("compression", "decoded"), [
+    ("on", "CompressionSchedulerStats 3 CompressionStats(events=2,"),
+    ("off", "SchedulerStats 3 None"),
+])
+def test_compression_stats_survive_the_engine_to_frontend_trip_only_where_compression_is_on(compression, decoded):
+    """vLLM's own encoder and decoder for engine-core outputs, as the engine core and the frontend use them, in a
+    fresh process (msgspec reads the annotations once per process)."""
+    printed = subprocess.run([sys.executable, "-c", DECODED_STATS, compression], capture_output=True, text=True,
+                             check=True, timeout=300).stdout
+    assert printed.startswith(decoded), printed

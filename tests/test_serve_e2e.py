@@ -64,6 +64,14 @@ def test_chat_completion(client, smollm2_dir):
     assert reply.usage.completion_tokens <= 30
 
 
+def test_fields_that_are_not_ours_pass_untouched(client, smollm2_dir):
+    """vLLM's `kv_transfer_params` (KV connectors) and other extensions' `kv_*` arguments are not settings."""
+    reply = client.chat.completions.create(
+        model=str(smollm2_dir), messages=QUESTION, max_tokens=30, temperature=0,
+        extra_body={"kv_transfer_params": {"do_remote_decode": False}, "vllm_xargs": {"kv_budgte": 100}})
+    assert "Paris" in reply.choices[0].message.content
+
+
 def test_streaming_chat_completion(client, smollm2_dir):
     stream = client.chat.completions.create(model=str(smollm2_dir), messages=QUESTION, max_tokens=30,
                                             temperature=0, stream=True)
@@ -115,7 +123,8 @@ def test_requests_set_their_own_budget_through_vllm_xargs(client, compressing_se
     ({"kv_budget": "many"}, "invalid vllm_xargs.kv_budget: 'many' is not an integer"),
     ({"kv_budget_ratio": 2}, "invalid vllm_xargs.kv_budget_ratio: 2.0 is outside (0, 1]"),
     ({"kv_compression": "snapkv"}, "invalid vllm_xargs.kv_compression: 'snapkv': a request may give 'none'"),
-    ({"kv_budgte": 100}, "invalid vllm_xargs.kv_budgte: unknown compression setting"),
+    ({"kv_budget": float("inf")}, "invalid vllm_xargs.kv_budget: inf is not an integer"),
+    ({"kv_keep_prompt": [1]}, "invalid vllm_xargs.kv_keep_prompt: [1] is not true or false"),
 ])
 def test_bad_per_request_settings_get_http_400_and_the_server_keeps_serving(client, smollm2_dir, vllm_xargs,
                                                                              message):
