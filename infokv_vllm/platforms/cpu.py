@@ -27,6 +27,7 @@ from infokv_vllm.attention.backends import ScoringBackends
 from infokv_vllm.config import CompressionConfig, flag_name
 from infokv_vllm.core.platform import PlatformAdapter, Refuse
 from infokv_vllm.core.runner import CompressingRunnerMixin
+from infokv_vllm.core.worker import CompressingWorkerMixin
 from infokv_vllm.kernels.layouts import IndexedPageLayout, PageLayout
 
 
@@ -99,7 +100,7 @@ class CompressingCPUModelRunner(CompressingRunnerMixin, CPUModelRunner):
     platform = CPU_ADAPTER
 
 
-class CompressingCPUWorker(CPUWorker):
+class CompressingCPUWorker(CompressingWorkerMixin, CPUWorker):
     """vLLM's CPU worker with the compressing model runner in place of its own."""
 
     def init_device(self) -> None:

@@ -35,6 +35,7 @@ from infokv_vllm.attention.backends import ScoringBackends
 from infokv_vllm.config import CompressionConfig, flag_name
 from infokv_vllm.core.platform import PlatformAdapter, Refuse
 from infokv_vllm.core.runner import CompressingRunnerMixin
+from infokv_vllm.core.worker import CompressingWorkerMixin
 from infokv_vllm.kernels.layouts import HeadMajorPageLayout, PageLayout
 from infokv_vllm.kernels.selfcheck import kernel_disagreements
 
@@ -122,7 +123,7 @@ class CompressingGPUModelRunner(CompressingRunnerMixin, GPUModelRunner):
     platform = CUDA_ADAPTER
 
 
-class CompressingGPUWorker(Worker):
+class CompressingGPUWorker(CompressingWorkerMixin, Worker):
     """vLLM's GPU worker with the compressing V1 model runner."""
 
     def _make_model_runner(self) -> CompressingGPUModelRunner:

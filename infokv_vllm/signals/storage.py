@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from infokv_vllm.kernels.families import KernelFamily
 
 
+DTYPE = torch.float32
+
+
 class SlotSignals:
     def __init__(self, names: frozenset[str], num_layers: int, num_blocks: int, num_kv_heads: int,
                  block_size: int, kernels: KernelFamily, device: torch.device) -> None:
@@ -25,9 +28,21 @@ class SlotSignals:
         self.kernels = kernels
         self.device = device
         # planes[name][layer] is that layer's plane (a view).
-        self.planes = {name: torch.zeros(num_layers, num_blocks, num_kv_heads, block_size, device=device)
+        self.planes = {name: torch.zeros(num_layers, num_blocks, num_kv_heads, block_size, device=device,
+                                         dtype=DTYPE)
                        for name in sorted(names)}
-        self.next_entropy = torch.zeros(num_blocks, device=device)
+        self.next_entropy = torch.zeros(num_blocks, device=device, dtype=DTYPE)
+
+    @staticmethod
+    def bytes_per_block(names: frozenset[str], num_layers: int, num_kv_heads: int, block_size: int) -> int:
+        """What the signals of `names` hold for each KV block (nothing without signals: no planes are built)."""
+        if not names:
+            return 0
+        plane = num_layers * num_kv_heads * block_size * DTYPE.itemsize
+        return len(names) * plane + DTYPE.itemsize  # the planes, and the block's next entropy
+
+    def nbytes(self) -> int:
+        return sum(planes.nbytes for planes in self.planes.values()) + self.next_entropy.nbytes
 
     def _locate(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return slots // self.block_size, slots % self.block_size
