@@ -196,8 +196,9 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal(f"{_SCHEDULER}.make_stats", "overridden: compression stats join vLLM's", ("self",)),
     VllmInternal(f"{_SCHEDULER}._free_request", "overridden: per-request compression state is dropped",
                  ("self", "request")),
-    VllmInternal(f"{_SCHEDULER}._preempt_request", "overridden: a preempted compressed request is logged (its "
-                 "recompute is compressed afresh); counted by the tests and benchmarks", ("self", "request")),
+    VllmInternal(f"{_SCHEDULER}._preempt_request", "overridden: a preempted request's probe state is dropped "
+                 "and it is logged (its recompute is compressed afresh); counted by the tests and benchmarks",
+                 ("self", "request")),
     VllmInternal("vllm.v1.core.sched.output.SchedulerOutput", "what the workers need to forget, zero and copy",
                  fields=("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens",
                          "finished_req_ids", "preempted_req_ids", "kv_cache_block_copies")),

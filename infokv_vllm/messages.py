@@ -61,6 +61,7 @@ class LossCurve:
     is 0. Evicting e slots later, once more tokens follow the probed ones (they count as window), loses
     `losses[e]` too."""
 
+    logical_len: int  # the probe's: which of the request's probes this curve answers
     physical_len: int  # the probed slots
     sinks: int
     window: int

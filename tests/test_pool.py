@@ -63,7 +63,16 @@ def test_on_equal_losses_the_request_holding_more_pages_gives_first():
 def test_requests_with_a_curve_owe_only_what_they_hold_above_their_share():
     # A batch arriving at once: two requests probed (60 and 4 pages), the others' curves a step away. The pool is
     # 200 pages over its target, but the two owe only their excess over 2 x 9 pages, down to 2 x (9 - 2).
-    assert pages_owed(200, [60, 4], fair_share=9, room=2) == 50
+    assert pages_owed(200, [60, 4], [3, 3], fair_share=9, room=2) == 50
     # Within their shares together (one above, one below), they owe nothing: no compaction at every new page.
-    assert pages_owed(200, [11, 4], fair_share=9, room=2) == 0
-    assert pages_owed(3, [60, 4], fair_share=9, room=2) == 3  # never more than the pool needs
+    assert pages_owed(200, [11, 4], [3, 3], fair_share=9, room=2) == 0
+    assert pages_owed(3, [60, 4], [3, 3], fair_share=9, room=2) == 3  # never more than the pool needs
+
+
+def test_a_share_is_never_less_than_the_least_length_plus_the_room():
+    # Requests that opted out hold the whole target: the fair share is 0. The two compressed requests, at their
+    # least lengths (3 pages) plus one page each, owe nothing until they have grown their room (2 pages each)...
+    assert pages_owed(20, [4, 4], [3, 3], fair_share=0, room=2) == 0
+    assert pages_owed(20, [5, 5], [3, 3], fair_share=0, room=2) == 0
+    # ... and then give back down to their least lengths.
+    assert pages_owed(20, [6, 5], [3, 3], fair_share=0, room=2) == 5

@@ -56,11 +56,18 @@ def kept_lengths(candidates: list[PoolCandidate], goal_blocks: int, block_size: 
     return kept
 
 
-def pages_owed(goal_blocks: int, held_blocks: list[int], fair_share: float, room: float) -> int:
-    """How many of `goal_blocks` the candidates (holding `held_blocks` pages each) give: none while together they
-    hold no more than `fair_share` pages each, then down to `fair_share - room` each (so they grow `room` pages
-    before they give again), and never more than the goal. The water-filling still decides which of them gives."""
-    held, count = sum(held_blocks), len(held_blocks)
-    if held <= fair_share * count:
+def pages_owed(goal_blocks: int, held_blocks: list[int], least_blocks: list[int], fair_share: float,
+               room: float) -> int:
+    """How many of `goal_blocks` the candidates (holding `held_blocks` pages each, `least_blocks` at the least)
+    give: none while together they hold no more than their shares, then down to their shares less `room` each
+    (so they grow `room` pages before they give again), and never more than the goal. The water-filling still
+    decides which of them gives.
+
+    A candidate's share is `fair_share`, but never less than its least pages plus the room: where the target
+    leaves the compressed requests less than that (requests that opted out hold it), they go down to their least
+    lengths and grow a room again, instead of giving back every page they cross into."""
+    shares = sum(max(fair_share, least + room) for least in least_blocks)
+    held = sum(held_blocks)
+    if held <= shares:
         return 0
-    return min(goal_blocks, math.ceil(held - (fair_share - room) * count))
+    return min(goal_blocks, math.ceil(held - shares + room * len(held_blocks)))

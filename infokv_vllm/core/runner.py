@@ -266,7 +266,7 @@ class CompressingRunnerMixin:
         self._probed[probe.request_id] = scores
         losses = eviction_losses(scores, signals[ATTENTION], probe.sinks, probe.window)
         self._report.loss_curves[probe.request_id] = LossCurve(
-            probe.physical_len, probe.sinks, probe.window, losses.cpu().numpy().astype(np.float32))
+            probe.logical_len, probe.physical_len, probe.sinks, probe.window, losses.cpu().numpy().astype(np.float32))
         for recorder in self.recorders:
             recorder.after_probe(block_ids)
         self._report.seconds_scoring += time.perf_counter() - started

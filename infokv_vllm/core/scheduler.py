@@ -33,7 +33,10 @@ Asynchronous scheduling (vLLM's GPU default): vLLM schedules step N+1 while step
 decides one step later, with the same numbers: the workers run the steps in order (on a GPU, on one stream), so a
 compaction in N+1 moves KV and signals that N has written, and the slots it frees are written only by later
 steps. Nothing a decision needs comes back with N's output: the signals stay on the workers. Only the pool-wide
-mode's loss curves do, and they arrive a step later (a compaction uses the probe's scores, whenever it comes).
+mode's loss curves do, and they arrive a step later (a compaction uses the probe's scores, whenever it comes). A
+curve is kept only if it answers the probe its request still awaits (`LossCurve.logical_len`): a compaction that
+scored the request afresh (memory pressure), a preemption or an abort decided in between made the workers drop the
+scores it describes, and a probed compaction with it would choose with scores no worker holds.
 `CompressingScheduler` becomes `CompressingAsyncScheduler` (over vLLM's `AsyncScheduler`) when the engine
 schedules asynchronously: vLLM picks its own async class only for the default scheduler.
 """
@@ -95,9 +98,11 @@ class CompressingScheduler(Scheduler):
         self.totals = CompressionStats()  # since start-up; the frontend's metrics derive from it
         self._past_prompt: set[str] = set()  # requests whose prompt-compression point has been evaluated
         self._settings: dict[str, CompressionConfig] = {}  # per request: the server's, as the request overrides
-        # Pool-wide mode, per request: the logical length of its next probe (absent: the end of its prompt), and
-        # its last probe's curve, shortened by the compactions since (absent until the probe's report arrives)
+        # Pool-wide mode, per request: the logical length of its next probe (absent: the end of its prompt); that
+        # of the probe whose curve is on its way (sent to the workers, not reported yet); and its last probe's
+        # curve, shortened by the compactions since (absent until the probe's report arrives)
         self._next_probe: dict[str, int] = {}
+        self._awaited_curves: dict[str, int] = {}
         self._curves: dict[str, LossCurve] = {}
 
     def schedule(self, *args, **kwargs) -> SchedulerOutput:
@@ -113,15 +118,11 @@ class CompressingScheduler(Scheduler):
             compactions += self._relieve_memory_pressure(
                 {c.request_id for c in compactions} | {probe.request_id for probe in probes})
         output = super().schedule(*args, **kwargs)
-        # A request preempted later in this same schedule() lost all its blocks; nothing is left to move, and
-        # it will be probed again when it is recomputed.
-        for request_id in output.preempted_req_ids:
-            self._curves.pop(request_id, None)
-            self._next_probe.pop(request_id, None)
         if not self.requests:
             # Every request has finished (this step hands the last of them to the workers): the per-request state
             # must be empty (the soak benchmark reads this line).
             logger.debug("infokv: idle scheduler holds per-request state of %s", self.requests_held())
+        # A request preempted later in this same schedule() lost all its blocks: nothing is left to move or score.
         attach_plan(output, StepPlan(
             compactions=[c for c in compactions if c.request_id not in output.preempted_req_ids],
             probes=[probe for probe in probes if probe.request_id not in output.preempted_req_ids],
@@ -134,8 +135,8 @@ class CompressingScheduler(Scheduler):
         if report is not None:
             self.totals.seconds_scoring += report.seconds_scoring
             self.totals.seconds_compacting += report.seconds_compacting
-            self._curves.update((request_id, curve) for request_id, curve in report.loss_curves.items()
-                                if request_id in self._next_probe)
+            for request_id, curve in report.loss_curves.items():
+                self._accept_curve(request_id, curve)
         return super().update_from_output(scheduler_output, model_runner_output, *args, **kwargs)
 
     def make_stats(self, *args, **kwargs) -> CompressionSchedulerStats | None:
@@ -181,7 +182,7 @@ class CompressingScheduler(Scheduler):
         return {"records": len(self.records), "past_prompt": len(self._past_prompt),
                 "settings": len(self._settings),
                 "evicted": len(self.manager.evicted), "next_probe": len(self._next_probe),
-                "curves": len(self._curves)}
+                "awaited_curves": len(self._awaited_curves), "curves": len(self._curves)}
 
     def settings_of(self, request: Request) -> CompressionConfig:
         """The compression settings of one request: the server's, with the request's own overrides."""
@@ -229,20 +230,40 @@ class CompressingScheduler(Scheduler):
         if not settings.enabled:
             return None
         if logical < request.num_prompt_tokens:  # still prefilling (again, after a preemption)
-            self._next_probe.pop(request_id, None)
-            self._curves.pop(request_id, None)
+            self._forget_probes(request_id)
             return None
         decoding = request_id in self._next_probe
         if logical < self._next_probe.get(request_id, request.num_prompt_tokens):
             return None
         self._next_probe[request_id] = logical + settings.decode_interval
-        self._curves.pop(request_id, None)  # the workers replace the probed scores this step
+        self._drop_probe_scores(request_id)  # this probe replaces them
         physical = self.manager.physical_len(request_id, logical)
         sinks = settings.protected_len(request.num_prompt_tokens)
         window = settings.decode_window if decoding else settings.prefill_window
         if physical <= sinks + window:
             return None  # nothing to choose from yet
+        self._awaited_curves[request_id] = logical
         return Probe(request_id, logical, physical, sinks, window, decoding)
+
+    def _accept_curve(self, request_id: str, curve: LossCurve) -> None:
+        """Keep a reported curve if it answers the probe the request awaits. Under asynchronous scheduling it
+        arrives after the next step's decisions, which may have made the workers drop the probe's scores (a
+        compaction that scored afresh, a preemption, the request's end) or sent a newer probe."""
+        if self._awaited_curves.get(request_id) == curve.logical_len:
+            del self._awaited_curves[request_id]
+            self._curves[request_id] = curve
+
+    def _drop_probe_scores(self, request_id: str) -> None:
+        """The workers no longer hold the request's probe scores: neither its curve nor the one on its way says
+        what a probed compaction would evict."""
+        self._curves.pop(request_id, None)
+        self._awaited_curves.pop(request_id, None)
+
+    def _forget_probes(self, request_id: str) -> None:
+        """The request lost its KV (it finished, or it is recomputed after a preemption): it is probed again from
+        the end of its prompt."""
+        self._next_probe.pop(request_id, None)
+        self._drop_probe_scores(request_id)
 
     def _meet_pool_target(self, probed: set[str]) -> list[Compaction]:
         """Pool-wide mode: when the running requests' KV plus their next step's needs exceed the target share of
@@ -254,7 +275,9 @@ class CompressingScheduler(Scheduler):
         than their fair share (the target, less what uncompressed requests hold, split evenly over the compressed
         requests), and then down to it less their room: a batch that starts at once is not crushed into its first
         probed requests while the others' curves are a step away; the others give theirs when their curves
-        arrive."""
+        arrive. A share is never less than the request's floor plus its room (`pages_owed`): where requests that
+        opted out hold the whole target, the fair share is 0, and the compressed requests would otherwise be
+        compacted at every page they grow into; they go down to their floors and grow their room again."""
         pool = self.kv_cache_manager.block_pool
         usable = pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
         target = int(self.compression.pool_target * usable)
@@ -291,8 +314,9 @@ class CompressingScheduler(Scheduler):
                         curve.sinks + windows[request_id])
             candidates.append(PoolCandidate(request_id, physical, least, curve.losses))
         if fair_share is not None:
-            goal = pages_owed(goal, [cdiv(candidate.physical_len, self.manager.block_size)
-                                     for candidate in candidates], fair_share, room)
+            block_size = self.manager.block_size
+            goal = pages_owed(goal, [cdiv(candidate.physical_len, block_size) for candidate in candidates],
+                              [cdiv(candidate.least_len, block_size) for candidate in candidates], fair_share, room)
         compactions = []
         physical_lens = {candidate.request_id: candidate.physical_len for candidate in candidates}
         for request_id, kept in kept_lengths(candidates, goal, self.manager.block_size).items():
@@ -304,8 +328,8 @@ class CompressingScheduler(Scheduler):
                 continue
             evicted = physical - kept
             self.totals.count_attention_lost(float(curve.losses[evicted]))
-            self._curves[request_id] = LossCurve(curve.physical_len - evicted, curve.sinks, curve.window,
-                                                 curve.losses[evicted:] - curve.losses[evicted])
+            self._curves[request_id] = dataclasses.replace(curve, physical_len=curve.physical_len - evicted,
+                                                           losses=curve.losses[evicted:] - curve.losses[evicted])
             compactions.append(compaction)
         return compactions
 
@@ -336,7 +360,6 @@ class CompressingScheduler(Scheduler):
             compaction = self._apply(self._to_budget(request, self.settings_of(request), physical, decoding=True),
                                      "memory pressure")
             if compaction is not None:
-                self._curves.pop(request.request_id, None)  # scored afresh: the workers dropped the probe's scores
                 compactions.append(compaction)
         return compactions
 
@@ -363,6 +386,8 @@ class CompressingScheduler(Scheduler):
             logger.debug("infokv: request %s not compressed (%s): no free block to copy a shared one into",
                          request_id, cause)
             return None
+        if not compaction.probed:
+            self._drop_probe_scores(request_id)  # the workers score it afresh, and drop the probe's scores
         evicted = compaction.physical_len - compaction.kept_len
         record = self.records.setdefault(request_id, CompressionRecord())
         record.peak_slots = max(record.peak_slots, compaction.physical_len)
@@ -376,6 +401,7 @@ class CompressingScheduler(Scheduler):
         return dataclasses.replace(compaction, copies=blocks.copies)
 
     def _preempt_request(self, request: Request, *args, **kwargs) -> None:
+        self._forget_probes(request.request_id)
         # A preempted request is recomputed in full and compressed afresh, so its tokens depend on the batch.
         logger.debug("infokv: request %s preempted after %d compressions", request.request_id,
                      self.records[request.request_id].events if request.request_id in self.records else 0)
@@ -383,8 +409,7 @@ class CompressingScheduler(Scheduler):
 
     def _free_request(self, request: Request, *args, **kwargs):
         self._past_prompt.discard(request.request_id)
-        self._next_probe.pop(request.request_id, None)
-        self._curves.pop(request.request_id, None)
+        self._forget_probes(request.request_id)
         record = self.records.pop(request.request_id, None)
         if self.settings_of(request).enabled:
             record = record or CompressionRecord()
