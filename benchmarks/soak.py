@@ -1,18 +1,19 @@
 """Reliability soak: a long mixed load through `vllm serve --kv-compression infokv`, then checks that the answers
 are the answers and that nothing leaked.
 
-One `vllm serve` (SmolLM2 float32, vLLM's default compilation, `--kv-budget 128 --kv-memory-pressure`, a KV pool
-of 2,275 tokens, 100 MiB of SmolLM2, under `--max-model-len 4096`; with `--tp 2` a random-weight tiny Llama, as
+One `vllm serve` (SmolLM2 float32, vLLM's default compilation, `--kv-budget 128 --kv-memory-pressure` and the
+pool-wide mode `--kv-pool-target 0.5` unless `--pool-target 0`, prefix caching as vLLM's default, a KV pool
+of 2,275 tokens, 100 MiB of SmolLM2, under `--max-model-len 4096`, or 2048 in the pool-wide mode; with `--tp 2` a random-weight tiny Llama, as
 SmolLM2's 9 attention heads do not split over two ranks) is driven by `--concurrency` client threads for at least
 `--minutes` and `--requests`: chat and completions, streaming or not, n = 1 or 2, the server's budget or a
-request's own (`vllm_xargs`: budgets, ratios with a floor, keep-prompt, opt-outs), client aborts at a random chunk
-of a stream, and malformed or out-of-range inputs, each of which must get HTTP 400. A sampler records KV usage and
+request's own (`vllm_xargs`: budgets, ratios with a floor, keep-prompt, opt-outs), vLLM's own `kv_transfer_params`
+(which must pass untouched), prompts that share prefixes, client aborts at a random chunk of a stream, and malformed or out-of-range inputs, each of which must get HTTP 400. A sampler records KV usage and
 running requests (vLLM's `/metrics`) and the memory of the server's process tree every few seconds.
 
 Afterwards:
 - every 10th greedy request is replayed alone and must return the same tokens (token ids where the API returns
-  them, the text of a stream). Requests compressed under memory pressure or preempted are left out of the
-  comparison: the batch decides when those are compressed, by design; the server's debug log says which they are;
+  them, the text of a stream). Requests compressed under memory pressure or for the pool target, or preempted,
+  are left out first: the batch decides when those are compressed, by design; the server's debug log says which;
 - KV usage and running requests are back to 0, and the plugin's per-request state is empty: the last "idle ...
   holds per-request state" debug lines of the scheduler and of every worker show only zeros;
 - the memory of the server's processes grows by less than 2% over the second half of the load.
@@ -50,13 +51,16 @@ BAD_INPUTS = [
     {"vllm_xargs": {"kv_budget_ratio": 1.5}},
     {"vllm_xargs": {"kv_budget": "many"}},
     {"vllm_xargs": {"kv_compression": "snapkv"}},
-    {"vllm_xargs": {"kv_unknown": 1}},
+    {"vllm_xargs": {"kv_budget": "inf"}},
+    {"vllm_xargs": {"kv_keep_prompt": [1]}},
     {"vllm_xargs": {"kv_compression": "none"}, "max_tokens": 4000},  # an opt-out that cannot fit the pool
     {"max_tokens": -1},
     {"temperature": -2.0},
 ]
 IDLE_LINE = re.compile(r"^\((.*?)\).*infokv: idle (scheduler|worker) holds per-request state of (\{.*\})")
-BATCH_DEPENDENT_LINE = re.compile(r"infokv: request (\S+) (?:compressed .*memory pressure|preempted after)")
+BATCH_DEPENDENT_LINE = re.compile(r"infokv: request (\S+) (?:compressed .*(?:memory pressure|pool target)|preempted after)")
+# vLLM's own request fields, which compression must pass untouched (KV connectors read `kv_transfer_params`).
+VLLM_FIELDS = {"kv_transfer_params": {"do_remote_decode": False}}
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Job:
     xargs: dict | None
     abort_after: int | None = None  # stream chunks read before the client goes away
     bad: dict | None = None  # a malformed or out-of-range input: must get HTTP 400
+    vllm_fields: bool = False  # carries VLLM_FIELDS
 
     @property
     def request_id(self) -> str:
@@ -101,6 +106,7 @@ def make_job(index: int, rng: random.Random) -> Job:
         job.abort_after = rng.randint(1, 40)
     if rng.random() < 0.05:
         job.bad = rng.choice(BAD_INPUTS)
+    job.vllm_fields = rng.random() < 0.1
     return job
 
 
@@ -108,7 +114,8 @@ def send(client, model: str, job: Job) -> Outcome:
     import openai
 
     body = {"max_tokens": job.max_tokens, "temperature": job.temperature, "n": job.n, "seed": job.index,
-            "return_token_ids": True, "vllm_xargs": job.xargs, **(job.bad or {})}
+            "return_token_ids": True, "vllm_xargs": job.xargs, **(VLLM_FIELDS if job.vllm_fields else {}),
+            **(job.bad or {})}
     arguments = {key: body.pop(key) for key in ("max_tokens", "temperature", "n", "seed")}
     if job.chat:
         create, content = client.chat.completions.create, {"messages": [{"role": "user", "content": job.prompt}]}
@@ -237,11 +244,15 @@ def main() -> None:
                              "tiny Llama with SmolLM2's tokenizer (4 query / 2 KV heads) for --tp 2")
     parser.add_argument("--pool-tokens", type=int, default=2275,
                         help="the KV pool in tokens (2,275: 100 MiB of SmolLM2), below --max-model-len 4096")
+    parser.add_argument("--pool-target", type=float, default=0.5,
+                        help="the pool-wide mode's share of the KV pool (--kv-pool-target); 0: per-request budgets")
+    parser.add_argument("--replay-every", type=int, default=10,
+                        help="replay every this-many greedy requests that the batch did not decide")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="soak")
     args = parser.parse_args()
     if args.smoke:
-        args.minutes, args.requests, args.concurrency = 0.5, 40, 8
+        args.minutes, args.requests, args.concurrency, args.replay_every = 0.5, 40, 8, 3
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from openai import OpenAI
@@ -264,8 +275,11 @@ def main() -> None:
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     # float32 keys and values, each rank holding its share of the KV heads
     token_bytes = config["num_hidden_layers"] * config["num_key_value_heads"] // args.tp * head_dim * 2 * 4
+    # The pool-wide mode does not bound a request's KV, so vLLM's start-up check wants a whole context in the pool.
+    max_model_len = 2048 if args.pool_target else 4096
     flags = ["--dtype", "float32", "--kv-cache-memory-bytes", str(args.pool_tokens * token_bytes), "--max-model-len",
-             "4096", "--kv-compression", "infokv", "--kv-budget", "128", "--kv-memory-pressure",
+             str(max_model_len), "--kv-compression", "infokv", "--kv-budget", "128", "--kv-memory-pressure",
+             *(["--kv-pool-target", str(args.pool_target)] if args.pool_target else []),
              "--tensor-parallel-size", str(args.tp), *(EAGER if args.smoke else [])]
     env = {"VLLM_LOGGING_LEVEL": "DEBUG", **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if args.tp == 2 else {})}
     rng = random.Random(args.seed)
@@ -304,8 +318,9 @@ def main() -> None:
         log = log_path.read_text()
         batch_dependent = {match.group(1) for match in map(BATCH_DEPENDENT_LINE.search, log.splitlines()) if match}
         greedy = [job for job in jobs if job.greedy and outcomes[job.index].status == "ok"]
-        replay = [job for job in greedy[::10]
-                  if not any(f"-{job.request_id}-" in request_id for request_id in batch_dependent)]
+        eligible = [job for job in greedy
+                    if not any(f"-{job.request_id}-" in request_id for request_id in batch_dependent)]
+        replay = eligible[::args.replay_every]
         mismatches = [job.index for job in replay
                       if send(client, str(model), Job(**{**asdict(job), "index": job.index + 10**6})).tokens
                       != outcomes[job.index].tokens]
@@ -326,7 +341,7 @@ def main() -> None:
         good_inputs_refused=[f"{job.index}: {outcomes[job.index].detail}" for job in jobs
                              if job.bad is None and outcomes[job.index].status == "refused"],
         replayed=len(replay), replay_mismatches=mismatches,
-        replay_skipped_batch_dependent=len(greedy[::10]) - len(replay),
+        replay_skipped_batch_dependent=len(greedy) - len(eligible),
         final_kv_usage=final.get("vllm:kv_cache_usage_perc", -1.0),
         final_running=final.get("vllm:num_requests_running", -1.0), idle_state=state,
         leaked_state=not state or any(any(sizes.values()) for sizes in state.values()),
