@@ -472,3 +472,77 @@ def test_opted_out_requests_holding_the_target_leave_compressed_ones_their_room(
     compacted = Counter(compaction.request_id for compaction in loop.worker.compactions)
     assert compacted.keys() == {"a", "b"}
     assert max(compacted.values()) <= cdiv(150, DECODE_INTERVAL) + 1, compacted
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_a_hit_longer_than_the_room_for_its_copies_is_taken_over_not_left_waiting(make_scheduler, asynchronous):
+    """A compressed request whose prefix-cache hit is more than half the pool cannot copy it all: it takes over
+    the hit blocks no other request holds (they leave the cache), rather than waiting forever for room."""
+    scheduler = make_scheduler({"budget": 64}, num_blocks=24, asynchronous=asynchronous, prefix_caching=True)
+    prompt = make_prompts("a", 200)["a"]
+    (first,) = make_requests(scheduler, {"a": prompt}, max_tokens=10)
+    (second,) = make_requests(scheduler, {"b": prompt}, max_tokens=10)
+    hits = {}
+    loop = EngineLoop(scheduler, arrivals={0: [first], 40: [second]})
+    execute = loop.worker.execute
+
+    def execute_recording_hits(output):
+        hits.update((new.req_id, new.num_computed_tokens) for new in output.scheduled_new_reqs)
+        return execute(output)
+
+    loop.worker.execute = execute_recording_hits
+    loop.run(max_steps=400)
+    assert_outputs_are_the_model([first, second])
+    assert hits["b"] >= 160  # it reused the cached prompt
+
+
+def hold(scheduler: CompressingScheduler, request: Request, num_tokens: int) -> None:
+    """Give a request pages for its first `num_tokens` tokens, as computed, through vLLM's KV cache manager (with
+    its prefix-cache hit, and hashed as the engine hashes computed blocks)."""
+    manager = scheduler.kv_cache_manager
+    scheduler.requests[request.request_id] = request
+    hit_blocks, hit_tokens = manager.get_computed_blocks(request)[:2]
+    assert manager.allocate_slots(request, num_tokens - hit_tokens, hit_tokens, hit_blocks) is not None
+    request.num_computed_tokens = num_tokens
+    manager.coordinator.cache_blocks(request, num_tokens)
+
+
+def fill_the_pool(scheduler: CompressingScheduler) -> None:
+    pool = scheduler.kv_cache_manager.block_pool
+    (filler,) = make_requests(scheduler, make_prompts("z", pool.get_num_free_blocks() * BLOCK_SIZE), 1,
+                              kv_compression="none")
+    hold(scheduler, filler, filler.num_prompt_tokens)
+    assert pool.get_num_free_blocks() == 0
+
+
+def test_a_compaction_without_room_to_copy_a_shared_page_is_refused_and_changes_nothing(make_scheduler):
+    """A page the compaction would rewrite that another request reads needs a private copy: with no free page for
+    it, the compaction is refused (None) and the request keeps its pages as they were."""
+    scheduler = make_scheduler({"budget": 64}, num_blocks=24, prefix_caching=True)
+    prompts = make_prompts("ac", 96)
+    compressed, opted_out = (*make_requests(scheduler, {"a": prompts["a"]}, 1),
+                             *make_requests(scheduler, {"c": prompts["a"]}, 1, kv_compression="none"))
+    hold(scheduler, compressed, 96)
+    hold(scheduler, opted_out, 96)  # shares the compressed request's cached pages
+    manager = scheduler.manager
+    assert [block.ref_cnt for block in manager.req_to_blocks["a"][:4]] == [2] * 4
+    fill_the_pool(scheduler)
+    before = list(manager.req_to_blocks["a"])
+    assert manager.compact("a", 96, 64, SINKS) is None
+    assert manager.req_to_blocks["a"] == before and "a" not in manager.evicted
+
+
+def test_a_compaction_without_room_to_copy_its_own_cached_pages_uncaches_them(make_scheduler):
+    """Cached pages only the compacted request holds are rewritten in place where no free page can take a copy:
+    they lose their hash (a later request must not hit the rewritten KV), and the tail goes back to the pool."""
+    scheduler = make_scheduler({"budget": 64}, num_blocks=24, prefix_caching=True)
+    (compressed,) = make_requests(scheduler, make_prompts("a", 96), 1)
+    hold(scheduler, compressed, 96)
+    fill_the_pool(scheduler)
+    manager = scheduler.manager
+    rewritten = manager.req_to_blocks["a"][:4]
+    assert all(block.block_hash is not None for block in rewritten)
+    result = manager.compact("a", 96, 64, SINKS)
+    assert result is not None and result.copies == () and result.freed == 2
+    assert manager.req_to_blocks["a"] == rewritten and manager.evicted["a"] == 32
+    assert all(block.block_hash is None for block in rewritten)

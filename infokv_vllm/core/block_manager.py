@@ -12,7 +12,8 @@ cached (hashed, so a later request with the same prefix reuses it) or shared. Th
 - a compaction gives each such block in the rewritten range a private copy (`BlockCompaction.copies`) and hands
   the original back to the pool, still cached;
 - a compressing request that hits the cache copies its hit blocks at admission (vLLM's copy-on-write path), so
-  its observation window's attention never mixes with another request's in a shared block;
+  its observation window's attention never mixes with another request's in a shared block; where the pool has no
+  room for the copies, it takes over the hit blocks no other request holds (they lose their hash) instead;
 - blocks are hashed only once their KV is computed (vLLM hashes them when they are scheduled), and never after a
   request's first compaction (its slots no longer hold the prefix's tokens in order). A hit is therefore always
   of finished KV and signals, which the admission copy can read before the step's forward.
@@ -65,15 +66,17 @@ class CompactingAttentionManager(FullAttentionManager):
         # Whether a request is compressed (the scheduler knows each request's settings; an opted-out request
         # never compacts, so it may share prefix-cache blocks).
         self.compresses: Callable[[str], bool] = lambda request_id: True
+        # Per request being admitted: how many of its prefix-cache hit blocks it copies (the rest it takes over)
+        self._hit_copies: dict[str, int] = {}
 
     def physical_len(self, request_id: str, logical_len: int) -> int:
         return logical_len - self.evicted.get(request_id, 0)
 
-    def _copied_hits(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int) -> int:
-        """How many of a new request's prefix-cache hit blocks it copies at admission (its whole blocks)."""
+    def _whole_hits(self, request_id: str, new_computed_blocks, num_local_computed_tokens: int) -> list:
+        """A new compressed request's prefix-cache hit blocks that it holds whole (none without caching)."""
         if not (self.enable_caching and new_computed_blocks and self.compresses(request_id)):
-            return 0
-        return min(len(new_computed_blocks), num_local_computed_tokens // self.block_size)
+            return []
+        return list(new_computed_blocks[:num_local_computed_tokens // self.block_size])
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model, *args, **kwargs) -> int:
@@ -83,19 +86,34 @@ class CompactingAttentionManager(FullAttentionManager):
             num_local_computed_tokens - evicted, num_tokens_main_model - evicted, *args, **kwargs)
         if request_id in self.num_cached_block:  # running: no new hits
             return blocks
-        return blocks + self._copied_hits(request_id, new_computed_blocks, num_local_computed_tokens)
+        hits = self._whole_hits(request_id, new_computed_blocks, num_local_computed_tokens)
+        # A hit block another request holds must be copied; a free one (vLLM counts it in `blocks`: it leaves
+        # the free list) is copied while the pool has room, and otherwise taken over by the request, losing its
+        # hash, so that a long hit on a small pool is admitted rather than waiting for room it can never have.
+        shared = sum(block.ref_cnt > 0 for block in hits)
+        spare = self.block_pool.get_num_free_blocks() - blocks - shared
+        self._hit_copies[request_id] = shared + min(len(hits) - shared, max(spare, 0))
+        return blocks + self._hit_copies[request_id]
 
     def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
                                   *args, **kwargs) -> None:
         super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
                                           *args, **kwargs)
-        copied = self._copied_hits(request_id, new_computed_blocks, num_local_computed_tokens)
-        if copied:
-            blocks = self.req_to_blocks[request_id]
-            for index, fresh in enumerate(self.block_pool.get_new_blocks(copied)):
-                # vLLM's copy-on-write: the worker copies the KV before the forward (our signals too, see
-                # core/runner.py), and both ends are held until that step has run.
-                self._apply_cow(request_id, index, blocks[index], fresh)
+        hits = self._whole_hits(request_id, new_computed_blocks, num_local_computed_tokens)
+        spare_copies = self._hit_copies.pop(request_id, len(hits)) - sum(block.ref_cnt > 1 for block in hits)
+        copied, taken_over = [], []
+        for index, block in enumerate(hits):  # the leading blocks stay cached first: later hits need them
+            if block.ref_cnt > 1 or spare_copies > 0:
+                spare_copies -= block.ref_cnt == 1
+                copied.append(index)
+            else:
+                taken_over.append(block.block_id)
+        self.block_pool.evict_blocks(set(taken_over))
+        blocks = self.req_to_blocks[request_id]
+        for index, fresh in zip(copied, self.block_pool.get_new_blocks(len(copied))):
+            # vLLM's copy-on-write: the worker copies the KV before the forward (our signals too, see
+            # core/runner.py), and both ends are held until that step has run.
+            self._apply_cow(request_id, index, blocks[index], fresh)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         evicted = self.evicted.get(request_id, 0)
@@ -113,6 +131,7 @@ class CompactingAttentionManager(FullAttentionManager):
     def pop_blocks_for_free(self, request_id):
         # Finish, abort and preemption all come through here; a preempted request is recomputed in full.
         self.evicted.pop(request_id, None)
+        self._hit_copies.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
     def compact(self, request_id: str, physical_len: int, kept_len: int, sinks: int) -> BlockCompaction | None:
