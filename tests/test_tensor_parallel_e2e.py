@@ -30,17 +30,25 @@ def _worker_state(worker) -> tuple[list[str], list[str], int]:
     return sorted(runner.requests), sorted(runner.evicted), runner.requests_held()["probed"]
 
 
-def generate(model_dir, settings: dict, tensor_parallel_size: int, executor: str = "mp", **overrides
-             ) -> tuple[dict[str, list[int]], int]:
-    """Greedy outputs and compression events; with compression, checks that every page and every request is
-    released, on the scheduler and on every rank."""
+def generate(model_dir, settings: dict, tensor_parallel_size: int, executor: str = "mp",
+             aborts: dict[int, str] | None = None, **overrides) -> tuple[dict[str, list[int]], int]:
+    """Greedy outputs and compression events, the requests in `aborts` (step -> request id) aborted after that
+    step; with compression, checks that every page and every request is released, on the scheduler and on every
+    rank."""
     with in_process_llm(model_dir, settings, max_model_len=256, tensor_parallel_size=tensor_parallel_size,
                         distributed_executor_backend=executor, **overrides) as llm:
         if executor == "ray":
             from infokv_vllm.platforms.cpu_ray import CPURayExecutor
 
             assert llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend is CPURayExecutor
-        outputs = run_to_completion(llm, PROMPTS, PARAMS)
+        steps = [0]
+
+        def abort_due() -> None:
+            steps[0] += 1
+            if steps[0] in (aborts or {}):
+                llm.llm_engine.abort_request([aborts[steps[0]]])
+
+        outputs = run_to_completion(llm, PROMPTS, PARAMS, after_step=abort_due)
         if settings["method"] == "none":  # vLLM's own scheduler and workers
             return outputs, 0
         scheduler = scheduler_of(llm)
@@ -75,6 +83,18 @@ def test_two_ranks_apply_the_pool_wide_decisions_of_the_reporting_rank(tiny_llam
     settings = {**SETTINGS, "budget": None, "pool_target": 0.25}
     outputs, events = generate(tiny_llama_dir, settings, 2, num_gpu_blocks_override=24)
     assert events >= 2 and all(len(tokens) == 48 for tokens in outputs.values())
+
+
+def test_two_ranks_relieve_memory_pressure_and_abort_like_one(tiny_llama_dir, monkeypatch):
+    """A pool too small for the batch: memory pressure compresses instead of preempting, a request is aborted while
+    it runs, and both ranks apply the same decisions and release everything."""
+    # Prompts below the budget and an interval longer than the generations: every compaction is memory pressure's.
+    settings = {**SETTINGS, "budget": 96, "decode_interval": 128, "memory_pressure": True}
+    scenario = {"aborts": {40: "count"}, "num_gpu_blocks_override": 10}  # 9 pages: the batch outgrows them
+    one_rank, events = generate(tiny_llama_dir, settings, 1, **scenario)
+    assert events >= 1 and "count" not in one_rank and len(one_rank["fox"]) == 48
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert generate(tiny_llama_dir, settings, 2, **scenario) == (one_rank, events)
 
 
 @pytest.fixture
