@@ -1,4 +1,5 @@
-"""The GPU suite: skipped, each test with the reason, on machines without CUDA (CI and every CPU machine)."""
+"""The GPU suite: skipped, each test with the reason, on machines without CUDA (CI and every CPU machine); on a
+machine with CUDA it fails where its model is missing."""
 
 from __future__ import annotations
 
@@ -23,14 +24,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def gpu_model_dir() -> Path:
     """$INFOKV_GPU_MODEL (e.g. the random-weight SmolLM2 the GPU bundle's `model` smoke stage writes to
-    /tmp/smollm2-random), else the SmolLM2 test model where `scripts/install_cpu.sh` prepared it."""
-    if os.environ.get("INFOKV_GPU_MODEL"):
-        return Path(os.environ["INFOKV_GPU_MODEL"])
+    /tmp/smollm2-random), else the SmolLM2 test model where `scripts/install_cpu.sh` prepared it.
+
+    Only a machine with CUDA gets here (elsewhere every test is skipped first), and there a missing model is an
+    error: skipped tests would report a GPU run that checked nothing as a pass."""
     from infokv_vllm.testing.smollm2 import model_dir
 
-    if (model_dir() / "config.json").exists():
-        return model_dir()
-    pytest.skip("no model: set INFOKV_GPU_MODEL to a Llama-architecture model directory")
+    model = Path(os.environ["INFOKV_GPU_MODEL"]) if os.environ.get("INFOKV_GPU_MODEL") else model_dir()
+    if not (model / "config.json").exists():
+        pytest.fail(f"no model at {model}: set INFOKV_GPU_MODEL to a Llama-architecture model directory")
+    return model
 
 
 # The GPU engine: bf16, vLLM's default compilation with (piecewise) CUDA graphs, FlashAttention's block size.

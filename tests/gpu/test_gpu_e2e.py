@@ -11,11 +11,13 @@ from vllm import SamplingParams
 from vllm.config.compilation import CUDAGraphMode
 from vllm.utils.math_utils import cdiv
 
+from infokv_vllm.metrics import METRIC_PREFIX
 from infokv_vllm.platforms.cuda import SCORING_BACKENDS
 from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from infokv_vllm.testing.local_server import vllm_server
 from tests.gpu.conftest import GPU_ENGINE, GPU_SERVE_FLAGS
 from tests.test_eviction_e2e import PROMPTS
+from tests.test_serve_e2e import settled_metrics
 from tests.test_snapkv_reference import CONFIG, batch_prompts, policy_reference, vllm_kept_sets
 
 pytestmark = pytest.mark.e2e
@@ -103,15 +105,21 @@ def test_snapkv_keeps_the_transformers_sets_on_a_batch(gpu_model_dir):
 
 
 def test_vllm_serve_answers_with_compression_on(gpu_model_dir, tmp_path: Path):
+    """The reply comes from a compressed request: the server's compression metrics (what the CPU suite reads,
+    tests/test_serve_e2e.py) count its compactions, and the prompt beyond the budget was evicted."""
     from openai import OpenAI
 
-    flags = ["--kv-compression", "infokv", "--kv-budget", "64"]
+    flags = ["--kv-compression", "infokv", "--kv-budget", str(BUDGET)]
     with vllm_server(gpu_model_dir, flags, tmp_path / "serve.log", base_flags=GPU_SERVE_FLAGS) as url:
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         reply = client.chat.completions.create(
             model=str(gpu_model_dir), max_tokens=200, temperature=0,
             messages=[{"role": "user", "content": "Tell me a long story about a lighthouse. " * 10}])
         assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+        metrics = settled_metrics(url)
+    assert reply.usage.prompt_tokens > BUDGET
+    assert metrics[f"{METRIC_PREFIX}compression_events_total"] >= 1, metrics
+    assert metrics[f"{METRIC_PREFIX}tokens_evicted_total"] >= reply.usage.prompt_tokens - BUDGET, metrics
     log = (tmp_path / "serve.log").read_text()
     assert "experimental" in log and "-> PIECEWISE" in log
 
