@@ -21,8 +21,7 @@ preemptions, compressions, TTFT and TPOT percentiles. A plot goes beside the JSO
     python benchmarks/throughput.py --gpu --model DIR --mode compiled --attention-backend FLASH_ATTN  # one GPU
 
 On a GPU (`--gpu`; `scripts/gpu_check.sh throughput` runs it on the random Llama-3.1-8B-shaped model) the
-workload is sized for 80 GB. On one H200 its infokv engine first crashed (fixed since, see the README's GPU
-section) and only streaming has completed a run; no vanilla or ceiling number exists yet.
+workload is sized for 80 GB; docs/platforms.md says which runs have completed on which card.
 """
 
 from __future__ import annotations

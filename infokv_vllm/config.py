@@ -64,8 +64,9 @@ class CompressionConfig:
     method: CompressionMethod = field(
         default="none",
         metadata={"help": "Which tokens to evict: 'infokv' fuses attention with entropy; 'snapkv' uses "
-                          "attention only, 'entropy' entropy only, 'streaming' keeps sinks + most recent, "
-                          "'random' is a control. 'none' leaves vLLM unchanged."},
+                          "attention only, 'rkv' attention with key redundancy (R-KV), 'entropy' entropy only, "
+                          "'streaming' keeps sinks + most recent, 'random' is a control. 'none' leaves vLLM "
+                          "unchanged."},
     )
     budget: int | None = field(
         default=None,
@@ -92,8 +93,8 @@ class CompressionConfig:
     decode_window: int = field(
         default=16,
         metadata={"help": "Observation window (most recent generated tokens) used when compressing during "
-                          "decoding; always kept. 16 was chosen on GSM8K train (README, 'Reasoning on real "
-                          "data'); R-KV uses 8."},
+                          "decoding; always kept. 16 was chosen on GSM8K train (docs/results/gsm8k.md); R-KV "
+                          "uses 8."},
     )
     sinks: int = field(default=4, metadata={"help": "First tokens that are never evicted (attention sinks)."})
     decode_interval: int = field(
@@ -123,8 +124,7 @@ class CompressionConfig:
         metadata={"help": "InfoKV: weight of each token's value-vector norm, added to the fused score as a quantile "
                           "among the candidates when compressing during decoding (0 = off). VaSE (arXiv "
                           "2606.03928): evicting tokens with large values sends reasoning models into loops. 0.3 was "
-                          "chosen on GSM8K train (loops 5-6%% -> 1-2%%, +2-3 points); README, 'Reasoning on real "
-                          "data'."},
+                          "chosen on GSM8K train (loops 5-6%% -> 1-2%%, +2-3 points; docs/results/gsm8k.md)."},
     )
     entropy_top_k: int = field(
         default=10,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: run on an offline NVIDIA machine (torch 2.11+cu130, no vLLM, no network) from this checkout,
-# with what scripts/gpu_bundle.sh puts in .gpu/ (README, "GPU"). Never part of CI.
+# with what scripts/gpu_bundle.sh puts in .gpu/ (docs/platforms.md). Never part of CI.
 #
 #   bash scripts/gpu_check.sh STEP...
 #     setup          unpack the bundle into /tmp/site, install the plugin and deps there, run the bundle's first

@@ -111,7 +111,7 @@ def test_a_compressed_request_preempted_and_recomputed_finishes_with_exact_accou
 
 
 def test_a_fault_inside_compaction_reaches_the_client_and_the_server_exits(smollm2_dir, tmp_path):
-    """What the README promises ("Reliability"): the request in flight gets vLLM's engine-dead error as HTTP 500
+    """What docs/reliability.md promises: the request in flight gets vLLM's engine-dead error as HTTP 500
     within seconds, and `vllm serve` exits with status 1 (vLLM alone exits 0), so a supervisor sees the failure."""
     log_path = tmp_path / "serve.log"
     with vllm_server_process(smollm2_dir, SERVE_FLAGS, log_path, env={FAULT_INJECTION_ENV: "compaction"}) as (
@@ -132,7 +132,7 @@ def test_a_fault_inside_compaction_reaches_the_client_and_the_server_exits(smoll
 def test_sigterm_under_load_exits_cleanly(smollm2_dir, tmp_path):
     """SIGTERM to `vllm serve` (what a supervisor sends) with `--shutdown-timeout`: vLLM drains what is in flight,
     every stream ends, the server exits with status 0. (With vLLM's default of 0 it aborts the engine and may wait
-    for the open streams indefinitely, with or without compression: README, "Reliability".)"""
+    for the open streams indefinitely, with or without compression: docs/reliability.md.)"""
     log_path = tmp_path / "serve.log"
     flags = [*SERVE_FLAGS, "--shutdown-timeout", str(SIGTERM_DRAINS_S)]
     with vllm_server_process(smollm2_dir, flags, log_path) as (url, process):

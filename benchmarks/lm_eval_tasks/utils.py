@@ -2,7 +2,7 @@
 
 The docs are `suites.Sample`s: for the seeded suites, the JSONL rows beside this file (written by `python
 benchmarks/suites.py --lm-eval`); for the real-data suites, drawn from the benchmark data fixtures when the task
-loads (`REAL_DATA_COUNTS` samples, seed 0: the README grids' samples), so no benchmark data is copied into the
+loads (`REAL_DATA_COUNTS` samples, seed 0: the samples of the grids in docs/results), so no benchmark data is copied into the
 repository. A reply is scored by `suites.score` itself, so lm-eval and the repo's own benchmarks share one rule.
 """
 

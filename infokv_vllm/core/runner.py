@@ -109,7 +109,7 @@ class CompressingRunnerMixin:
         super().initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
         # Built afresh on every call: vLLM's GPU runner, when it profiles CUDA-graph memory, first initialises a
         # minimal cache of a few blocks and discards it (`is_profiling`); planes and recorders kept from that one
-        # would index the real pool's blocks out of range (found on an H200 with a memory-profiled pool).
+        # would index the real pool's blocks out of range.
         self.compactor, self.signals, self.recorders = None, None, []
         if not self.compression.enabled or is_profiling:
             return

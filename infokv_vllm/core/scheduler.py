@@ -9,7 +9,7 @@ Budgets are per request: the server's settings, overridden by what a request giv
 OpenAI API's `vllm_xargs`, see `CompressionConfig.for_request`; the frontend has already refused bad values).
 Workers need no per-request settings: every length they use arrives in the plan.
 
-Schedules (method doc, "Schedules"):
+Schedules (docs/method.md, "Selection, schedules and budgets"):
 - prefill: once the prompt is processed, a request longer than its budget is compressed to it;
 - decode (R-KV): whenever the kept length reaches budget + decode_interval, it is compressed back to budget;
 - memory pressure (opt-in): when the running requests' next tokens need more blocks than the pool has free,

@@ -1,6 +1,6 @@
 """vLLM's CUDA platform: its GPU worker and V1 runner, FLASH_ATTN and TRITON_ATTN, their page view, Triton kernels.
 
-Experimental: what has run on GPU hardware, and when, is in the README ("Supported versions and platforms");
+Experimental: what has run on GPU hardware, and when, is in docs/platforms.md;
 every part that can run without a GPU is tested on CPU in CI (the kernels on these page views under
 TRITON_INTERPRET=1, the start-up self-check, the adapter's decisions). The plugin logs one warning saying so when
 it compresses on CUDA.
@@ -40,10 +40,10 @@ from infokv_vllm.kernels.layouts import HeadMajorPageLayout, PageLayout
 from infokv_vllm.kernels.selfcheck import kernel_disagreements
 
 
-EXPERIMENTAL_WARNING = ("infokv-vllm: compression on CUDA is experimental (the README's platform table says what has "
-                        "run on GPUs); answer quality is measured on CPU only")
+EXPERIMENTAL_WARNING = ("infokv-vllm: compression on CUDA is experimental (docs/platforms.md says what has run on "
+                        "GPUs); answer quality is measured on CPU only")
 ASYNC_SCHEDULING_NOTE = ("infokv-vllm: asynchronous scheduling (vLLM's default on GPUs) with compression has not run "
-                         "on a GPU yet; --no-async-scheduling schedules synchronously, as every GPU run so far did")
+                         "on a GPU yet; --no-async-scheduling schedules synchronously")
 
 
 # vLLM's backend name -> vLLM's backend class: the backends whose impl records the attention signal on CUDA

@@ -1,15 +1,16 @@
-"""InfoKV: attention fused with an entropy signal (method doc, "Design defaults" 1-4).
+"""InfoKV: attention fused with an entropy signal (docs/method.md, "The signals, as implemented").
 
 A is the pooled window attention and E combines the token entropy H with the layer's representation evolution R
 (`entropy_score`: H*R, H+R or H alone), both per (layer, KV head) over the candidate tokens (all but sinks and
 window). `alpha` is the entropy signal's share; the fusion rule (`FUSION_RULES`, `--kv-fusion`) says of what:
 
-- `sum`: S = (1 - alpha) * A / sum(A) + alpha * E / sum(E), the method doc's default 4. Sum-normalised attention
-  is concentrated on a few tokens and the entropy signal is spread out, so the fused top-k is mostly attention's:
-  what only entropy finds is lost (README, "Fusion").
+- `sum`: S = (1 - alpha) * A / sum(A) + alpha * E / sum(E), the rule the method started from. Sum-normalised
+  attention is concentrated on a few tokens and the entropy signal is spread out, so the fused top-k is mostly
+  attention's: what only entropy finds is lost (docs/results/quality.md, "Fusion").
 - `rank` (the default): the same weights on each signal's quantile among the candidates, so both signals span
-  [0, 1] alike whatever their concentration. Chosen on the pass-key and decode-fidelity data in the README
-  ("Fusion"): at least as good as `sum` at every budget measured, and far closer to the full cache in decoding.
+  [0, 1] alike whatever their concentration. Chosen on the pass-key and decode-fidelity data in
+  docs/results/quality.md ("Fusion"): at least as good as `sum` at every budget measured, and far closer to the
+  full cache in decoding.
 - `split`: a share alpha of the candidates' budget is reserved for entropy's top tokens; attention fills the rest.
   Whatever each signal ranks highest is kept, by construction.
 

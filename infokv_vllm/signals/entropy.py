@@ -49,7 +49,7 @@ def top_values(logits: torch.Tensor, k: int) -> torch.Tensor:
 def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Entropy of the top-k renormalised distribution of each row, divided by log k (so it lies in [0, 1]).
 
-    Over the top k rather than the full vocabulary: the long tail adds noise, not information (method doc).
+    Over the top k rather than the full vocabulary: the long tail adds noise, not information (docs/method.md).
     """
     top = top_values(logits.float(), k)
     log_probs = top.log_softmax(dim=-1)
