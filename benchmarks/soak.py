@@ -7,7 +7,7 @@ of 2,275 tokens, 100 MiB of SmolLM2, under `--max-model-len 4096`, or 2048 in th
 SmolLM2's 9 attention heads do not split over two ranks) is driven by `--concurrency` client threads for at least
 `--minutes` and `--requests`: chat and completions, streaming or not, n = 1 or 2, the server's budget or a
 request's own (`vllm_xargs`: budgets, ratios with a floor, keep-prompt, opt-outs), vLLM's own `kv_transfer_params`
-(which must pass untouched), prompts that share prefixes, client aborts at a random chunk of a stream, and malformed or out-of-range inputs, each of which must get HTTP 400. A sampler records KV usage and
+(which must pass untouched), prompts that share a prefix, client aborts at a random chunk of a stream, and malformed or out-of-range inputs, each of which must get HTTP 400. A sampler records KV usage and
 running requests (vLLM's `/metrics`) and the memory of the server's process tree every few seconds.
 
 Afterwards:
@@ -45,6 +45,10 @@ SENTENCES = ["The river runs past the old mill.", "Seven boats leave the harbour
              "Wind turns the blades of the tall white turbines.", "Her notebook lists forty kinds of beetles."]
 QUESTIONS = ["Summarise the text in one sentence.", "What happens at dawn?", "Write a short poem about the mill.",
              "Continue the story.", "List three facts from the text."]
+# Opens three in ten prompts (some 150 tokens): their first pages hit the prefix cache, so compressed requests
+# copy or take over cached pages, and compactions meet pages other requests read.
+SHARED_PREFIX = ("You are a careful assistant for a museum of maritime history. Answer plainly, cite the text you "
+                 "are given, and say when it does not tell. " * 4)
 # Inputs that must be refused with HTTP 400 while the server goes on serving the others.
 BAD_INPUTS = [
     {"vllm_xargs": {"kv_budget": 3}},
@@ -97,6 +101,8 @@ def make_job(index: int, rng: random.Random) -> Job:
     chat, stream = rng.random() < 0.5, rng.random() < 0.5
     n = 2 if rng.random() < 0.15 else 1
     prompt = " ".join(rng.choice(SENTENCES) for _ in range(rng.choice([4, 12, 40, 80]))) + " " + rng.choice(QUESTIONS)
+    if rng.random() < 0.3:
+        prompt = SHARED_PREFIX + prompt
     xargs = rng.choice([None, None, {"kv_budget": rng.choice([64, 96, 192, 256])},
                         {"kv_budget_ratio": rng.choice([0.3, 0.5]), "kv_budget": 64}, {"kv_keep_prompt": True},
                         {"kv_compression": "none"}])
@@ -248,6 +254,9 @@ def main() -> None:
                         help="the pool-wide mode's share of the KV pool (--kv-pool-target); 0: per-request budgets")
     parser.add_argument("--replay-every", type=int, default=10,
                         help="replay every this-many greedy requests that the batch did not decide")
+    parser.add_argument("--allocator", default="glibc", choices=("glibc", "tcmalloc"),
+                        help="the server's malloc: glibc's, or tcmalloc preloaded as vLLM's CPU platform preloads the "
+                             "copy its official wheels bundle (here Debian's libtcmalloc-minimal4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="soak")
     args = parser.parse_args()
@@ -282,6 +291,11 @@ def main() -> None:
              *(["--kv-pool-target", str(args.pool_target)] if args.pool_target else []),
              "--tensor-parallel-size", str(args.tp), *(EAGER if args.smoke else [])]
     env = {"VLLM_LOGGING_LEVEL": "DEBUG", **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if args.tp == 2 else {})}
+    if args.allocator == "tcmalloc":
+        found = sorted(Path("/usr/lib").glob("*/libtcmalloc_minimal.so.4"))
+        if not found:
+            parser.error("--allocator tcmalloc: no libtcmalloc_minimal.so.4 (apt-get install libtcmalloc-minimal4)")
+        env["LD_PRELOAD"] = str(found[0])
     rng = random.Random(args.seed)
     jobs: list[Job] = []
     outcomes: dict[int, Outcome] = {}
