@@ -58,9 +58,11 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
     VllmInternal("vllm.v1.engine.input_processor.InputProcessor.__init__", "wrapped: the frontend's config "
                  "(whose cache_config.num_gpu_blocks the engine handshake fills in) says whether the decoder built "
                  "next reads compression stats", source_has=("self.vllm_config",)),
-    VllmInternal("vllm.v1.engine.async_llm.AsyncLLM.__init__", "its InputProcessor is built before the engine "
-                 "client, whose decoder reads EngineCoreOutputs' annotations",
-                 source_has=("InputProcessor(self.vllm_config", "EngineCoreClient.make_async_mp_client(")),
+    VllmInternal("vllm.v1.engine.async_llm.AsyncLLM.__init__", "wrapped: where compression is on, our metrics join "
+                 "its stat loggers (a keyword argument); its InputProcessor is built before the engine client, whose "
+                 "decoder reads EngineCoreOutputs' annotations", ("self", "vllm_config"),
+                 source_has=("InputProcessor(self.vllm_config", "EngineCoreClient.make_async_mp_client(",
+                             "custom_stat_loggers = list(stat_loggers or [])")),
     VllmInternal("vllm.v1.engine.llm_engine.LLMEngine.__init__", "the same for the offline engine",
                  source_has=("InputProcessor(self.vllm_config", "EngineCoreClient.make_client(")),
     VllmInternal("vllm.v1.engine.EngineCoreRequest", "what admission reads",
@@ -366,6 +368,21 @@ def apply(hooks: EngineArgsHooks) -> None:
 
     _wrap(InputProcessor, "__init__", input_processor_init)
 
+    # Our metrics join vLLM's loggers only where compression is on. A `vllm.stat_logger_plugins` entry point would
+    # load them for every engine, and any such plugin makes AsyncLLM collect stats under --disable-log-stats.
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from infokv_vllm.metrics import CompressionStatLogger
+
+    def async_llm_init(original: Callable) -> Callable:
+        def wrapper(self, vllm_config, *args, stat_loggers=None, **kwargs):
+            if hooks.compression_on(vllm_config):
+                stat_loggers = [*(stat_loggers or []), CompressionStatLogger]
+            return original(self, vllm_config, *args, stat_loggers=stat_loggers, **kwargs)
+        return wrapper
+
+    _wrap(AsyncLLM, "__init__", async_llm_init)
+
     def process_inputs(original: Callable) -> Callable:
         def wrapper(self, *args, **kwargs):
             request = original(self, *args, **kwargs)
@@ -380,7 +397,6 @@ def apply(hooks: EngineArgsHooks) -> None:
     # then arrive inside an HTTP 200 stream. Admitting rendered prompts when the generator is created makes it an
     # HTTP 400 on every endpoint; `process_inputs` above still admits whatever arrives otherwise.
     from vllm.sampling_params import SamplingParams
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     def generate(original: Callable) -> Callable:
         def wrapper(self, prompt, sampling_params, *args, **kwargs):

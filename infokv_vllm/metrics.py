@@ -2,8 +2,8 @@
 
 The scheduler (engine-core process) counts what compression does; vLLM's frontend serves `/metrics`. The counts
 cross over inside vLLM's per-step `SchedulerStats`, extended by one field (`CompressionSchedulerStats`; the
-decoder learns of it in `compat`), and are turned into metrics by `CompressionStatLogger`, which vLLM
-loads from the `vllm.stat_logger_plugins` entry point beside its own Prometheus logger.
+decoder learns of it in `compat`), and are turned into metrics by `CompressionStatLogger`, which `compat` adds to
+vLLM's stat loggers for engines that compress (an entry point would load it for every engine).
 """
 
 from __future__ import annotations

@@ -36,11 +36,12 @@ def server_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_server(smollm2_dir, connector_store, server_log):
-    """No compression flag, and vLLM's example KV connector (it saves each prompt's KV to disk, loads it back on
-    a later hit), which compression refuses."""
+    """No compression flag, vLLM's example KV connector (it saves each prompt's KV to disk, loads it back on a
+    later hit), which compression refuses, and --disable-log-stats, which a stat-logger plugin would override."""
     connector = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                  "kv_connector_extra_config": {"shared_storage_path": str(connector_store)}}
-    with vllm_server(smollm2_dir, ["--kv-transfer-config", json.dumps(connector), *EAGER], server_log) as url:
+    flags = ["--kv-transfer-config", json.dumps(connector), "--disable-log-stats", *EAGER]
+    with vllm_server(smollm2_dir, flags, server_log) as url:
         yield url
 
 
@@ -62,6 +63,7 @@ def test_requests_with_vllm_fields_and_our_keys_are_vllm_alone(plain_server, smo
     with urllib.request.urlopen(plain_server + "/metrics", timeout=10) as response:
         assert METRIC_PREFIX not in response.read().decode()
     assert "CompressingScheduler" not in server_log.read_text()
+    assert "custom stat loggers were found" not in server_log.read_text()  # vLLM collects no stats
 
 
 GREEDY_LOGPROBS = """
