@@ -15,7 +15,6 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
-from infokv_vllm.config import compression_of
 
 METRIC_PREFIX = "infokv:"  # not "vllm:": vLLM unregisters every "vllm:" collector when it builds its own logger
 # Pool-wide mode: upper edges of the attention share one compaction evicts, for its distribution (`le` labels)
@@ -62,9 +61,6 @@ class CompressionStatLogger(AggregateStatLoggerBase):
     """Publishes `CompressionStats` as Prometheus metrics labelled like vLLM's (model_name, engine)."""
 
     def __init__(self, vllm_config, engine_indexes: list[int] | None = None) -> None:
-        self.enabled = compression_of(vllm_config).enabled
-        if not self.enabled:
-            return
         _unregister_previous_engines_metrics()
         engine_indexes = engine_indexes or [0]
         labels = {index: [vllm_config.model_config.served_model_name, str(index)] for index in engine_indexes}
@@ -101,7 +97,7 @@ class CompressionStatLogger(AggregateStatLoggerBase):
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
         stats: CompressionStats | None = getattr(scheduler_stats, "compression", None)
-        if not self.enabled or stats is None:
+        if stats is None:
             return
         last = self._last[engine_idx]
         for name, counter in self._counters.items():
