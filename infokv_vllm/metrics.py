@@ -15,7 +15,6 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 from vllm.v1.metrics.stats import SchedulerStats
 
-
 METRIC_PREFIX = "infokv:"  # not "vllm:": vLLM unregisters every "vllm:" collector when it builds its own logger
 # Pool-wide mode: upper edges of the attention share one compaction evicts, for its distribution (`le` labels)
 ATTENTION_LOST_EDGES = (0.001, 0.01, 0.05, 0.1, 0.25, 1.0)
