@@ -314,6 +314,16 @@ class CompressionConfig:
         return dataclasses.asdict(self)
 
 
+
+def misspelt_request_settings(extra_args: dict[str, Any] | None) -> dict[str, str]:
+    """Keys of a request's `extra_args` that are not ours but look like a misspelling of one (key -> ours). They
+    stay vLLM's (another extension may own them); the frontend only warns."""
+    import difflib
+
+    return {key: close[0] for key in (extra_args or {}) if isinstance(key, str) and key not in REQUEST_SETTINGS
+            and (close := difflib.get_close_matches(key, REQUEST_SETTINGS, n=1, cutoff=0.8))}
+
+
 # What a request's `kv_keep_prompt` may be: JSON booleans, vLLM's 1 and 0 for them, or their names.
 _REQUEST_SWITCHES = {True: True, False: False, "true": True, "false": False}
 

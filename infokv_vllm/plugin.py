@@ -27,6 +27,7 @@ from infokv_vllm.config import (
     CompressionConfigError,
     compression_of,
     flag_name,
+    misspelt_request_settings,
 )
 
 
@@ -212,6 +213,9 @@ def admit_request(vllm_config: Any, prompt_len: int, params: Any) -> None:
     server = compression_of(vllm_config)
     if params is None or not server.enabled:
         return  # with compression off, every request is vLLM's alone
+    for key, ours in misspelt_request_settings(params.extra_args).items():
+        logger.warning("infokv-vllm: vllm_xargs.%s is not a compression setting (did you mean %s?); it is left to "
+                       "vLLM", key, ours)
     try:
         settings = server.for_request(params.extra_args)
     except CompressionConfigError as error:

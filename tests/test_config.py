@@ -14,6 +14,7 @@ from infokv_vllm.config import (
     CompressionConfig,
     CompressionConfigError,
     flag_name,
+    misspelt_request_settings,
 )
 
 
@@ -228,3 +229,8 @@ def test_extra_arguments_that_are_not_ours_pass_untouched(server):
     """vLLM's `kv_transfer_params` (KV connectors) and other extensions' keys are not compression settings."""
     extra_args = {"kv_transfer_params": {"do_remote_prefill": True}, "kv_other": "x", "budget": 1}
     assert server.for_request(extra_args) is server
+
+
+def test_misspelt_request_settings_are_named_with_the_setting_they_resemble():
+    extra_args = {"kv_budgte": 64, "kv_keep_promt": True, "kv_transfer_params": {}, "kv_budget": 64, 3: "x"}
+    assert misspelt_request_settings(extra_args) == {"kv_budgte": "kv_budget", "kv_keep_promt": "kv_keep_prompt"}

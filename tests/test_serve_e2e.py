@@ -64,12 +64,14 @@ def test_chat_completion(client, smollm2_dir):
     assert reply.usage.completion_tokens <= 30
 
 
-def test_fields_that_are_not_ours_pass_untouched(client, smollm2_dir):
-    """vLLM's `kv_transfer_params` (KV connectors) and other extensions' `kv_*` arguments are not settings."""
+def test_fields_that_are_not_ours_pass_untouched(client, smollm2_dir, server_log):
+    """vLLM's `kv_transfer_params` (KV connectors) and other extensions' `kv_*` arguments are not settings; one that
+    looks like a misspelt setting is served, with a warning in the server's log."""
     reply = client.chat.completions.create(
         model=str(smollm2_dir), messages=QUESTION, max_tokens=30, temperature=0,
         extra_body={"kv_transfer_params": {"do_remote_decode": False}, "vllm_xargs": {"kv_budgte": 100}})
     assert "Paris" in reply.choices[0].message.content
+    assert "vllm_xargs.kv_budgte is not a compression setting (did you mean kv_budget?)" in server_log.read_text()
 
 
 def test_streaming_chat_completion(client, smollm2_dir):
