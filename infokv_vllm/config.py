@@ -212,10 +212,10 @@ class CompressionConfig:
                               ("entropy_score", ENTROPY_SCORES)):
             if getattr(self, name) not in choices:
                 fail(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
-        for name in ("budget", "prefill_window", "decode_window", "decode_interval", "sinks", "entropy_top_k",
-                     "pooling_kernel"):
-            if getattr(self, name) is not None and getattr(self, name) > MAX_TOKENS:
-                fail(name, f"{getattr(self, name)} exceeds {MAX_TOKENS}, more tokens than any context holds")
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if int in kinds and name != "seed" and value is not None and value > MAX_TOKENS:
+                fail(name, f"{value} exceeds {MAX_TOKENS}, more tokens than any context holds")
         if not 0 <= self.seed <= MAX_SEED:
             fail("seed", f"{self.seed} is outside [0, {MAX_SEED}]")
         if self.budget is not None and self.budget <= self.reserved_tokens:
@@ -277,8 +277,9 @@ class CompressionConfig:
         if "kv_keep_prompt" in given:
             # vLLM's `vllm_xargs` schema has no booleans: JSON true arrives as 1.
             value = given["kv_keep_prompt"]
-            switch = _REQUEST_SWITCHES.get(value.lower() if type(value) is str else value) \
-                if type(value) in (bool, int, str) else None
+            switch = None
+            if type(value) in (bool, int, str):
+                switch = _REQUEST_SWITCHES.get(value.lower() if type(value) is str else value)
             if switch is None:
                 fail("kv_keep_prompt", f"{value!r} is not true or false")
             changes["keep_prompt"] = switch
@@ -312,7 +313,6 @@ class CompressionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
 
 
 def misspelt_request_settings(extra_args: dict[str, Any] | None) -> dict[str, str]:

@@ -33,8 +33,6 @@ from infokv_vllm.config import (
 
 SCHEDULER_CLS = "infokv_vllm.core.scheduler.CompressingScheduler"
 CLI_GROUP_TITLE = "InfoKV"
-_FLAGS = frozenset(flag_name(field.name) for field in dataclasses.fields(CompressionConfig)) | frozenset(
-    "--no-" + flag_name(field.name)[2:] for field in dataclasses.fields(CompressionConfig) if field.type == "bool")
 
 _registered = False
 
@@ -85,18 +83,23 @@ def _refuse_compression(vllm_version: str) -> None:
 
 
 def _asks_for_compression(argv: list[str]) -> bool:
-    """Whether a command line gives a `--kv-*` flag, or turns compression on in `--additional-config`."""
-    for previous, argument in zip(["", *argv], argv):
-        flag, _, value = argument.partition("=")
-        if flag in _FLAGS:
-            return True
-        given = value if flag == "--additional-config" else argument if previous == "--additional-config" else None
-        if given is not None and ADDITIONAL_CONFIG_KEY in given:
-            try:
-                return CompressionConfig.from_additional_config(json.loads(given)).enabled
-            except (ValueError, AttributeError):
-                return True  # malformed settings of ours: stop with the reason rather than guess
-    return False
+    """Whether a command line gives a `--kv-*` flag (read with our own flag group), or turns compression on in
+    `--additional-config`."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--additional-config")
+    add_cli_args(parser)
+    try:
+        args, _ = parser.parse_known_args(argv[1:])
+    except argparse.ArgumentError:
+        return True  # a malformed `--kv-*` flag: stop with the reason rather than guess
+    if any(hasattr(args, _dest(field.name)) for field in dataclasses.fields(CompressionConfig)):
+        return True
+    if args.additional_config is None or ADDITIONAL_CONFIG_KEY not in args.additional_config:
+        return False
+    try:
+        return CompressionConfig.from_additional_config(json.loads(args.additional_config)).enabled
+    except (ValueError, AttributeError):
+        return True  # malformed settings of ours: stop with the reason rather than guess
 
 
 # --- CLI ------------------------------------------------------------------------------------------------

@@ -326,6 +326,19 @@ def make_prompts(names: str, length: int, shared: int = 0) -> dict[str, list[int
             + [stub_token(name, position) for position in range(shared, length)] for name in names}
 
 
+def record_hits(loop: EngineLoop) -> dict[str, int]:
+    """Each new request's prefix-cache hit in tokens, as the worker receives it, filled in while the loop runs."""
+    hits: dict[str, int] = {}
+    execute = loop.worker.execute
+
+    def execute_recording_hits(output: SchedulerOutput) -> ModelRunnerOutput:
+        hits.update((new.req_id, new.num_computed_tokens) for new in output.scheduled_new_reqs)
+        return execute(output)
+
+    loop.worker.execute = execute_recording_hits
+    return hits
+
+
 def assert_outputs_are_the_model(requests: list[Request]) -> None:
     """Each request produced its tokens (all of them, unless aborted), and exactly the stand-in model's: no token
     lost, repeated or reordered by compaction, preemption or the asynchronous protocol."""
@@ -409,15 +422,8 @@ def test_prefix_cache_hits_are_copied_and_compacted(make_scheduler):
     shared = make_prompts("abc", 100, shared=64)
     first, second = make_requests(scheduler, {"a": shared["a"], "b": shared["b"]}, max_tokens=80)
     (opted_out,) = make_requests(scheduler, {"c": shared["c"]}, max_tokens=80, kv_compression="none")
-    hits = {}
     loop = EngineLoop(scheduler, arrivals={0: [first], 4: [second, opted_out]})
-    execute = loop.worker.execute
-
-    def execute_recording_hits(output):
-        hits.update((new.req_id, new.num_computed_tokens) for new in output.scheduled_new_reqs)
-        return execute(output)
-
-    loop.worker.execute = execute_recording_hits
+    hits = record_hits(loop)
     loop.run()
     assert_outputs_are_the_model([first, second, opted_out])
     assert hits == {"a": 0, "b": 64, "c": 64}
@@ -482,15 +488,8 @@ def test_a_hit_longer_than_the_room_for_its_copies_is_taken_over_not_left_waitin
     prompt = make_prompts("a", 200)["a"]
     (first,) = make_requests(scheduler, {"a": prompt}, max_tokens=10)
     (second,) = make_requests(scheduler, {"b": prompt}, max_tokens=10)
-    hits = {}
     loop = EngineLoop(scheduler, arrivals={0: [first], 40: [second]})
-    execute = loop.worker.execute
-
-    def execute_recording_hits(output):
-        hits.update((new.req_id, new.num_computed_tokens) for new in output.scheduled_new_reqs)
-        return execute(output)
-
-    loop.worker.execute = execute_recording_hits
+    hits = record_hits(loop)
     loop.run(max_steps=400)
     assert_outputs_are_the_model([first, second])
     assert hits["b"] >= 160  # it reused the cached prompt

@@ -11,7 +11,7 @@ slots a request holds). Both are allocated after the pool, so they are taken out
 from __future__ import annotations
 
 from infokv_vllm import logger
-from infokv_vllm.signals.storage import DTYPE, SlotSignals
+from infokv_vllm.signals.storage import SlotSignals
 
 
 class CompressingWorkerMixin:
@@ -35,5 +35,5 @@ class CompressingWorkerMixin:
 def compression_state_bytes_per_block(signals: frozenset[str], num_layers: int, num_kv_heads: int, block_size: int,
                                       pool_wide: bool) -> int:
     """Signal planes, and in the pool-wide mode the probe scores, that compression keeps per KV block."""
-    probe_scores = num_layers * num_kv_heads * block_size * DTYPE.itemsize if pool_wide else 0
+    probe_scores = SlotSignals.plane_bytes_per_block(num_layers, num_kv_heads, block_size) if pool_wide else 0
     return SlotSignals.bytes_per_block(signals, num_layers, num_kv_heads, block_size) + probe_scores

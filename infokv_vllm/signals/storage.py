@@ -34,12 +34,17 @@ class SlotSignals:
         self.next_entropy = torch.zeros(num_blocks, device=device, dtype=DTYPE)
 
     @staticmethod
+    def plane_bytes_per_block(num_layers: int, num_kv_heads: int, block_size: int) -> int:
+        """One float32 value per layer, KV head and slot of a block: a signal's planes, or a probe's scores."""
+        return num_layers * num_kv_heads * block_size * DTYPE.itemsize
+
+    @staticmethod
     def bytes_per_block(names: frozenset[str], num_layers: int, num_kv_heads: int, block_size: int) -> int:
         """What the signals of `names` hold for each KV block (nothing without signals: no planes are built)."""
         if not names:
             return 0
-        plane = num_layers * num_kv_heads * block_size * DTYPE.itemsize
-        return len(names) * plane + DTYPE.itemsize  # the planes, and the block's next entropy
+        # the planes, and the block's next entropy
+        return len(names) * SlotSignals.plane_bytes_per_block(num_layers, num_kv_heads, block_size) + DTYPE.itemsize
 
     def nbytes(self) -> int:
         return sum(planes.nbytes for planes in self.planes.values()) + self.next_entropy.nbytes
