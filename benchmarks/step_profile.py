@@ -40,11 +40,11 @@ TIMED = [
     ("infokv_vllm.core.runner", "CompressingRunnerMixin._compact", "compaction (score + move)",
      "worker: compactions + execute"),
     ("infokv_vllm.core.runner", "CompressingRunnerMixin._score", "score", "compaction (score + move)"),
-    ("infokv_vllm.core.compaction", "PagedKVCompactor.read", "read keys / values", "score"),
+    ("infokv_vllm.core.paged_compactor", "PagedKVCompactor.read", "read keys / values", "score"),
     ("infokv_vllm.scoring.infokv", "InfoKVPolicy.scores", "InfoKV policy", "score"),
     # infokv's own name for R-KV's function (rkv's policy calls it through its module)
     ("infokv_vllm.scoring.infokv", "request_redundancy", "key redundancy", "InfoKV policy"),
-    ("infokv_vllm.core.compaction", "PagedKVCompactor.compact", "move KV pages", "compaction (score + move)"),
+    ("infokv_vllm.core.paged_compactor", "PagedKVCompactor.compact", "move KV pages", "compaction (score + move)"),
     ("infokv_vllm.signals.storage", "SlotSignals.compact", "move signal planes", "compaction (score + move)"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model", "vLLM execute_model",
      "worker: compactions + execute"),
@@ -56,7 +56,7 @@ TIMED = [
      "prepare inputs + length shift"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward", "model forward", "vLLM execute_model"),
     # In the step (Triton) this is the mass; deferred (torch) it stores the queries, and the mass has its own timer.
-    ("infokv_vllm.attention.backends", "record_window_queries", "window attention (all layers)",
+    ("infokv_vllm.recording_backends", "record_window_queries", "window attention (all layers)",
      "model forward"),
     # Compiled, the evolution is fused into the graph and has no timer of its own.
     ("infokv_vllm.signals.representation", "representation_evolution", "representation evolution (all layers)",

@@ -121,29 +121,29 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  source_has=("self.req_id_to_index", "self.block_table =", "self._req_ids")),
     VllmInternal("vllm.model_executor.models.utils.extract_layer_index", "maps attention layers to decoder layers",
                  ("layer_name",)),
-    # --- attention (attention/backends.py, platforms/, compat.attention_backends) ---
-    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward", "wrapped by the scoring "
+    # --- attention (recording_backends.py, platforms/, compat.attention_backends) ---
+    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward", "wrapped by the recording "
                  "impl, which reads the metadata's seq_lens, query_start_loc and block_table",
                  ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
-    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadata", "what the scoring impl reads",
+    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadata", "what the recording impl reads",
                  fields=("seq_lens", "query_start_loc", "block_table")),
     VllmInternal("vllm.v1.attention.selector._cached_get_attn_backend", "caches the backend per process; cleared "
                  "around the compressing worker's model build"),
     VllmInternal("vllm.v1.attention.backends.registry.AttentionBackendEnum.CPU_ATTN", "the only backend vLLM's CPU "
-                 "platform selects; pointed at the scoring backend during the model build"),
+                 "platform selects; pointed at the recording backend during the model build"),
     VllmInternal("vllm.v1.attention.backends.registry.AttentionBackendEnum.FLASH_ATTN", "CUDA: pointed at the "
                  "scoring FlashAttention backend during the model build"),
     VllmInternal("vllm.v1.attention.backends.registry.AttentionBackendEnum.TRITON_ATTN", "CUDA: pointed at the "
                  "scoring Triton backend during the model build"),
-    VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward", "wrapped by the scoring "
+    VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward", "wrapped by the recording "
                  "impl; same page view as FlashAttention",
                  ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
                  source_has=("kv_cache = kv_cache.transpose(1, 2)", "kv_cache.split(hs, dim=-1)")),
-    VllmInternal("vllm.v1.attention.backends.flash_attn.FlashAttentionMetadata", "what the scoring impl reads",
+    VllmInternal("vllm.v1.attention.backends.flash_attn.FlashAttentionMetadata", "what the recording impl reads",
                  fields=("seq_lens", "query_start_loc", "block_table")),
-    VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionMetadata", "what the scoring impl reads",
+    VllmInternal("vllm.v1.attention.backends.triton_attn.TritonAttentionMetadata", "what the recording impl reads",
                  fields=("seq_lens", "query_start_loc", "block_table")),
-    VllmInternal("vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward", "wrapped by the scoring "
+    VllmInternal("vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward", "wrapped by the recording "
                  "impl; its pages are a logical [blocks, kv_heads, block_size, 2 * head_size] view, keys first "
                  "(HeadMajorPageLayout)",
                  ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"),
@@ -475,7 +475,7 @@ def cpu_model_runner_class(runner_cls: type) -> Iterator[None]:
 @contextlib.contextmanager
 def attention_backends(class_paths: dict[str, str]) -> Iterator[None]:
     """While active, models built in this process use, for each named `AttentionBackendEnum` member, the backend
-    class at its path instead (e.g. {"CPU_ATTN": "...ScoringCPUAttentionBackend"}).
+    class at its path instead (e.g. {"CPU_ATTN": "...RecordingCPUAttentionBackend"}).
 
     vLLM's platforms resolve a backend through its enum member, whose class path the registry lets us override
     (`register_backend`); but `selector._cached_get_attn_backend` caches the resolved class per process, so the

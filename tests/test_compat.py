@@ -178,9 +178,9 @@ def test_cpu_attention_backend_override_is_scoped():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
     from infokv_vllm.compat import attention_backends
-    from infokv_vllm.platforms.cpu import SCORING_BACKENDS
+    from infokv_vllm.platforms.cpu import RECORDING_BACKENDS
 
-    scoring = SCORING_BACKENDS.backends["CPU_ATTN"]
+    scoring = RECORDING_BACKENDS.backends["CPU_ATTN"]
     assert hasattr(selector._cached_get_attn_backend, "cache_clear")
     default = AttentionBackendEnum.CPU_ATTN.get_path()
     path = f"{scoring.__module__}.{scoring.__qualname__}"

@@ -23,7 +23,7 @@ from infokv_vllm.platforms.cuda import (
     ASYNC_SCHEDULING_NOTE,
     CUDA_ADAPTER,
     EXPERIMENTAL_WARNING,
-    SCORING_BACKENDS,
+    RECORDING_BACKENDS,
     CompressingGPUModelRunner,
     CompressingGPUWorker,
     piecewise_graph_mode,
@@ -96,29 +96,29 @@ def test_a_full_graph_mode_that_survived_is_refused():
     assert said.startswith("CUDA graph mode FULL_AND_PIECEWISE")
 
 
-def test_the_model_is_built_with_the_scoring_backends_in_place_of_vllms():
-    defaults = {name: AttentionBackendEnum[name].get_path() for name in SCORING_BACKENDS.backends}
+def test_the_model_is_built_with_the_recording_backends_in_place_of_vllms():
+    defaults = {name: AttentionBackendEnum[name].get_path() for name in RECORDING_BACKENDS.backends}
     with CUDA_ADAPTER.model_build_context(frozenset({ATTENTION})):
-        for name, scoring in SCORING_BACKENDS.backends.items():
+        for name, scoring in RECORDING_BACKENDS.backends.items():
             backend = AttentionBackendEnum[name].get_class()
             vllms = backend.__mro__[1]
             assert backend is scoring and vllms.__module__.startswith("vllm.")
             assert backend.get_name() == vllms.get_name() == name, "vLLM still sees its own backend"
-    assert {name: AttentionBackendEnum[name].get_path() for name in SCORING_BACKENDS.backends} == defaults
+    assert {name: AttentionBackendEnum[name].get_path() for name in RECORDING_BACKENDS.backends} == defaults
     with CUDA_ADAPTER.model_build_context(frozenset()):  # no attention signal: vLLM's own backends
         assert AttentionBackendEnum.FLASH_ATTN.get_path() == defaults["FLASH_ATTN"]
 
 
-def test_layers_without_a_scoring_impl_are_refused_with_the_impl_named():
-    scoring_flash = SCORING_BACKENDS.backends["FLASH_ATTN"].get_impl_cls()
-    scoring_triton = SCORING_BACKENDS.backends["TRITON_ATTN"].get_impl_cls()
+def test_layers_without_a_recording_impl_are_refused_with_the_impl_named():
+    recording_flash = RECORDING_BACKENDS.backends["FLASH_ATTN"].get_impl_cls()
+    recording_triton = RECORDING_BACKENDS.backends["TRITON_ATTN"].get_impl_cls()
 
     def layer(impl_cls):
         return SimpleNamespace(impl=impl_cls.__new__(impl_cls), layer_name="model.layers.0.self_attn.attn")
 
-    CUDA_ADAPTER.check_scoring_attention([layer(scoring_flash), layer(scoring_triton)])
+    CUDA_ADAPTER.check_recording_attention([layer(recording_flash), layer(recording_triton)])
     with pytest.raises(RuntimeError, match="runs the attention impl FlashAttentionImpl"):
-        CUDA_ADAPTER.check_scoring_attention([layer(scoring_flash), layer(FlashAttentionImpl)])
+        CUDA_ADAPTER.check_recording_attention([layer(recording_flash), layer(FlashAttentionImpl)])
 
 
 def test_page_layout_takes_vllms_cuda_cache_view_and_refuses_split_kernel_blocks():

@@ -69,7 +69,7 @@ class Batch:
 
     def step(self, tokens: dict[str, int], plan: StepPlan) -> None:
         """One engine step: `tokens` new tokens per request, in batch order, with the plan's windows."""
-        self.recorder.before_compactions(plan, self.pages)
+        self.recorder.before_step_compactions(plan, self.pages)
         request_ids = list(tokens)
         starts = [0]
         positions = []
@@ -135,7 +135,7 @@ def run(kernels, page_layout: str = "cpu") -> tuple[Batch, dict[str, torch.Tenso
     held.append(batch.recorder.requests_held())
     for _ in range(3):
         batch.step({"d2": 1}, StepPlan(window_starts={"d2": 13}))
-    batch.recorder.before_compactions(StepPlan([Compaction("d2", 17, 14, 12, 2, 5, decoding=True)]), batch.pages)
+    batch.recorder.before_step_compactions(StepPlan([Compaction("d2", 17, 14, 12, 2, 5, decoding=True)]), batch.pages)
     masses["d2"] = batch.mass("d2")
     held.append(batch.recorder.requests_held())
     return batch, masses, held

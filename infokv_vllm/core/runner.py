@@ -34,7 +34,7 @@ from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 from infokv_vllm import logger
 from infokv_vllm.config import compression_of
 from infokv_vllm.core.block_manager import CompressedAttentionSpec
-from infokv_vllm.core.compaction import PagedKVCompactor
+from infokv_vllm.core.paged_compactor import PagedKVCompactor
 from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, WorkerReport, attach_report, plan_of
 from infokv_vllm.kernels.families import kernel_family
 from infokv_vllm.scoring import SelectionInput, eviction_losses, make_policy, select_tokens
@@ -54,7 +54,7 @@ from infokv_vllm.signals.representation import RepresentationRecorder, wrap_deco
 from infokv_vllm.signals.storage import SlotSignals
 
 if TYPE_CHECKING:
-    from infokv_vllm.core.platform import PlatformAdapter
+    from infokv_vllm.core.adapter import PlatformAdapter
 
 # Tests only: a worker started with this variable set to "compaction" raises inside its first compaction, so tests
 # see how a failure inside a step reaches the client (vLLM's engine-dead error and a server that exits, not a hang
@@ -123,7 +123,7 @@ class CompressingRunnerMixin:
                                           self.kernels)
         signals = self.policy.signals
         if ATTENTION in signals:
-            self.platform.check_scoring_attention(layers)
+            self.platform.check_recording_attention(layers)
         if not signals:
             return
         self.signals = SlotSignals(signals, len(layers), self.kv_cache_config.num_blocks, spec.num_kv_heads,
@@ -148,7 +148,7 @@ class CompressingRunnerMixin:
             # per-request state must be empty (the soak benchmark reads this line).
             logger.debug("infokv: idle worker holds per-request state of %s", self.requests_held())
         for recorder in self.recorders:
-            recorder.before_compactions(plan, self._request_pages)
+            recorder.before_step_compactions(plan, self._request_pages)
         for compaction in plan.compactions:
             self._compact(compaction)
         for probe in plan.probes:
@@ -160,7 +160,7 @@ class CompressingRunnerMixin:
             copies = scheduler_output.kv_cache_block_copies or ()
             self.signals.copy_blocks([copy.src_block_id for copy in copies], blocks.copied)
         for recorder in self.recorders:
-            recorder.after_compactions(plan, blocks)
+            recorder.after_step_compactions(plan, blocks)
         self._plan = plan
         try:
             result = super().execute_model(scheduler_output, *args, **kwargs)
@@ -312,7 +312,7 @@ class CompressingRunnerMixin:
         # Mirror the scheduler's block list: the tail blocks are already back in its pool.
         del block_ids[cdiv(compaction.kept_len, compactor.block_size):]
         for recorder in self.recorders:
-            recorder.after_compaction(block_ids, compaction.probed)
+            recorder.after_request_compacted(block_ids, compaction.probed)
         row = self.input_batch.req_id_to_index.get(compaction.request_id)
         if row is not None:
             self.input_batch.block_table.add_row(state.block_ids, row)

@@ -1,8 +1,8 @@
 """Platform adapters: what compression needs that differs between vLLM platforms, and nothing else.
 
 The compression core (`core/`) is the same on every platform and defines the interface an adapter implements
-(`core.platform.PlatformAdapter`): the worker class vLLM starts, which of vLLM's attention backends are wrapped to
-record the attention signal (`infokv_vllm.attention`), the layout of their KV pages, and the kernel family (torch
+(`core.adapter.PlatformAdapter`): the worker class vLLM starts, which of vLLM's attention backends are wrapped to
+record the attention signal (`infokv_vllm.recording_backends`), the layout of their KV pages, and the kernel family (torch
 or Triton) the worker runs, chosen once from `--kv-kernels`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from infokv_vllm.core.platform import PlatformAdapter
+    from infokv_vllm.core.adapter import PlatformAdapter
 
 
 def adapter_for_current_platform() -> PlatformAdapter | None:

@@ -2,7 +2,7 @@
 
 - Worker: vLLM's `CPUWorker`, building `CompressingCPUModelRunner` (the core mixin over `CPUModelRunner`).
 - Attention: vLLM's CPU platform always selects its `CPU_ATTN` backend, the one backend wrapped
-  (`infokv_vllm.attention`).
+  (`RecordingCPUAttentionBackend`, `infokv_vllm.recording_backends`).
 - Pages: vLLM's CPU attention stores a page's keys column-major and its values row-major, depending on the
   instruction set; instead of hard-coding that, a marked page is written through the backend's own cache-write op
   once and the layout read back.
@@ -18,21 +18,31 @@ import os
 from typing import Any
 
 import torch
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from infokv_vllm import compat, logger
-from infokv_vllm.attention.backends import ScoringBackends
 from infokv_vllm.config import CompressionConfig, flag_name
-from infokv_vllm.core.platform import PlatformAdapter, Refuse
+from infokv_vllm.core.adapter import PlatformAdapter, Refuse
 from infokv_vllm.core.runner import CompressingRunnerMixin
 from infokv_vllm.core.worker import CompressingWorkerMixin
 from infokv_vllm.kernels.layouts import IndexedPageLayout, PageLayout
+from infokv_vllm.recording_backends import RecordingBackends, WindowRecordingImplMixin
 
 
-# vLLM's backend name -> vLLM's backend class: the one backend vLLM's CPU platform selects, wrapped
-SCORING_BACKENDS = ScoringBackends({"CPU_ATTN": CPUAttentionBackend})
+class RecordingCPUAttentionImpl(WindowRecordingImplMixin, CPUAttentionBackendImpl):
+    """vLLM's CPU attention, then the observation window's queries to the attention signal."""
+
+
+class RecordingCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[RecordingCPUAttentionImpl]:
+        return RecordingCPUAttentionImpl
+
+
+# The one backend vLLM's CPU platform selects, by its vLLM name
+RECORDING_BACKENDS = RecordingBackends({"CPU_ATTN": RecordingCPUAttentionBackend})
 
 # Probe values stay below 256 so they are exact in every cache dtype (float32, bfloat16, float16).
 _PROBE_RADIX = 128
@@ -70,7 +80,7 @@ def probe_cpu_page_layout(dtype: torch.dtype, block_size: int, head_size: int, i
 class CPUAdapter(PlatformAdapter):
     name = "cpu"
     worker_cls = "infokv_vllm.platforms.cpu.CompressingCPUWorker"
-    scoring_backends = SCORING_BACKENDS
+    recording_backends = RECORDING_BACKENDS
 
     def kernel_family(self, config: CompressionConfig) -> str:
         return "triton" if config.kernels == "triton" else "torch"

@@ -7,7 +7,7 @@ it compresses on CUDA.
 
 - Worker: vLLM's GPU `Worker`, whose documented `_make_model_runner` builds `CompressingGPUModelRunner` (the core
   mixin over vLLM's V1 `GPUModelRunner`; the V1 runner is forced when compressing, Model Runner V2 is refused).
-- Attention: FLASH_ATTN and TRITON_ATTN are wrapped (`infokv_vllm.attention`); their impls add the observation
+- Attention: FLASH_ATTN and TRITON_ATTN are extended (`RecordingFlashAttentionBackend`, `RecordingTritonAttentionBackend`); their impls add the observation
   window's mass with the Triton accumulation. Any other backend vLLM picks is refused at start-up by name.
 - CUDA graphs: attention is vLLM's piecewise split point, so it runs outside captured graphs and the
   accumulation runs on every step. FULL graph modes would capture attention and replay it without the
@@ -25,19 +25,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
-from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from infokv_vllm import logger
-from infokv_vllm.attention.backends import ScoringBackends
 from infokv_vllm.config import CompressionConfig, flag_name
-from infokv_vllm.core.platform import PlatformAdapter, Refuse
+from infokv_vllm.core.adapter import PlatformAdapter, Refuse
 from infokv_vllm.core.runner import CompressingRunnerMixin
 from infokv_vllm.core.worker import CompressingWorkerMixin
 from infokv_vllm.kernels.layouts import HeadMajorPageLayout, PageLayout
 from infokv_vllm.kernels.selfcheck import kernel_disagreements
+from infokv_vllm.recording_backends import RecordingBackends, WindowRecordingImplMixin
 
 
 EXPERIMENTAL_WARNING = ("infokv-vllm: compression on CUDA is experimental (docs/platforms.md says what has run on "
@@ -46,8 +46,29 @@ ASYNC_SCHEDULING_NOTE = ("infokv-vllm: asynchronous scheduling (vLLM's default o
                          "on a GPU yet; --no-async-scheduling schedules synchronously")
 
 
-# vLLM's backend name -> vLLM's backend class: the backends whose impl records the attention signal on CUDA
-SCORING_BACKENDS = ScoringBackends({"FLASH_ATTN": FlashAttentionBackend, "TRITON_ATTN": TritonAttentionBackend})
+class RecordingFlashAttentionImpl(WindowRecordingImplMixin, FlashAttentionImpl):
+    """vLLM's FlashAttention, then the observation window's queries to the attention signal."""
+
+
+class RecordingFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[RecordingFlashAttentionImpl]:
+        return RecordingFlashAttentionImpl
+
+
+class RecordingTritonAttentionImpl(WindowRecordingImplMixin, TritonAttentionImpl):
+    """vLLM's Triton attention, then the observation window's queries to the attention signal."""
+
+
+class RecordingTritonAttentionBackend(TritonAttentionBackend):
+    @staticmethod
+    def get_impl_cls() -> type[RecordingTritonAttentionImpl]:
+        return RecordingTritonAttentionImpl
+
+
+# The backends whose impl records the attention signal on CUDA, by their vLLM names
+RECORDING_BACKENDS = RecordingBackends({"FLASH_ATTN": RecordingFlashAttentionBackend,
+                                        "TRITON_ATTN": RecordingTritonAttentionBackend})
 
 
 def piecewise_graph_mode(mode: Any) -> tuple[Any, bool]:
@@ -68,7 +89,7 @@ def piecewise_graph_mode(mode: Any) -> tuple[Any, bool]:
 class CUDAAdapter(PlatformAdapter):
     name = "cuda"
     worker_cls = "infokv_vllm.platforms.cuda.CompressingGPUWorker"
-    scoring_backends = SCORING_BACKENDS
+    recording_backends = RECORDING_BACKENDS
 
     def kernel_family(self, config: CompressionConfig) -> str:
         return "torch" if config.kernels == "torch" else "triton"
@@ -96,9 +117,9 @@ class CUDAAdapter(PlatformAdapter):
 
     def check_engine_config(self, vllm_config: Any, config: CompressionConfig, refuse: Refuse) -> None:
         backend = vllm_config.attention_config.backend
-        if backend is not None and backend.name not in SCORING_BACKENDS.backends:
+        if backend is not None and backend.name not in RECORDING_BACKENDS.backends:
             refuse(f"--attention-backend {backend.name}",
-                   f"the attention signal is recorded inside {', '.join(SCORING_BACKENDS.backends)} only")
+                   f"the attention signal is recorded inside {', '.join(RECORDING_BACKENDS.backends)} only")
         mode = vllm_config.compilation_config.cudagraph_mode
         if mode is not None and piecewise_graph_mode(mode)[1]:
             refuse(f"CUDA graph mode {mode.name}", "captured attention would replay without the window scoring; "

@@ -80,10 +80,10 @@ class SignalRecorder:
         """How many requests this recorder holds state for (0 once every request has finished)."""
         return 0
 
-    def before_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
+    def before_step_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
         """Store what the scheduler sent, before this step's compactions score with it."""
 
-    def after_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
+    def after_step_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
         """This step's compactions are done; `blocks` were just handed out."""
 
     def before_forward(self, plan: StepPlan, step: StepView) -> None:
@@ -96,7 +96,7 @@ class SignalRecorder:
     def after_forward(self, step: StepView, outputs: ForwardOutputs, report: WorkerReport) -> None:
         """The forward ran; record from its outputs, and add to `report` what goes to the scheduler."""
 
-    def after_compaction(self, block_ids: list[int], probed: bool) -> None:
+    def after_request_compacted(self, block_ids: list[int], probed: bool) -> None:
         """A request was compacted into `block_ids`; `probed`: with the scores of its last probe (pool-wide mode),
         not with the signals as they were just now."""
 

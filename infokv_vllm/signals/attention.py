@@ -4,7 +4,7 @@ Probabilities are over the full kept KV of the request (causal), summed over the
 query heads that share each KV head, and added into a per-slot plane laid out like the KV pages.
 
 Where the queries come from: inside each layer's attention op, the scoring attention impls
-(`infokv_vllm.attention`) call `record_window_queries` after vLLM's own kernel. vLLM calls attention as an opaque
+(`infokv_vllm.recording_backends`) call `record_window_queries` after vLLM's own kernel. vLLM calls attention as an opaque
 custom op from its compiled graphs (and leaves it out of piecewise CUDA graphs), so this Python runs on every
 call, compiled or eager. The runner opens an `ObservationWindow` only around the forward of steps whose tokens
 fall in some request's window (the scheduler says where windows start); other steps do no scoring work.
@@ -189,20 +189,20 @@ class AttentionRecorder(SignalRecorder):
     def requests_held(self) -> int:
         return len(self.deferred.entries) if self.deferred is not None else 0
 
-    def before_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
+    def before_step_compactions(self, plan: StepPlan, pages: Callable[[str], RequestPages]) -> None:
         self._pages = pages
         if self.deferred is not None:
             # The windows this step's compactions and probes read, while the KV is as their queries saw it.
             self._add_deferred_mass([*(compaction.request_id for compaction in plan.compactions),
                                      *(probe.request_id for probe in plan.probes)])
 
-    def after_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
+    def after_step_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
         # Only now: a block the scheduler hands out this step may be one a compaction of this step freed, whose
         # accumulated attention that compaction had to read first. A prefix-cache hit shared with a running
         # request keeps that request's attention.
         self.storage.zero_blocks(ATTENTION, blocks.fresh + blocks.copied)
 
-    def after_compaction(self, block_ids: list[int], probed: bool) -> None:
+    def after_request_compacted(self, block_ids: list[int], probed: bool) -> None:
         if not probed:
             # The next observation window starts afresh. (A probe started it already; what that window has
             # accumulated since moved with its slots.)

@@ -71,7 +71,7 @@ class EntropyRecorder(SignalRecorder):
     def requests_held(self) -> int:
         return len(self._next_token_entropy)
 
-    def after_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
+    def after_step_compactions(self, plan: StepPlan, blocks: NewBlocks) -> None:
         """A request that reuses cached blocks computes its first token without the logits before it: its entropy
         is the one the cached block kept."""
         for request_id, block in blocks.hit_ends.items():

@@ -12,7 +12,7 @@ from vllm.config.compilation import CUDAGraphMode
 from vllm.utils.math_utils import cdiv
 
 from infokv_vllm.metrics import METRIC_PREFIX
-from infokv_vllm.platforms.cuda import SCORING_BACKENDS
+from infokv_vllm.platforms.cuda import RECORDING_BACKENDS
 from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from infokv_vllm.testing.local_server import vllm_server
 from tests.gpu.conftest import GPU_ENGINE, GPU_SERVE_FLAGS
@@ -37,7 +37,7 @@ def test_infokv_runs_with_cuda_graphs_triton_kernels_and_scoring_attention(gpu_m
         runner = model_runner_of(llm)
         assert runner.kernels.name == "triton"
         layers = config.compilation_config.static_forward_context.values()
-        assert all(isinstance(layer.impl, SCORING_BACKENDS.impls) for layer in layers if hasattr(layer, "impl"))
+        assert all(isinstance(layer.impl, RECORDING_BACKENDS.impls) for layer in layers if hasattr(layer, "impl"))
         outputs = run_to_completion(llm, PROMPTS, GREEDY)
         assert all(len(tokens) == 200 for tokens in outputs.values())
         assert scheduler_of(llm).totals.events >= 2 * len(PROMPTS)

@@ -2,7 +2,7 @@
 
 Defined here, by the core that calls it; implemented by one module per platform (`infokv_vllm.platforms`). An
 adapter names the worker class vLLM starts, the attention backends whose impl records the attention signal
-(`infokv_vllm.attention`), the layout of those backends' KV pages, and the kernel family (torch or Triton) the
+(`infokv_vllm.recording_backends`), the layout of those backends' KV pages, and the kernel family (torch or Triton) the
 worker runs, chosen once from `--kv-kernels`.
 """
 
@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 Refuse = Callable[[str, str], None]  # refuse(option, why) stops start-up with the reason
 
 
-class AttentionScoring(Protocol):
-    """vLLM attention backends whose impl records the attention signal (`attention.backends.ScoringBackends`)."""
+class AttentionRecording(Protocol):
+    """vLLM attention backends whose impl records the attention signal (`recording_backends.RecordingBackends`)."""
 
     def build_context(self) -> ContextManager:
         """Entered while the worker builds its model: vLLM builds these backends in place of its own."""
@@ -33,7 +33,7 @@ class AttentionScoring(Protocol):
 class PlatformAdapter:
     name: str
     worker_cls: str  # the `parallel_config.worker_cls` vLLM starts when compressing
-    scoring_backends: AttentionScoring
+    recording_backends: AttentionRecording
 
     def kernel_family(self, config: CompressionConfig) -> str:
         """`torch` or `triton` for `--kv-kernels` (its `auto` resolves here)."""
@@ -44,11 +44,11 @@ class PlatformAdapter:
         backends in place of vLLM's where the policy needs the attention signal."""
         if ATTENTION not in signals:
             return contextlib.nullcontext()
-        return self.scoring_backends.build_context()
+        return self.recording_backends.build_context()
 
-    def check_scoring_attention(self, attention_layers: list[Any]) -> None:
+    def check_recording_attention(self, attention_layers: list[Any]) -> None:
         """Raise unless every layer's attention impl records the attention signal."""
-        self.scoring_backends.check(attention_layers)
+        self.recording_backends.check(attention_layers)
 
     def page_layout(self, attention_layer: Any, spec: Any) -> PageLayout:
         """The layout of the layer's KV pages (`attention_layer.kv_cache`)."""
