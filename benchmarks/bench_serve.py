@@ -105,9 +105,9 @@ def configs_of(text: str) -> str:
     """An argparse type: the plugin's methods and `ceiling`."""
     from report import methods_of
 
-    from infokv_vllm.config import METHODS
+    from infokv_vllm.config import method_names
 
-    return methods_of((*METHODS, CEILING))(text)
+    return methods_of((*method_names(), CEILING))(text)
 
 
 def main() -> None:

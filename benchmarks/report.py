@@ -48,13 +48,24 @@ def ratio_text(value: tuple[float, float, float] | None) -> str:
 
 def policy_specs_of(known):
     """An argparse type: comma-separated policies, each `name[:setting=value...]` with a name the plugin
-    registers (`known`)."""
+    registers (`known`, the policy registry) and settings named as the plugin names them: an engine-wide setting
+    or a parameter of that policy (`infokv:alpha=0.5:decode_window=8`, as `--kv-alpha 0.5 --kv-decode-window 8`)."""
     import argparse
+    import dataclasses
+
+    from infokv_vllm.config import engine_setting_names
 
     def parse(text: str) -> str:
         unknown = [spec for spec in text.split(",") if spec.split(":")[0] not in known]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown policies {unknown}; known: {', '.join(known)}")
+        for spec in text.split(","):
+            name, *settings = spec.split(":")
+            names = {*engine_setting_names(), *(field.name for field in dataclasses.fields(known[name]))}
+            foreign = [setting for setting in settings if setting.split("=")[0] not in names]
+            if foreign:
+                raise argparse.ArgumentTypeError(f"{spec}: {foreign} are not settings of {name}; its settings: "
+                                                 f"{', '.join(sorted(names))}")
         return text
     return parse
 

@@ -173,11 +173,11 @@ def main() -> None:
     from report import methods_of, write_report
     from throughput import WORKLOADS, Workload
 
-    from infokv_vllm.config import METHODS
+    from infokv_vllm.config import method_names
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--methods", default="none,streaming,entropy,infokv", type=methods_of(METHODS))
+    parser.add_argument("--methods", default="none,streaming,entropy,infokv", type=methods_of(method_names()))
     parser.add_argument("--modes", default="eager,compiled")
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--output-len", type=int, default=256)

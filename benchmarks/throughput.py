@@ -217,13 +217,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     from report import methods_of, ratio_text, write_report  # beside this script (benchmarks run as files)
 
-    from infokv_vllm.config import METHODS  # the plugin's registry of --kv-compression methods
+    from infokv_vllm.config import method_names  # the plugin's registry of --kv-compression methods
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs")
-    parser.add_argument("--methods", default="none,streaming,snapkv,rkv,entropy,infokv", type=methods_of(METHODS),
+    parser.add_argument("--methods", default="none,streaming,snapkv,rkv,entropy,infokv", type=methods_of(method_names()),
                         help="on the small pool")
-    parser.add_argument("--ample-methods", default="none,streaming,infokv", type=methods_of(METHODS),
+    parser.add_argument("--ample-methods", default="none,streaming,infokv", type=methods_of(method_names()),
                         help="on the ample pool capped at the compressed concurrency ('none' is the ceiling)")
     # The workload's defaults depend on --gpu and --smoke (WORKLOADS); a value given here wins over both.
     parser.add_argument("--requests", type=int)

@@ -1,49 +1,41 @@
-"""The compression settings: one typed dataclass, owned here, read by every other module.
+"""The compression settings: one typed dataclass, owned here, read by every module above the policies.
 
-The settings travel to the engine core and the workers inside vLLM's `additional_config` (a plain dict that
-vLLM pickles to every process), under the key `ADDITIONAL_CONFIG_KEY`. The CLI flags in `plugin.py` are
-generated from the fields below, so a new knob is one field here.
+`CompressionConfig` holds the engine-wide settings (method, budget, windows, schedule, pool, memory pressure)
+and the chosen policy, a `scoring.ScoringPolicy` dataclass holding its own parameters. Users give both as one flat
+set of settings (`--kv-*` flags, or keys of `additional_config`); `from_settings` sorts them. The settings travel
+to the engine core and the workers inside vLLM's `additional_config` (a plain dict that vLLM pickles to every
+process), under the key `ADDITIONAL_CONFIG_KEY`. The CLI flags in `plugin.py` and the docs' tables are generated
+from the fields below and from the policy registry, so a new engine-wide knob is one field here, and a policy's
+knob one field of its dataclass.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from infokv_vllm.scoring import POLICIES, ScoringPolicy, policies_with, policy_parameters
+from infokv_vllm.setting_checks import SettingError, check_settings, finite
+
 ADDITIONAL_CONFIG_KEY = "kv_compression"
 
-# The names are declared here, at the bottom of the package, and the registries that implement them are keyed by
-# them (`scoring.POLICIES`, `scoring.infokv.FUSION_RULES`; a test checks they match), so that settings need
-# nothing above them.
-CompressionMethod = Literal["none", "infokv", "snapkv", "streaming", "random", "entropy", "rkv"]
-EntropyScore = Literal["product", "sum", "entropy_only"]
-Fusion = Literal["sum", "rank", "split"]
 Kernels = Literal["auto", "torch", "triton"]
-
-# The `--kv-compression` choices: `none`, then every scoring policy.
-METHODS: tuple[str, ...] = get_args(CompressionMethod)
-FUSIONS: tuple[str, ...] = get_args(Fusion)
-ENTROPY_SCORES: tuple[str, ...] = get_args(EntropyScore)
 KERNELS: tuple[str, ...] = get_args(Kernels)
 
 # Used when compression is on and neither `budget` nor `budget_ratio` is given.
 DEFAULT_BUDGET_TOKENS = 1024
-# Token counts above this exceed any context vLLM serves (and the int32 positions and slots the kernels use).
-MAX_TOKENS = 2**31 - 1
-MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
-class CompressionConfigError(ValueError):
-    """A compression setting is invalid, or conflicts with another vLLM option. `field` names the setting."""
+def method_names() -> tuple[str, ...]:
+    """The `--kv-compression` choices: `none`, then every registered policy."""
+    return ("none", *POLICIES)
 
-    def __init__(self, message: str, field: str | None = None, why: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.why = why
+
+class CompressionConfigError(SettingError):
+    """A compression setting is invalid, or conflicts with another vLLM option. `field` names the setting as the
+    user gave it (a field, a policy parameter, or a request's key)."""
 
 
 # Per-request settings: the keys a request may give in `SamplingParams.extra_args` (the OpenAI API's
@@ -61,11 +53,9 @@ class CompressionConfig:
     tokens kept beside it.
     """
 
-    method: CompressionMethod = field(
+    method: str = field(
         default="none",
-        metadata={"help": "Which tokens to evict: 'infokv' fuses attention with entropy; 'snapkv' uses "
-                          "attention only, 'rkv' attention with key redundancy (R-KV), 'entropy' entropy only, "
-                          "'streaming' keeps sinks + most recent, 'random' is a control. 'none' leaves vLLM "
+        metadata={"help": "Which tokens to evict: one of the policies below, or 'none', which leaves vLLM "
                           "unchanged."},
     )
     budget: int | None = field(
@@ -102,43 +92,6 @@ class CompressionConfig:
         metadata={"help": "During decoding, compress back to the budget whenever the kept length reaches "
                           "budget + this many tokens (the R-KV schedule)."},
     )
-    alpha: float = field(
-        default=0.3,
-        metadata={"help": "InfoKV: the entropy signal's share of the fused score (sum, rank) or of the budget "
-                          "(split); 1 - alpha goes to attention."},
-    )
-    fusion: Fusion = field(
-        default="rank",
-        metadata={"help": "InfoKV fusion rule: 'sum' (1-alpha)*A/sum(A) + alpha*E/sum(E); 'rank' the same on each "
-                          "signal's quantile; 'split' a share alpha of the budget reserved for entropy's top "
-                          "tokens, the rest by attention."},
-    )
-    redundancy: float = field(
-        default=0.3,
-        metadata={"help": "InfoKV: weight of R-KV's key redundancy, subtracted from the fused score as a quantile "
-                          "among the candidates when compressing during decoding (0 = off): of tokens the trace "
-                          "restates, the older copies go first. 0.3 was chosen on GSM8K train."},
-    )
-    value_norm: float = field(
-        default=0.3,
-        metadata={"help": "InfoKV: weight of each token's value-vector norm, added to the fused score as a quantile "
-                          "among the candidates when compressing during decoding (0 = off). VaSE (arXiv "
-                          "2606.03928): evicting tokens with large values sends reasoning models into loops. 0.3 was "
-                          "chosen on GSM8K train (loops 5-6%% -> 1-2%%, +2-3 points; docs/results/gsm8k.md)."},
-    )
-    entropy_top_k: int = field(
-        default=10,
-        metadata={"help": "Token entropy is computed over the k most probable tokens, normalised by log k."},
-    )
-    entropy_score: EntropyScore = field(
-        default="product",
-        metadata={"help": "How token entropy H and representation evolution R form the entropy signal: "
-                          "'product' H*R, 'sum' H+R, 'entropy_only' H."},
-    )
-    pooling_kernel: int = field(
-        default=7,
-        metadata={"help": "Attention scores are max-pooled along the sequence with this (odd) kernel size."},
-    )
     memory_pressure: bool = field(
         default=False,
         metadata={"help": "When the KV block pool cannot fit the next step, compress running requests "
@@ -151,16 +104,26 @@ class CompressionConfig:
                           "is smallest. Budgets and ratios, the server's or a request's, become the least a "
                           "request keeps. Off by default: each request is compressed to its own budget."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the 'random' policy."})
     kernels: Kernels = field(
         default="auto",
         metadata={"help": "Scoring and compaction kernels: 'triton' (the GPU path; on CPU only under Triton's "
                           "interpreter, TRITON_INTERPRET=1, for testing), 'torch', or 'auto' (torch on CPU, Triton "
                           "on CUDA)."},
     )
+    # The method's scoring policy with its parameters (None when compression is off); the registry's defaults
+    # where the settings name none (`from_settings` builds it from flat settings).
+    policy: ScoringPolicy | None = field(default=None, metadata={"policy": True})
 
     def __post_init__(self) -> None:
         self._validate()
+        if not self.enabled:
+            object.__setattr__(self, "policy", None)
+        elif self.policy is None:
+            object.__setattr__(self, "policy", POLICIES[self.method]())
+        elif self.policy.name != self.method:
+            raise CompressionConfigError(
+                f"infokv-vllm: the policy given ({self.policy.name}) is not {flag_name('method')} {self.method}",
+                "method", f"{self.policy.name} is not {self.method}")
 
     @property
     def enabled(self) -> bool:
@@ -206,18 +169,9 @@ class CompressionConfig:
         def fail(option: str, why: str) -> None:
             raise CompressionConfigError(f"infokv-vllm: invalid {flag_name(option)}: {why}", option, why)
 
-        for name, normalised in _checked_types(self, fail).items():
-            object.__setattr__(self, name, normalised)
-        for name, choices in (("method", METHODS), ("kernels", KERNELS), ("fusion", FUSIONS),
-                              ("entropy_score", ENTROPY_SCORES)):
-            if getattr(self, name) not in choices:
-                fail(name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
-        for name, kinds in _FIELD_TYPES.items():
-            value = getattr(self, name)
-            if int in kinds and name != "seed" and value is not None and value > MAX_TOKENS:
-                fail(name, f"{value} exceeds {MAX_TOKENS}, more tokens than any context holds")
-        if not 0 <= self.seed <= MAX_SEED:
-            fail("seed", f"{self.seed} is outside [0, {MAX_SEED}]")
+        check_settings(self, fail, only=engine_setting_names())
+        if self.method not in method_names():
+            fail("method", f"{self.method!r} is not one of {', '.join(method_names())}")
         if self.budget is not None and self.budget <= self.reserved_tokens:
             fail("budget", f"{self.budget} leaves no room to choose tokens: it must exceed sinks + window "
                            f"= {self.reserved_tokens}")
@@ -230,13 +184,6 @@ class CompressionConfig:
             fail("sinks", f"{self.sinks} must not be negative")
         if self.pool_target is not None and not 0.0 < self.pool_target <= 1.0:
             fail("pool_target", f"{self.pool_target} is outside (0, 1]")
-        for name in ("alpha", "redundancy", "value_norm"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                fail(name, f"{getattr(self, name)} is outside [0, 1]")
-        if self.entropy_top_k < 2:
-            fail("entropy_top_k", f"{self.entropy_top_k} must be at least 2 (entropy over one token is 0)")
-        if self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
-            fail("pooling_kernel", f"{self.pooling_kernel} must be an odd number >= 1")
         if (self.enabled and self.budget is None and self.budget_ratio is None and self.pool_target is None
                 and DEFAULT_BUDGET_TOKENS <= self.reserved_tokens):
             window = "prefill_window" if self.prefill_window >= self.decode_window else "decode_window"
@@ -303,16 +250,51 @@ class CompressionConfig:
             raise CompressionConfigError(
                 f"infokv-vllm: additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a dict of settings or a "
                 f"method name, not {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(map(str, set(raw) - known))
+        return cls.from_settings(raw)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> CompressionConfig:
+        """The settings as users give them, flat: engine-wide settings and the method's parameters side by side
+        (`{"method": "infokv", "budget": 128, "alpha": 0.5}`). A parameter of another policy is refused by name;
+        with compression off, parameters are checked and left unused."""
+        engine = engine_setting_names()
+        parameters = policy_parameters()
+        unknown = sorted(map(str, set(settings) - set(engine) - set(parameters)))
         if unknown:
             raise CompressionConfigError(
                 f"infokv-vllm: unknown setting(s) {unknown} in additional_config[{ADDITIONAL_CONFIG_KEY!r}]; "
-                f"known: {sorted(known)}")
-        return cls(**raw)
+                f"known: {sorted([*engine, *parameters])}")
+        given = {name: value for name, value in settings.items() if name in parameters}
+        method = settings.get("method", "none")
+        chosen = POLICIES.get(method) if type(method) is str else None
+        for name, value in given.items():
+            owners = policies_with(name)
+            if chosen is not None and method not in owners:
+                why = f"a parameter of {', '.join(owners)}, not of {method}"
+                raise CompressionConfigError(f"infokv-vllm: invalid {flag_name(name)}: {why}", name, why)
+            if chosen is None:  # compression off (or a method refused below): checked, then unused
+                _policy(POLICIES[owners[0]], {name: value})
+        policy = _policy(chosen, given) if chosen is not None else None
+        return cls(**{name: value for name, value in settings.items() if name in engine}, policy=policy)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_settings(self) -> dict[str, Any]:
+        """The flat settings `from_settings` reads back: the engine-wide ones and the policy's parameters."""
+        settings = {name: getattr(self, name) for name in engine_setting_names()}
+        return {**settings, **(dataclasses.asdict(self.policy) if self.policy is not None else {})}
+
+
+def engine_setting_names() -> tuple[str, ...]:
+    """The engine-wide settings: every field of `CompressionConfig` but the policy."""
+    return tuple(f.name for f in dataclasses.fields(CompressionConfig) if not f.metadata.get("policy"))
+
+
+def _policy(cls: type[ScoringPolicy], parameters: dict[str, Any]) -> ScoringPolicy:
+    """The policy with these parameters; a bad one is refused by its flag."""
+    try:
+        return cls(**parameters)
+    except SettingError as error:
+        raise CompressionConfigError(f"infokv-vllm: invalid {flag_name(error.field)}: {error.why}", error.field,
+                                     error.why) from None
 
 
 def misspelt_request_settings(extra_args: dict[str, Any] | None) -> dict[str, str]:
@@ -338,50 +320,9 @@ def _request_number(given: Any, kind: type[int] | type[float], fail: Callable[[s
             value = int(given) if kind is int and given.strip().lstrip("+-").isdigit() else float(given)
         except ValueError:
             fail(refusal)
-    if type(value) not in (int, float) or not _finite(value) or kind is int and value != int(value):
+    if type(value) not in (int, float) or not finite(value) or kind is int and value != int(value):
         fail(refusal)
     return kind(value)
-
-
-def _types_of(hint: Any) -> frozenset[type]:
-    """The types a declared setting admits: `int | None` -> {int, NoneType}, a Literal of names -> {str}."""
-    if typing.get_origin(hint) is Literal:
-        return frozenset(type(choice) for choice in get_args(hint))
-    return frozenset(get_args(hint) or (hint,))
-
-
-_FIELD_TYPES = {name: _types_of(hint) for name, hint in typing.get_type_hints(CompressionConfig).items()}
-
-
-def _checked_types(config: CompressionConfig, fail: Callable[[str, str], None]) -> dict[str, Any]:
-    """Check every setting against its declared type, exactly: a bool is not an int, an int not a bool, a float
-    is finite, a choice is a string. Settings from `additional_config` arrive as parsed JSON or Python values,
-    unchecked by argparse. Returns the integers given for float settings, as floats."""
-    normalised = {}
-    for setting in dataclasses.fields(config):
-        value, kinds = getattr(config, setting.name), _FIELD_TYPES[setting.name]
-        if value is None and type(None) in kinds:
-            continue
-        if bool in kinds:
-            if type(value) is not bool:
-                fail(setting.name, f"{value!r} is not true or false")
-        elif int in kinds:
-            if type(value) is not int:
-                fail(setting.name, f"{value!r} is not an integer")
-        elif float in kinds:
-            if type(value) not in (int, float) or not _finite(value):
-                fail(setting.name, f"{value!r} is not a finite number")
-            normalised[setting.name] = float(value)
-        elif type(value) is not str:
-            fail(setting.name, f"{value!r} is not a string")
-    return normalised
-
-
-def _finite(number: int | float) -> bool:
-    try:
-        return math.isfinite(number)
-    except OverflowError:  # an int too large for a float (10**400)
-        return False
 
 
 _PARSED_ATTRIBUTE = "_infokv_compression"

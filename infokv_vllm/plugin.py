@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import sys
-import typing
 from typing import Any
 
 from infokv_vllm import __version__, logger
@@ -26,9 +25,13 @@ from infokv_vllm.config import (
     CompressionConfig,
     CompressionConfigError,
     compression_of,
+    engine_setting_names,
     flag_name,
+    method_names,
     misspelt_request_settings,
 )
+from infokv_vllm.scoring import POLICIES, policies_with, policy_parameters
+from infokv_vllm.setting_checks import choices_of, declared_types, types_of
 
 
 SCHEDULER_CLS = "infokv_vllm.core.scheduler.CompressingScheduler"
@@ -92,7 +95,7 @@ def _asks_for_compression(argv: list[str]) -> bool:
         args, _ = parser.parse_known_args(argv[1:])
     except argparse.ArgumentError:
         return True  # a malformed `--kv-*` flag: stop with the reason rather than guess
-    if any(hasattr(args, _dest(field.name)) for field in dataclasses.fields(CompressionConfig)):
+    if any(hasattr(args, _dest(name)) for name in setting_names()):
         return True
     if args.additional_config is None or ADDITIONAL_CONFIG_KEY not in args.additional_config:
         return False
@@ -115,21 +118,41 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(CLI_GROUP_TITLE, description=(
         "Entropy-aware KV-cache compression by the infokv-vllm plugin. Off unless --kv-compression names a "
         f"method; the settings can also be given as additional_config={{'{ADDITIONAL_CONFIG_KEY}': {{...}}}}."))
-    hints = typing.get_type_hints(CompressionConfig)
-    for field in dataclasses.fields(CompressionConfig):
-        hint = hints[field.name]
-        kwargs: dict[str, Any] = {"dest": _dest(field.name), "default": argparse.SUPPRESS,
-                                  "help": field.metadata["help"]}
+    for name, (hint, setting_field, help_text) in flag_settings().items():
+        kwargs: dict[str, Any] = {"dest": _dest(name), "default": argparse.SUPPRESS, "help": help_text}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is typing.Literal:
-            kwargs["choices"] = typing.get_args(hint)
+        elif choices_of(hint) is not None or name == "method":
+            kwargs["choices"] = choices_of(hint) or method_names()
         else:
-            kwargs["type"] = next(t for t in (typing.get_args(hint) or (hint,)) if t in (int, float, str))
-            kwargs["metavar"] = field.name.upper()
-        if field.default is not None:
-            kwargs["help"] += f" Default: {field.default}."
-        group.add_argument(flag_name(field.name), **kwargs)
+            kwargs["type"] = next(t for t in types_of(hint) if t in (int, float, str))
+            kwargs["metavar"] = name.upper()
+        if setting_field.default is not None:
+            kwargs["help"] += f" Default: {setting_field.default}."
+        group.add_argument(flag_name(name), **kwargs)
+
+
+def flag_settings() -> dict[str, tuple[Any, dataclasses.Field, str]]:
+    """Every setting a `--kv-*` flag gives, by name: its declared type, its field and its help. The engine-wide
+    settings, then every registered policy's parameters, whose help names the policies that take them."""
+    settings = {name: (declared_types(CompressionConfig)[name], field, field.metadata["help"])
+                for name, field in _engine_fields().items()}
+    methods = "; ".join(f"'{name}' {cls.summary}" for name, cls in POLICIES.items())
+    hint, field, help_text = settings["method"]
+    settings["method"] = (hint, field, f"{help_text} Policies: {methods}.")
+    for name, field in policy_parameters().items():
+        owners = policies_with(name)
+        hint = declared_types(POLICIES[owners[0]])[name]
+        settings[name] = (hint, field, f"[{', '.join(owners)}] {field.metadata['help']}")
+    return settings
+
+
+def setting_names() -> tuple[str, ...]:
+    return (*engine_setting_names(), *policy_parameters())
+
+
+def _engine_fields() -> dict[str, dataclasses.Field]:
+    return {field.name: field for field in dataclasses.fields(CompressionConfig) if field.name in engine_setting_names()}
 
 
 def _dest(field_name: str) -> str:
@@ -141,8 +164,7 @@ def fold_cli_args(args: argparse.Namespace, additional_config: dict[str, Any] | 
 
     Flags win over settings given through `--additional-config`; unset flags leave those untouched.
     """
-    given = {field.name: getattr(args, _dest(field.name)) for field in dataclasses.fields(CompressionConfig)
-             if hasattr(args, _dest(field.name))}
+    given = {name: getattr(args, _dest(name)) for name in setting_names() if hasattr(args, _dest(name))}
     merged = dict(additional_config or {})
     if given:
         previous = merged.get(ADDITIONAL_CONFIG_KEY) or {}
@@ -282,12 +304,10 @@ def check_engine_config(vllm_config: Any) -> None:
         refuse("sliding-window attention models", "vLLM already drops their old KV pages")
     if model_config.is_hybrid or model_config.is_attention_free:
         refuse("hybrid or attention-free models", "only full-attention layers are compressed")
-    from infokv_vllm.scoring import POLICIES, make_policy
     from infokv_vllm.signals import ATTENTION
 
-    if compression.pool_wide and ATTENTION not in make_policy(compression).signals:
-        with_attention = [name for name in POLICIES
-                          if ATTENTION in make_policy(dataclasses.replace(compression, method=name)).signals]
+    if compression.pool_wide and ATTENTION not in compression.policy.signals:
+        with_attention = [name for name, policy in POLICIES.items() if ATTENTION in policy().signals]
         raise CompressionConfigError(
             f"infokv-vllm: {flag_name('pool_target')} is not supported with {method} (as configured): the "
             "pool-wide mode compares requests by the attention their observation windows give each page, which "

@@ -2,7 +2,8 @@
 
 The flag table comes from the `--kv-*` argument group exactly as `vllm serve --help=infokv` builds it
 (`infokv_vllm.plugin.add_cli_args` on a plain argparse parser: flag, choices, help text), with each flag's
-`additional_config` key and default read from `CompressionConfig`; the per-request table from `REQUEST_SETTINGS`.
+`additional_config` key and default read from its field (`CompressionConfig`'s, or a policy's); the policy table
+from the registry (`scoring.POLICIES`); the per-request table from `REQUEST_SETTINGS`.
 Everything between the `<!-- generated: NAME -->` and `<!-- end generated: NAME -->` markers is replaced; the prose
 around them is hand-written.
 
@@ -39,9 +40,10 @@ def _flag_actions() -> list[argparse.Action]:
 
 
 def flag_table() -> str:
-    from infokv_vllm.config import CompressionConfig, flag_name
+    from infokv_vllm.config import flag_name
+    from infokv_vllm.plugin import flag_settings
 
-    fields = {flag_name(field.name): field for field in dataclasses.fields(CompressionConfig)}
+    fields = {flag_name(name): field for name, (_, field, _) in flag_settings().items()}
     rows = ["| flag | `additional_config` key | default | values | meaning |", "| --- | --- | --- | --- | --- |"]
     for action in _flag_actions():
         flag = next(option for option in action.option_strings if option in fields)
@@ -86,7 +88,19 @@ def request_table() -> str:
     return "\n".join(rows)
 
 
-TABLES = {"flags": flag_table, "request-settings": request_table}
+def policy_table() -> str:
+    from infokv_vllm.config import flag_name
+    from infokv_vllm.scoring import POLICIES
+
+    rows = ["| `--kv-compression` | what it keeps | its parameters |", "| --- | --- | --- |",
+            "| `none` | everything: vLLM unchanged (the default) | – |"]
+    for name, cls in POLICIES.items():
+        parameters = ", ".join(f"`{flag_name(field.name)}`" for field in dataclasses.fields(cls)) or "–"
+        rows.append(f"| `{name}` | {_cell(cls.summary)} | {parameters} |")
+    return "\n".join(rows)
+
+
+TABLES = {"flags": flag_table, "policies": policy_table, "request-settings": request_table}
 
 
 def render(page: str) -> str:

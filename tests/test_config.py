@@ -13,9 +13,11 @@ from infokv_vllm.config import (
     REQUEST_SETTINGS,
     CompressionConfig,
     CompressionConfigError,
+    engine_setting_names,
     flag_name,
     misspelt_request_settings,
 )
+from infokv_vllm.scoring import policy_parameters
 
 
 def test_absent_settings_mean_compression_off():
@@ -127,7 +129,7 @@ JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
     max_leaves=6)
-SETTINGS = [setting.name for setting in dataclasses.fields(CompressionConfig)]
+SETTINGS = [*engine_setting_names(), *policy_parameters()]
 
 
 def accepted_or_named(build, field_name: str, shown_as: str) -> CompressionConfig | None:
@@ -144,8 +146,11 @@ OPTIONAL_TYPES = {"budget": int, "budget_ratio": float, "pool_target": float}
 
 
 def assert_well_typed(config: CompressionConfig) -> None:
-    for setting in dataclasses.fields(config):
-        value = getattr(config, setting.name)
+    settings = [(config, setting) for setting in dataclasses.fields(config) if setting.name != "policy"]
+    if config.policy is not None:
+        settings += [(config.policy, setting) for setting in dataclasses.fields(config.policy)]
+    for owner, setting in settings:
+        value = getattr(owner, setting.name)
         if value is None:
             assert setting.name in OPTIONAL_TYPES
             continue

@@ -134,16 +134,16 @@ def test_configuration_page_is_what_the_code_generates():
 
 
 def test_the_generated_table_has_every_flag_and_choice_of_the_cli_group():
-    from infokv_vllm.config import METHODS, REQUEST_SETTINGS
+    from infokv_vllm.config import REQUEST_SETTINGS, method_names
 
     page = (DOCS / "configuration.md").read_text()
     for action in config_docs()._flag_actions():
         assert f"`{action.option_strings[0]}" in page, action.option_strings
         for choice in action.choices or ():
             assert f"`{choice}`" in page, (action.option_strings, choice)
-    # The hand-written methods table names exactly the `--kv-compression` choices.
+    # The methods table names exactly the `--kv-compression` choices.
     methods = re.findall(r"^\| `(\w+)` \|", page.split("## Methods", 1)[1].split("\n## ", 1)[0], re.M)
-    assert methods and sorted(methods) == sorted(METHODS)
+    assert methods and sorted(methods) == sorted(method_names())
     for key in REQUEST_SETTINGS:
         assert f"| `{key}` |" in page
 
@@ -154,11 +154,17 @@ def test_the_flag_check_sees_a_stale_table():
     assert stale != page and config_docs().render(stale) == page
 
 
-def test_every_kv_flag_the_pages_mention_exists(vllm_plugins_loaded):
+def test_every_kv_flag_the_pages_mention_exists(vllm_plugins_loaded, monkeypatch):
     """A flag renamed in the code cannot live on in the prose: every `--kv-...` / `--no-kv-...` the pages
-    mention is one of ours or one of vLLM's `vllm serve` flags."""
+    mention is one of ours or one of vLLM's `vllm serve` flags (with the example policy of docs/adding-a-policy.md
+    registered, whose flags that page shows)."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from infokv_vllm.scoring import POLICIES
+    from tests.test_policy_registry import guide_policy
+
+    monkeypatch.setitem(POLICIES, guide_policy().name, guide_policy())
 
     known = {option for action in make_arg_parser(FlexibleArgumentParser())._actions
              for option in action.option_strings}

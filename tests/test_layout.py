@@ -7,17 +7,17 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from infokv_vllm.config import FUSIONS, METHODS
 
 PACKAGE = Path(__file__).parent.parent / "infokv_vllm"
 
 # Bottom floor first. A module may import its own floor and the floors below it, never one above.
 FLOORS = (
-    ("infokv_vllm", "infokv_vllm.config"),  # the package's logger and the settings
+    ("infokv_vllm", "infokv_vllm.setting_checks"),  # the package's logger; typed settings and their checks
     ("infokv_vllm.kernels",),  # page layouts and the torch/Triton kernels
     ("infokv_vllm.messages",),  # what the scheduler and the workers tell each other
     ("infokv_vllm.signals",),  # what the workers record
-    ("infokv_vllm.scoring",),  # the policies that score with it
+    ("infokv_vllm.scoring",),  # the policies that score with it, each owning its parameters
+    ("infokv_vllm.config",),  # the engine-wide settings and the chosen policy
     ("infokv_vllm.metrics",),
     ("infokv_vllm.compat",),  # every vLLM internal relied on, and the patches
     ("infokv_vllm.core",),  # scheduler, block manager, runner; the platform adapter interface
@@ -85,10 +85,13 @@ def test_imports_run_down_the_floors():
     assert "infokv_vllm.core.adapter" in graph["infokv_vllm.platforms.cpu"], "the scan found the imports"
 
 
-def test_the_registries_implement_exactly_the_names_config_declares():
-    from infokv_vllm.scoring import POLICIES
-    from infokv_vllm.scoring.infokv import FUSION_RULES
+def test_the_registries_implement_exactly_the_names_their_settings_declare():
+    from typing import get_args
 
-    assert ("none", *POLICIES) == METHODS
+    from infokv_vllm.config import method_names
+    from infokv_vllm.scoring import POLICIES
+    from infokv_vllm.scoring.infokv import FUSION_RULES, Fusion
+
+    assert ("none", *POLICIES) == method_names()
     assert {name: policy.name for name, policy in POLICIES.items()} == {name: name for name in POLICIES}
-    assert tuple(FUSION_RULES) == FUSIONS
+    assert tuple(FUSION_RULES) == get_args(Fusion)

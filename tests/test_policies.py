@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from infokv_vllm.config import CompressionConfig
-from infokv_vllm.scoring import SelectionInput, make_policy, POLICIES, select_tokens
+from infokv_vllm.scoring import POLICIES, SelectionInput, select_tokens
+from infokv_vllm.scoring.infokv import EntropyPolicy, InfoKVPolicy
 from infokv_vllm.kernels.window_attention import window_attention_mass
 from infokv_vllm.signals.attention import pool_scores
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
@@ -28,9 +29,10 @@ def selection_input(**signals) -> SelectionInput:
 def kept(method: str, request: SelectionInput, **settings) -> torch.Tensor:
     """The kept indices; InfoKV's decode-time redundancy and value-norm terms are off unless a test turns them on
     (these hand-built requests carry no keys or values)."""
-    config = CompressionConfig(method=method, sinks=SINKS, pooling_kernel=1,
-                               **{"redundancy": 0.0, "value_norm": 0.0, **settings})
-    return select_tokens(make_policy(config).scores(request), KEEP, SINKS, WINDOW)
+    parameters = {name: value for name, value in {"pooling_kernel": 1, "redundancy": 0.0, "value_norm": 0.0}.items()
+                  if name in POLICIES[method].__dataclass_fields__}
+    config = CompressionConfig.from_settings({"method": method, "sinks": SINKS, **parameters, **settings})
+    return select_tokens(config.policy.scores(request), KEEP, SINKS, WINDOW)
 
 
 def flat(value: float) -> torch.Tensor:
@@ -38,9 +40,9 @@ def flat(value: float) -> torch.Tensor:
 
 
 def test_every_method_has_a_policy():
-    from infokv_vllm.config import METHODS
+    from infokv_vllm.config import method_names
 
-    assert set(POLICIES) == set(METHODS) - {"none"}
+    assert set(POLICIES) == set(method_names()) - {"none"}
 
 
 def test_streaming_keeps_exactly_sinks_and_most_recent():
@@ -150,7 +152,7 @@ def test_representation_evolution_weights_entropy_per_layer():
 
 def test_policies_ask_only_for_the_signals_they_use():
     def signals(method, **settings):
-        return make_policy(CompressionConfig(method=method, **settings)).signals
+        return CompressionConfig.from_settings({"method": method, **settings}).policy.signals
 
     assert signals("streaming") == signals("random") == frozenset()
     assert signals("snapkv") == {ATTENTION}
@@ -158,7 +160,7 @@ def test_policies_ask_only_for_the_signals_they_use():
     assert signals("infokv", entropy_score="entropy_only") == {ATTENTION, ENTROPY}
     assert signals("entropy") == {ENTROPY, REPRESENTATION}
     assert signals("rkv") == {ATTENTION}
-    assert [name for name in POLICIES if make_policy(CompressionConfig(method=name)).reads_keys(True)] == [
+    assert [name for name in POLICIES if CompressionConfig(method=name).policy.reads_keys(True)] == [
         "infokv", "rkv"]
 
 
@@ -272,9 +274,9 @@ def test_infokv_redundancy_term_drops_the_older_copies():
     # The latest copy and the one before it (R-KV's rule spares the latest copy's own latest duplicate a little):
     # two kept copies where attention and entropy alone keep four.
     assert torch.isin(with_redundancy, torch.tensor(copies)).sum(dim=-1).le(2).all()
-    with_term = make_policy(CompressionConfig(method="infokv", redundancy=0.5))
+    with_term = InfoKVPolicy(redundancy=0.5)
     assert with_term.reads_keys(decoding=True) and not with_term.reads_keys(decoding=False)  # not on the prompt
-    assert not make_policy(CompressionConfig(method="infokv", redundancy=0.0)).reads_keys(decoding=True)
+    assert not InfoKVPolicy(redundancy=0.0).reads_keys(decoding=True)
     prompt = dataclasses.replace(request, decoding=False, keys=None)
     assert torch.equal(kept("infokv", prompt, redundancy=1.0), kept("infokv", prompt))
 
@@ -293,7 +295,7 @@ def test_infokv_value_norm_term_keeps_large_value_tokens():
     candidates = slice(SINKS, KEEP - WINDOW)
     assert torch.equal(kept("infokv", request)[..., candidates], torch.arange(10, 14).expand(LAYERS, HEADS, 4))
     assert torch.isin(kept("infokv", request, value_norm=1.0)[..., candidates], torch.tensor(large)).all()
-    with_term = make_policy(CompressionConfig(method="infokv", value_norm=0.5))
+    with_term = InfoKVPolicy(value_norm=0.5)
     assert with_term.reads_values(decoding=True) and not with_term.reads_values(decoding=False)
-    assert not make_policy(CompressionConfig(method="infokv", value_norm=0.0)).reads_values(decoding=True)
-    assert not make_policy(CompressionConfig(method="entropy", value_norm=0.5)).reads_values(decoding=True)
+    assert not InfoKVPolicy(value_norm=0.0).reads_values(decoding=True)
+    assert not EntropyPolicy().reads_values(decoding=True) and "value_norm" not in EntropyPolicy.__dataclass_fields__

@@ -20,7 +20,7 @@ from benchmarks.quality import passkey_prompts
 
 from infokv_vllm.config import CompressionConfig
 from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion
-from infokv_vllm.scoring import SelectionInput, make_policy, select_tokens
+from infokv_vllm.scoring import SelectionInput, select_tokens
 from infokv_vllm.signals import ATTENTION
 from infokv_vllm.testing.transformers_reference import continue_after_eviction, keep_in_cache
 from tests.test_signals_reference import window_attention_per_kv_head
@@ -47,7 +47,7 @@ def policy_reference(model, prompt_ids: list[int], method: str) -> tuple[torch.T
     keys = torch.stack([layer.keys[0] for layer in cache.layers])  # [layers, kv_heads, length, head_size]
     request = SelectionInput("ref", len(out.attentions), config.num_key_value_heads, length, CONFIG.budget,
                              CONFIG.sinks, window, torch.device("cpu"), {ATTENTION: attention}, keys)
-    keep = select_tokens(make_policy(CONFIGS[method]).scores(request), CONFIG.budget, CONFIG.sinks, window)
+    keep = select_tokens(CONFIGS[method].policy.scores(request), CONFIG.budget, CONFIG.sinks, window)
     keep_in_cache(cache, keep)
     generated = [int(out.logits[0, -1].argmax())]
     while len(generated) < NEW_TOKENS:
@@ -69,7 +69,7 @@ def vllm_kept_sets(model_dir, prompts: dict[str, list[int]], method: str = "snap
     """The tokens vLLM's policy keeps when it compresses each prompt of one batch, and its greedy answers."""
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     kept = {}
-    with in_process_llm(model_dir, CONFIGS[method].to_dict(), **engine_overrides) as llm:
+    with in_process_llm(model_dir, CONFIGS[method].to_settings(), **engine_overrides) as llm:
         policy = model_runner_of(llm).policy
         original = policy.scores
 

@@ -37,7 +37,7 @@ from infokv_vllm.core.block_manager import CompressedAttentionSpec
 from infokv_vllm.core.paged_compactor import PagedKVCompactor
 from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, WorkerReport, attach_report, plan_of
 from infokv_vllm.kernels.families import kernel_family
-from infokv_vllm.scoring import SelectionInput, eviction_losses, make_policy, select_tokens
+from infokv_vllm.scoring import SelectionInput, eviction_losses, select_tokens
 from infokv_vllm.signals import (
     ATTENTION,
     ENTROPY,
@@ -71,7 +71,7 @@ class CompressingRunnerMixin:
         self.evicted: dict[str, int] = {}
         # Pool-wide mode: per probed request, the scores [layers, kv_heads, probed slots] of its last probe
         self._probed: dict[str, torch.Tensor] = {}
-        self.policy = make_policy(self.compression) if self.compression.enabled else None
+        self.policy = self.compression.policy
         self.kernels = kernel_family(self.platform.kernel_family(self.compression)) if self.policy else None
         self.compactor: PagedKVCompactor | None = None
         self.signals: SlotSignals | None = None
@@ -131,7 +131,7 @@ class CompressingRunnerMixin:
         if ATTENTION in signals:
             self.recorders.append(AttentionRecorder(self.signals, layer_names, layout, self.kernels))
         if ENTROPY in signals:
-            self.recorders.append(EntropyRecorder(self.signals, self.compression.entropy_top_k))
+            self.recorders.append(EntropyRecorder(self.signals, self.policy.entropy_top_k))
         if REPRESENTATION in signals:
             decoder_layers = [self._decoder_layers[extract_layer_index(name)] for name in layer_names]
             self.recorders.append(RepresentationRecorder(self.signals, decoder_layers))

@@ -58,7 +58,6 @@ from infokv_vllm.core.block_manager import CompactingAttentionManager
 from infokv_vllm.core.pool import PoolCandidate, kept_lengths, pages_owed
 from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, attach_plan, report_of
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
-from infokv_vllm.scoring import make_policy
 from infokv_vllm.signals import ATTENTION
 
 
@@ -93,7 +92,7 @@ class CompressingScheduler(Scheduler):
                 "CompressedAttentionSpec layers")
         self.manager: CompactingAttentionManager = managers[0]
         self.manager.compresses = lambda request_id: self.settings_of(self.requests[request_id]).enabled
-        self._scores_attention = ATTENTION in make_policy(self.compression).signals
+        self._scores_attention = ATTENTION in self.compression.policy.signals
         self.records: dict[str, CompressionRecord] = {}
         self.totals = CompressionStats()  # since start-up; the frontend's metrics derive from it
         self._past_prompt: set[str] = set()  # requests whose prompt-compression point has been evaluated

@@ -1,15 +1,14 @@
-"""The scoring interface every compression policy implements."""
+"""The scoring interface every compression policy implements, and the parameters several policies share."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from infokv_vllm.config import CompressionConfig
+from infokv_vllm.setting_checks import SettingError, check_settings, setting
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,13 @@ class SelectionInput:
         return mask
 
 
+@dataclass(frozen=True)
 class ScoringPolicy(ABC):
     """Scores every cached token of a request per (layer, KV head); higher means more worth keeping.
+
+    A policy is a frozen dataclass whose fields are its parameters, each declared with `setting(default, help,
+    range)`: the registry (`scoring.POLICIES`) turns them into `--kv-*` flags, `additional_config` keys, checks and
+    the docs' rows. `name` is its `--kv-compression` choice and `summary` the one line that choice's help shows.
 
     `signals` names what the model runner must record for it (`infokv_vllm.signals`); it records nothing else.
     A policy that `reads_keys` (`reads_values`) gets the request's cached keys (values) too, read from the KV pages
@@ -50,7 +54,14 @@ class ScoringPolicy(ABC):
     """
 
     name: ClassVar[str]
+    summary: ClassVar[str]
     signals: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        def fail(parameter: str, why: str) -> None:
+            raise SettingError(f"invalid {self.name} parameter {parameter}: {why}", parameter, why)
+
+        check_settings(self, fail)
 
     def reads_keys(self, decoding: bool) -> bool:
         """Whether scoring a compaction (of the prompt, or while decoding) needs the request's cached keys."""
@@ -60,10 +71,14 @@ class ScoringPolicy(ABC):
         """Whether scoring a compaction needs the request's cached values."""
         return False
 
-    def __init__(self, config: CompressionConfig) -> None:
-        self.config = config
-
     @abstractmethod
     def scores(self, request: SelectionInput) -> torch.Tensor:
         """A float tensor [num_layers, num_kv_heads, physical_len]."""
 
+
+@dataclass(frozen=True)
+class PooledAttention:
+    """The parameter of policies that read the window attention signal (`signals.attention.pool_scores`)."""
+
+    pooling_kernel: int = setting(7, "Attention scores are max-pooled along the sequence with this (odd) kernel "
+                                     "size.", odd=True)

@@ -27,14 +27,21 @@ reasoning models into repetition loops, and protecting them avoids it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
-from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
+from infokv_vllm.scoring.base import PooledAttention, ScoringPolicy, SelectionInput
 from infokv_vllm.scoring.rkv import request_redundancy
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
+from infokv_vllm.setting_checks import setting
 from infokv_vllm.signals.attention import pool_scores
 
 _EPS = 1e-12
+
+EntropyScore = Literal["product", "sum", "entropy_only"]
+Fusion = Literal["sum", "rank", "split"]
 
 
 def normalise_over(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -85,36 +92,63 @@ def fuse_split(attention, entropy, candidates, alpha: float, request: SelectionI
 FUSION_RULES = {"sum": fuse_sum, "rank": fuse_rank, "split": fuse_split}
 
 
-class InfoKVPolicy(ScoringPolicy):
-    name = "infokv"
+@dataclass(frozen=True)
+class EntropySignal:
+    """The parameters of policies that read InfoKV's entropy signal (token entropy, with the representation
+    evolution). `entropy_top_k` is also how the workers record token entropy."""
+
+    entropy_top_k: int = setting(10, "Token entropy is computed over the k most probable tokens, normalised by "
+                                     "log k.", minimum=2)
+    entropy_score: EntropyScore = setting(
+        "product", "How token entropy H and representation evolution R form the entropy signal: 'product' H*R, "
+                   "'sum' H+R, 'entropy_only' H.")
 
     @property
-    def alpha(self) -> float:
-        return self.config.alpha
-
-    def reads_keys(self, decoding: bool) -> bool:
-        return decoding and self.config.redundancy > 0
-
-    def reads_values(self, decoding: bool) -> bool:
-        return decoding and self.config.value_norm > 0
-
-    @property
-    def signals(self) -> frozenset[str]:  # type: ignore[override]
-        needed = {ENTROPY}
-        if self.alpha < 1.0:
-            needed.add(ATTENTION)
-        if self.config.entropy_score != "entropy_only":
-            needed.add(REPRESENTATION)
-        return frozenset(needed)
+    def entropy_signals(self) -> set[str]:
+        return {ENTROPY} if self.entropy_score == "entropy_only" else {ENTROPY, REPRESENTATION}
 
     def entropy_signal(self, request: SelectionInput, candidates: torch.Tensor) -> torch.Tensor:
         token_entropy = request.signals[ENTROPY]
-        if self.config.entropy_score == "entropy_only":
+        if self.entropy_score == "entropy_only":
             return token_entropy
         evolution = normalise_over(request.signals[REPRESENTATION], candidates)
-        if self.config.entropy_score == "product":
+        if self.entropy_score == "product":
             return token_entropy * evolution
         return normalise_over(token_entropy, candidates) + evolution
+
+
+@dataclass(frozen=True)
+class InfoKVPolicy(PooledAttention, EntropySignal, ScoringPolicy):
+    name = "infokv"
+    summary = ("InfoKV: window attention fused with the entropy signal, plus decode-time redundancy and value-norm "
+               "terms")
+
+    alpha: float = setting(
+        0.3, "InfoKV: the entropy signal's share of the fused score (sum, rank) or of the budget (split); 1 - alpha "
+             "goes to attention.", minimum=0, maximum=1)
+    fusion: Fusion = setting(
+        "rank", "InfoKV fusion rule: 'sum' (1-alpha)*A/sum(A) + alpha*E/sum(E); 'rank' the same on each signal's "
+                "quantile; 'split' a share alpha of the budget reserved for entropy's top tokens, the rest by "
+                "attention.")
+    redundancy: float = setting(
+        0.3, "InfoKV: weight of R-KV's key redundancy, subtracted from the fused score as a quantile among the "
+             "candidates when compressing during decoding (0 = off): of tokens the trace restates, the older copies "
+             "go first. 0.3 was chosen on GSM8K train.", minimum=0, maximum=1)
+    value_norm: float = setting(
+        0.3, "InfoKV: weight of each token's value-vector norm, added to the fused score as a quantile among the "
+             "candidates when compressing during decoding (0 = off). VaSE (arXiv 2606.03928): evicting tokens with "
+             "large values sends reasoning models into loops. 0.3 was chosen on GSM8K train (loops 5-6%% -> 1-2%%, "
+             "+2-3 points; docs/results/gsm8k.md).", minimum=0, maximum=1)
+
+    def reads_keys(self, decoding: bool) -> bool:
+        return decoding and self.redundancy > 0
+
+    def reads_values(self, decoding: bool) -> bool:
+        return decoding and self.value_norm > 0
+
+    @property
+    def signals(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(self.entropy_signals | ({ATTENTION} if self.alpha < 1.0 else set()))
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
         candidates = request.candidates()
@@ -122,33 +156,32 @@ class InfoKVPolicy(ScoringPolicy):
         if self.alpha == 1.0:
             fused = entropy
         else:
-            attention = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
-            fused = FUSION_RULES[self.config.fusion](attention, entropy, candidates, self.alpha, request)
+            attention = pool_scores(request.signals[ATTENTION], self.pooling_kernel)
+            fused = FUSION_RULES[self.fusion](attention, entropy, candidates, self.alpha, request)
         reads_keys, reads_values = self.reads_keys(request.decoding), self.reads_values(request.decoding)
         if not (reads_keys or reads_values):
             return fused
-        if self.alpha == 1.0 or self.config.fusion == "sum":
+        if self.alpha == 1.0 or self.fusion == "sum":
             fused = quantile_over(fused, candidates)  # on the [0, 1] scale the terms below use
         if reads_keys:
             redundancy = request_redundancy(request).to(fused.device)
-            fused = fused - self.config.redundancy * quantile_over(redundancy, candidates)
+            fused = fused - self.redundancy * quantile_over(redundancy, candidates)
         if reads_values:
             norms = request.values.float().norm(dim=-1).to(fused.device)
-            fused = fused + self.config.value_norm * quantile_over(norms, candidates)
+            fused = fused + self.value_norm * quantile_over(norms, candidates)
         return fused
 
 
-class EntropyPolicy(InfoKVPolicy):
-    """InfoKV's entropy signal alone (alpha = 1, no redundancy term), for ablation."""
+@dataclass(frozen=True)
+class EntropyPolicy(EntropySignal, ScoringPolicy):
+    """InfoKV's entropy signal alone (InfoKV at alpha = 1 without its decode-time terms), for ablation."""
 
     name = "entropy"
+    summary = "the entropy signal only (InfoKV with alpha = 1)"
 
     @property
-    def alpha(self) -> float:
-        return 1.0
+    def signals(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(self.entropy_signals)
 
-    def reads_keys(self, decoding: bool) -> bool:
-        return False
-
-    def reads_values(self, decoding: bool) -> bool:
-        return False
+    def scores(self, request: SelectionInput) -> torch.Tensor:
+        return self.entropy_signal(request, request.candidates())

@@ -24,9 +24,11 @@ every policy (R-KV keeps no sinks).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
+from infokv_vllm.scoring.base import PooledAttention, ScoringPolicy, SelectionInput
 from infokv_vllm.signals import ATTENTION
 from infokv_vllm.signals.attention import pool_scores
 
@@ -53,13 +55,15 @@ def request_redundancy(request: SelectionInput) -> torch.Tensor:
     return torch.stack([key_redundancy(layer_keys) for layer_keys in request.keys])
 
 
-class RKVPolicy(ScoringPolicy):
+@dataclass(frozen=True)
+class RKVPolicy(PooledAttention, ScoringPolicy):
     name = "rkv"
+    summary = "R-KV: window attention minus key redundancy"
     signals = frozenset({ATTENTION})
 
     def reads_keys(self, decoding: bool) -> bool:
         return True
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
-        importance = pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
+        importance = pool_scores(request.signals[ATTENTION], self.pooling_kernel)
         return MIX_LAMBDA * importance - (1.0 - MIX_LAMBDA) * request_redundancy(request).to(importance.device)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
+from infokv_vllm.scoring.base import PooledAttention, ScoringPolicy, SelectionInput
 from infokv_vllm.signals import ATTENTION
 from infokv_vllm.signals.attention import pool_scores
 
 
-class SnapKVPolicy(ScoringPolicy):
+@dataclass(frozen=True)
+class SnapKVPolicy(PooledAttention, ScoringPolicy):
     name = "snapkv"
+    summary = "SnapKV: window attention only"
     signals = frozenset({ATTENTION})
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
-        return pool_scores(request.signals[ATTENTION], self.config.pooling_kernel)
+        return pool_scores(request.signals[ATTENTION], self.pooling_kernel)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
 
 
+@dataclass(frozen=True)
 class StreamingPolicy(ScoringPolicy):
     name = "streaming"
+    summary = "StreamingLLM: the sinks and the most recent tokens"
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
         recency = torch.arange(request.physical_len, dtype=torch.float32, device=request.device)
