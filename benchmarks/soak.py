@@ -248,8 +248,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny-llama"),
                         help="SmolLM2-135M (its 9 attention heads do not split over 2 ranks), or a random-weight "
                              "tiny Llama with SmolLM2's tokenizer (4 query / 2 KV heads) for --tp 2")
-    parser.add_argument("--pool-tokens", type=int, default=2275,
-                        help="the KV pool in tokens (2,275: 100 MiB of SmolLM2), below --max-model-len 4096")
+    parser.add_argument("--pool-tokens", type=int, default=None,
+                        help="the KV pool in tokens, below --max-model-len 4096: 2,275 (100 MiB of SmolLM2); 2,700 for "
+                             "the tiny Llama, in which vLLM's start-up check finds 1,920 tokens of room for 2,275 "
+                             "tokens' bytes, under the 2,048 the pool-wide mode needs")
     parser.add_argument("--pool-target", type=float, default=0.5,
                         help="the pool-wide mode's share of the KV pool (--kv-pool-target); 0: per-request budgets")
     parser.add_argument("--replay-every", type=int, default=10,
@@ -264,6 +266,7 @@ def main() -> None:
         args.minutes, args.requests, args.concurrency, args.replay_every = 0.5, 40, 8, 3
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    import httpx
     from openai import OpenAI
 
     from infokv_vllm.testing.local_server import EAGER, vllm_server_process
@@ -286,6 +289,7 @@ def main() -> None:
     token_bytes = config["num_hidden_layers"] * config["num_key_value_heads"] // args.tp * head_dim * 2 * 4
     # The pool-wide mode does not bound a request's KV, so vLLM's start-up check wants a whole context in the pool.
     max_model_len = 2048 if args.pool_target else 4096
+    args.pool_tokens = args.pool_tokens or (2700 if args.model == "tiny-llama" else 2275)
     flags = ["--dtype", "float32", "--kv-cache-memory-bytes", str(args.pool_tokens * token_bytes), "--max-model-len",
              str(max_model_len), "--kv-compression", "infokv", "--kv-budget", "128", "--kv-memory-pressure",
              *(["--kv-pool-target", str(args.pool_target)] if args.pool_target else []),
@@ -303,7 +307,11 @@ def main() -> None:
     # The server's log stays after the run (its path is in the report): the place to look into any error.
     log_path = Path(tempfile.mkdtemp(prefix=f"{args.name}-")) / "serve.log"
     with vllm_server_process(model, flags, log_path, base_flags=[], env=env) as (url, process):
-        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        # One connection per request: a kept-alive connection that the server closes (uvicorn, after 5 idle seconds)
+        # just as a thread sends on it fails before vLLM sees the request ("Server disconnected without sending a
+        # response", no access-log line), which would count against the engine.
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600,
+                        http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)))
         started = time.monotonic()
         stop = threading.Event()
         sampler = threading.Thread(target=sample_forever, args=(url, process.pid, started, samples, stop))
