@@ -133,7 +133,7 @@ def record_signals(llm) -> list[tuple[str, int, dict]]:
                     {k: v.clone() for k, v in {**request.signals, **read}.items() if v is not None}))
         return original(request)
 
-    policy.scores = recording
+    object.__setattr__(policy, "scores", recording)  # instrument the worker's policy (a frozen dataclass)
     return log
 
 

@@ -44,7 +44,7 @@ def prompt_compression_signals(smollm2_dir, prompt_ids, chunk_tokens: int | None
             captured.append({name: signal.clone() for name, signal in request.signals.items()})
             return original(request)
 
-        policy.scores = capture
+        object.__setattr__(policy, "scores", capture)  # instrument the worker's policy (a frozen dataclass)
         prepare(llm)
         run_to_completion(llm, {"q": TokensPrompt(prompt_token_ids=prompt_ids)},
                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))

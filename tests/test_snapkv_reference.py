@@ -78,7 +78,7 @@ def vllm_kept_sets(model_dir, prompts: dict[str, list[int]], method: str = "snap
             kept[request.request_id.rsplit("-", 1)[0]] = select_tokens(scores, CONFIG.budget, CONFIG.sinks, request.window)
             return scores
 
-        policy.scores = record_kept_set
+        object.__setattr__(policy, "scores", record_kept_set)  # instrument the worker's policy (a frozen dataclass)
         answers = run_to_completion(llm, {rid: TokensPrompt(prompt_token_ids=ids) for rid, ids in prompts.items()},
                                     params)
     assert set(kept) == set(prompts), "every prompt is compressed once"
