@@ -24,7 +24,6 @@ FLOORS = (
     ("infokv_vllm.recording_backends",),  # vLLM's attention backends, extended to record the attention signal
     ("infokv_vllm.platforms",),  # one adapter per platform
     ("infokv_vllm.plugin",),  # registration and CLI
-    ("infokv_vllm.testing",),  # test and benchmark support
 )
 
 
