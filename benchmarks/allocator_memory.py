@@ -24,8 +24,8 @@ def measure(method: str, rounds: int, requests: int) -> dict:
     import psutil
     from vllm import SamplingParams
 
-    from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion
-    from infokv_vllm.testing.smollm2 import ensure_model
+    from infokv_testing.local_engine import in_process_llm, run_to_completion
+    from infokv_testing.smollm2 import ensure_model
 
     compression = None if method == "none" else {"method": method, "budget": 128, "memory_pressure": True}
     rng = random.Random(0)
@@ -75,4 +75,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

@@ -75,7 +75,7 @@ def run_vllm(command: list[str]) -> None:
 
 def bench_serve(args, model: Path, config: str, result_dir: Path, name: str) -> dict:
     """One `vllm serve` for the configuration, and `vllm bench serve` against it; vLLM's result JSON."""
-    from infokv_vllm.testing.local_server import vllm_cli, vllm_server
+    from infokv_testing.local_server import vllm_cli, vllm_server
 
     with tempfile.TemporaryDirectory() as logs, \
             vllm_server(model, engine_flags(args, config), Path(logs) / "serve.log", base_flags=[]) as url:
@@ -89,7 +89,7 @@ def bench_serve(args, model: Path, config: str, result_dir: Path, name: str) -> 
 def bench_throughput(args, model: Path, config: str, result_dir: Path, name: str) -> dict:
     """`vllm bench throughput` for the configuration, its JSON completed with the output side: every request
     produces exactly `output_len` tokens (vLLM's throughput client ignores EOS)."""
-    from infokv_vllm.testing.local_server import vllm_cli
+    from infokv_testing.local_server import vllm_cli
 
     path = result_dir / name
     run_vllm([*vllm_cli(), "bench", "throughput", *dataset_flags(args, model), *engine_flags(args, config),
@@ -141,7 +141,7 @@ def main() -> None:
         args.methods = "none,infokv" if args.client == "serve" else "none,infokv,ceiling"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
+    from infokv_testing.smollm2 import MODEL_NAME, ensure_model
 
     model = ensure_model()
     name = args.name or f"bench_{args.client}"
@@ -183,4 +183,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

@@ -39,7 +39,7 @@ def sample_documents(model_dir: Path, tokenizer, count: int, length: int, seed: 
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from infokv_vllm.testing.local_engine import in_process_llm
+    from infokv_testing.local_engine import in_process_llm
 
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                              add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -73,7 +73,7 @@ def removal_sets(attentions, logits: torch.Tensor, prefix: torch.Tensor, size: i
 def continuation_logits(model, cache, continuation: torch.Tensor, logical_start: int,
                         removed: torch.Tensor | None) -> torch.Tensor:
     """Logits over the continuation with `removed` dropped from every layer's cache; RoPE positions stay true."""
-    from infokv_vllm.testing.transformers_reference import continue_after_eviction, keep_in_cache
+    from infokv_testing.transformers_reference import continue_after_eviction, keep_in_cache
 
     cache = copy.deepcopy(cache)
     if removed is not None:
@@ -131,7 +131,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
+    from infokv_testing.smollm2 import MODEL_NAME, ensure_model
 
     model_dir = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -175,4 +175,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

@@ -31,7 +31,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS")
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_testing.models.MODELS")
     parser.add_argument("--count", type=int, default=30)
     parser.add_argument("--split", default="train", choices=("train", "test"))
     parser.add_argument("--budget", type=int, default=128)
@@ -49,9 +49,9 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion
-    from infokv_vllm.testing.models import MODELS, serving_dtype
-    from infokv_vllm.testing.transformers_reference import generate_with_streaming
+    from infokv_testing.local_engine import in_process_llm, run_to_completion
+    from infokv_testing.models import MODELS, serving_dtype
+    from infokv_testing.transformers_reference import generate_with_streaming
 
     model_dir = MODELS[args.model].ensure()
     dtype = serving_dtype(model_dir)
@@ -102,4 +102,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

@@ -44,7 +44,7 @@ def chat_samples(count: int, seed: int, turn_tokens: int, count_tokens) -> list[
     """Conversations whose early turns (essay excerpts) the final question never needs."""
     from suites import _essay_excerpt
 
-    from infokv_vllm.testing.datasets import DATASETS
+    from infokv_testing.datasets import DATASETS
 
     rng = random.Random(seed)
     essays = DATASETS["ruler-essays"].read_json()["text"]
@@ -128,7 +128,7 @@ class MetricsSampler:
 def run_config(model: Path, config: str, flags: list[str], items: list[dict], concurrency: int) -> dict:
     from openai import OpenAI
 
-    from infokv_vllm.testing.local_server import vllm_server
+    from infokv_testing.local_server import vllm_server
 
     with tempfile.TemporaryDirectory() as logs, vllm_server(model, flags, Path(logs) / "serve.log") as url:
         client = OpenAI(base_url=url + "/v1", api_key="unused", timeout=7200)
@@ -188,7 +188,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="SmolLM2, tiny: checks the script runs")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS")
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_testing.models.MODELS")
     parser.add_argument("--per-class", type=int, default=12)
     parser.add_argument("--concurrency", type=int, default=12, help="requests in flight")
     parser.add_argument("--retrieval-tokens", type=int, default=2000)
@@ -213,8 +213,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from infokv_vllm.testing.local_server import EAGER
-    from infokv_vllm.testing.models import MODELS, serving_dtype
+    from infokv_testing.local_server import EAGER
+    from infokv_testing.models import MODELS, serving_dtype
 
     model = MODELS[args.model].ensure()
     dtype = serving_dtype(model)
@@ -273,4 +273,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

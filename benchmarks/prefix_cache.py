@@ -59,7 +59,7 @@ def prefix_cache_counters(url: str) -> dict[str, float]:
 
 
 def bench(args, model: Path, url: str, result_dir: Path, name: str) -> dict:
-    from infokv_vllm.testing.local_server import vllm_cli
+    from infokv_testing.local_server import vllm_cli
 
     command = [*vllm_cli(), "bench", "serve", "--backend", "openai", "--base-url", url, "--model", str(model),
                "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(args.prefix_len),
@@ -99,7 +99,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS")
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_testing.models.MODELS")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--prefix-len", type=int, default=2048)
@@ -121,8 +121,8 @@ def main() -> None:
         parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from infokv_vllm.testing.local_server import vllm_server
-    from infokv_vllm.testing.models import MODELS, serving_dtype
+    from infokv_testing.local_server import vllm_server
+    from infokv_testing.models import MODELS, serving_dtype
 
     model = MODELS[args.model].ensure()
     dtype = serving_dtype(model)
@@ -172,4 +172,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

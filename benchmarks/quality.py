@@ -218,8 +218,8 @@ def main() -> None:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from infokv_vllm.testing.local_server import EAGER, vllm_server
-    from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
+    from infokv_testing.local_server import EAGER, vllm_server
+    from infokv_testing.smollm2 import MODEL_NAME, ensure_model
 
     model = ensure_model()
     passkeys = passkey_prompts(args.passkey_prompts, args.filler_repeats, args.seed)
@@ -265,4 +265,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

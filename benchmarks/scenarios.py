@@ -8,7 +8,7 @@ One `vllm serve` per policy (a request cannot switch policy); every budget is a 
 (`vllm_xargs`), so one server runs all of its cells at once and vLLM batches them. The full-cache cells run first,
 on the first server, with `kv_compression: none`: a `30%full` budget is that share of the full-cache length of the
 same sample (R-KV's ratio), a `+prompt` budget keeps the whole prompt beside it (`quality.Budget`). Before any
-number, the model must pass a known-answer check with the full cache (`infokv_vllm.testing.models.sanity_check`).
+number, the model must pass a known-answer check with the full cache (`infokv_testing.models.sanity_check`).
 
 Per cell: accuracy with a 95% Wilson interval, the trace length (mean, p90), the share of traces that hit
 `max_tokens` (`loop_share`: a compressed model that lost its place tends to repeat itself until the limit), and the
@@ -171,7 +171,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="SmolLM2, tiny suites: checks the script runs")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS")
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_testing.models.MODELS")
     parser.add_argument("--policies", default=",".join(POLICIES), type=policy_specs_of(POLICIES),
                         help="comma-separated, each `name` or `name:setting=value:...` as in quality.py")
     parser.add_argument("--budgets", default="128,256,25%",
@@ -205,8 +205,8 @@ def main() -> None:
     from openai import OpenAI
     from transformers import AutoTokenizer
 
-    from infokv_vllm.testing.local_server import EAGER, vllm_server
-    from infokv_vllm.testing.models import MODELS, sanity_check, serving_dtype
+    from infokv_testing.local_server import EAGER, vllm_server
+    from infokv_testing.models import MODELS, sanity_check, serving_dtype
 
     model = MODELS[args.model].ensure()
     earlier = json.loads((Path(__file__).parent / "results" / f"{args.extend}.json").read_text()) if args.extend else {}
@@ -305,4 +305,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

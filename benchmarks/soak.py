@@ -269,10 +269,10 @@ def main() -> None:
     import httpx
     from openai import OpenAI
 
-    from infokv_vllm.testing.local_server import EAGER, vllm_server_process
-    from infokv_vllm.testing.models import cache_dir
-    from infokv_vllm.testing.random_models import SHAPES, write_random_llama
-    from infokv_vllm.testing.smollm2 import ensure_model
+    from infokv_testing.local_server import EAGER, vllm_server_process
+    from infokv_testing.models import cache_dir
+    from infokv_testing.random_models import SHAPES, write_random_llama
+    from infokv_testing.smollm2 import ensure_model
 
     model = ensure_model()
     if args.model == "tiny-llama":
@@ -390,4 +390,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

@@ -100,7 +100,7 @@ def install_timers() -> tuple[dict, dict]:
 def profile(model, workload, method: str, mode: str, blocks: int, seconds: dict, calls: dict) -> dict:
     from vllm import SamplingParams
 
-    from infokv_vllm.testing.local_engine import in_process_llm
+    from infokv_testing.local_engine import in_process_llm
 
     params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
     with in_process_llm(model, workload.compression(method), num_gpu_blocks_override=blocks,
@@ -125,7 +125,7 @@ def profile_hot_prefix(model, dtype: str, method: str, mode: str, args, seconds:
     from throughput import PROMPT_TOKEN_RANGE
     from vllm import SamplingParams
 
-    from infokv_vllm.testing.local_engine import in_process_llm
+    from infokv_testing.local_engine import in_process_llm
 
     rng = random.Random(0)
     prefix = [rng.randrange(*PROMPT_TOKEN_RANGE) for _ in range(args.prefix_len)]
@@ -186,7 +186,7 @@ def main() -> None:
                              "(24 requests, 384 output tokens, 61 blocks): compactions come from memory pressure too")
     parser.add_argument("--hot-prefix", action="store_true",
                         help="time the steps up to the first token of requests that find their prefix cached")
-    parser.add_argument("--model", default="smollm2", help="a name in infokv_vllm.testing.models.MODELS")
+    parser.add_argument("--model", default="smollm2", help="a name in infokv_testing.models.MODELS")
     parser.add_argument("--prefix-len", type=int, default=2048, help="--hot-prefix: the shared prefix, in tokens")
     parser.add_argument("--suffix-len", type=int, default=32, help="--hot-prefix: each request's own tokens")
     parser.add_argument("--budget", type=int, default=512, help="--hot-prefix: --kv-budget (the prefix benchmark's)")
@@ -204,8 +204,8 @@ def main() -> None:
         args.output_len, args.budget, args.interval = 48, 64, 32
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from infokv_vllm.testing.local_engine import BLOCK_SIZE
-    from infokv_vllm.testing.models import MODELS, serving_dtype
+    from infokv_testing.local_engine import BLOCK_SIZE
+    from infokv_testing.models import MODELS, serving_dtype
 
     model = MODELS[args.model].ensure()
     seconds, calls = install_timers()
@@ -232,4 +232,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

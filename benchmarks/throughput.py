@@ -100,7 +100,7 @@ def run(model: Path, workload: Workload, method: str, pool: str, pool_blocks: in
         round_index: int, engine: dict) -> RunResult:
     from vllm import SamplingParams
 
-    from infokv_vllm.testing.local_engine import count_preemptions, in_process_llm, scheduler_of
+    from infokv_testing.local_engine import count_preemptions, in_process_llm, scheduler_of
 
     params = SamplingParams(temperature=0, max_tokens=workload.output_len, ignore_eos=True)
     with in_process_llm(model, workload.compression(method), num_gpu_blocks_override=pool_blocks,
@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all configurations (interleaved)")
     parser.add_argument("--model", type=Path, default=None,
                         help="a model directory (default: SmolLM2-135M, the CPU test model); on a GPU, e.g. the "
-                             "random Llama-3.1-8B-shaped model of `infokv_vllm.testing.random_models`")
+                             "random Llama-3.1-8B-shaped model of `infokv_testing.random_models`")
     parser.add_argument("--gpu", action="store_true",
                         help="a memory-bound workload sized for one 80 GB GPU and an 8B model: 256 requests, "
                              "768-1280-token prompts, 1,024 output tokens, budget 512, a pool of 4,608 16-token "
@@ -261,8 +261,8 @@ def main() -> None:
             setattr(args, name, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from infokv_vllm.testing.local_engine import BLOCK_SIZE
-    from infokv_vllm.testing.smollm2 import MODEL_NAME, ensure_model
+    from infokv_testing.local_engine import BLOCK_SIZE
+    from infokv_testing.smollm2 import MODEL_NAME, ensure_model
 
     model = args.model or ensure_model()
     model_name = MODEL_NAME if args.model is None else args.model.name
@@ -327,4 +327,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import checkout_root  # noqa: F401 (infokv_testing, from the checkout's root)
     main()

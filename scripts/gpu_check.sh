@@ -42,7 +42,7 @@ step_kernels() {
 LLAMA8B=/tmp/llama8b-random
 
 step_llama8b() {  # after setup, which writes /tmp/smollm2-random (the tokenizer comes from there)
-  timeout 300 python3 -m infokv_vllm.testing.random_models llama-3.1-8b --tokenizer /tmp/smollm2-random \
+  timeout 300 python3 -m infokv_testing.random_models llama-3.1-8b --tokenizer /tmp/smollm2-random \
     --out $LLAMA8B --device cuda
 }
 

@@ -40,8 +40,9 @@ fi
 "${pip[@]}" install -q -e "$repo_root[cpu,test]"
 
 # 5. The real test model (SmolLM2-135M-Instruct), converted once and cached. Images that only serve skip it.
+#    Its fixture lives in the checkout (infokv_testing/, not installed), so it runs from the root.
 if [ "${INFOKV_SKIP_TEST_MODEL:-0}" != 1 ]; then
-  "$venv/bin/python" -m infokv_vllm.testing.smollm2
+  (cd "$repo_root" && "$venv/bin/python" -m infokv_testing.smollm2)
 fi
 
 echo "infokv-vllm installed in $venv"

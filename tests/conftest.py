@@ -16,7 +16,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from infokv_vllm.testing.smollm2 import ensure_model
+    from infokv_testing.smollm2 import ensure_model
 
     return ensure_model()
 

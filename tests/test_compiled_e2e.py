@@ -10,7 +10,7 @@ from vllm import SamplingParams
 from vllm.config import CompilationMode
 from vllm.inputs import TokensPrompt
 
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion
+from infokv_testing.local_engine import in_process_llm, model_runner_of, run_to_completion
 from tests.test_eviction_e2e import record_signals
 from tests.test_signals_reference import (  # noqa: F401 (fixtures)
     TOP_K,

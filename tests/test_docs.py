@@ -227,7 +227,7 @@ def readme_serve_flags() -> list[str]:
 
 @pytest.fixture(scope="module")
 def readme_server(smollm2_dir, tmp_path_factory):
-    from infokv_vllm.testing.local_server import EAGER, vllm_server
+    from infokv_testing.local_server import EAGER, vllm_server
 
     log = tmp_path_factory.mktemp("docs") / "vllm-serve.log"
     with vllm_server(smollm2_dir, [*readme_serve_flags(), *EAGER], log, base_flags=[]) as url:

@@ -7,7 +7,7 @@ import torch
 from vllm import SamplingParams
 from vllm.utils.math_utils import cdiv
 
-from infokv_vllm.testing.local_engine import (
+from infokv_testing.local_engine import (
     BLOCK_SIZE,
     count_preemptions,
     in_process_llm,

@@ -13,9 +13,9 @@ import openai
 import pytest
 from vllm import SamplingParams
 
+from infokv_testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
+from infokv_testing.local_server import EAGER, vllm_server_process
 from infokv_vllm.core.runner import FAULT_INJECTION_ENV
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
-from infokv_vllm.testing.local_server import EAGER, vllm_server_process
 from tests.test_eviction_e2e import PROMPTS, SMALL_POOL, free_blocks
 
 pytestmark = pytest.mark.e2e

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from infokv_testing.local_server import EAGER, vllm_server
 from infokv_vllm.metrics import METRIC_PREFIX
-from infokv_vllm.testing.local_server import EAGER, vllm_server
 
 pytestmark = pytest.mark.e2e
 

@@ -1,14 +1,17 @@
 """The package's floors: imports between infokv_vllm's modules run only down the layering below (or within one
 floor), and form no circle. Every import counts: deferred ones inside functions and those under TYPE_CHECKING too
-(an annotation that needs a module above is a dependency on it all the same)."""
+(an annotation that needs a module above is a dependency on it all the same). And the installed package holds what
+serving needs, only: the test and benchmark support (infokv_testing/) stays in the checkout."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-
-PACKAGE = Path(__file__).parent.parent / "infokv_vllm"
+ROOT = Path(__file__).parent.parent
+PACKAGE = ROOT / "infokv_vllm"
+# What only the checkout holds, never installed: imported by the package, they would fail where it serves.
+CHECKOUT_ONLY = {"infokv_testing", "tests", "benchmarks", "pytest", "hypothesis"}
 
 # Bottom floor first. A module may import its own floor and the floors below it, never one above.
 FLOORS = (
@@ -24,12 +27,11 @@ FLOORS = (
     ("infokv_vllm.recording_backends",),  # vLLM's attention backends, extended to record the attention signal
     ("infokv_vllm.platforms",),  # one adapter per platform
     ("infokv_vllm.plugin",),  # registration and CLI
-    ("infokv_vllm.testing",),  # test and benchmark support
 )
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -43,6 +45,17 @@ def imported_modules(tree: ast.Module, modules: set[str]) -> set[str]:
                 submodule = f"{node.module}.{alias.name}"
                 found.add(submodule if submodule in modules else node.module)
     return found & modules
+
+
+def top_level_imports(tree: ast.Module) -> set[str]:
+    """The top-level names of what a module imports (absolute imports; relative ones stay in its package)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -95,3 +108,24 @@ def test_the_registries_implement_exactly_the_names_their_settings_declare():
     assert ("none", *POLICIES) == method_names()
     assert {name: policy.name for name, policy in POLICIES.items()} == {name: name for name in POLICIES}
     assert tuple(FUSION_RULES) == get_args(Fusion)
+
+
+def test_the_package_imports_nothing_only_the_checkout_holds():
+    imports = {module_name(path): top_level_imports(ast.parse(path.read_text())) for path in PACKAGE.rglob("*.py")}
+    offending = [f"{module} imports {name}" for module, names in sorted(imports.items())
+                 for name in sorted(names & CHECKOUT_ONLY)]
+    assert not offending, "\n".join(offending)
+    assert "vllm" in imports["infokv_vllm.plugin"], "the scan found the imports"
+
+
+def test_the_wheel_holds_every_package_of_infokv_vllm_and_nothing_else():
+    """pyproject's package discovery, run as setuptools runs it to build the wheel."""
+    import tomllib
+
+    from setuptools import find_namespace_packages, find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    finder = find_namespace_packages if find.get("namespaces", True) else find_packages
+    packaged = set().union(*(finder(str(ROOT / where), include=find.get("include", ("*",)),
+                                    exclude=find.get("exclude", ())) for where in find.get("where", ["."])))
+    assert packaged == {".".join(path.parent.relative_to(ROOT).parts) for path in PACKAGE.rglob("*.py")}

@@ -69,7 +69,7 @@ def test_yaml_names_the_tasks_and_their_settings(utils):
 
 
 def test_real_data_suites_are_drawn_from_the_fixtures_not_committed(utils, monkeypatch):
-    from infokv_vllm.testing.datasets import DATASETS
+    from infokv_testing.datasets import DATASETS
 
     problems = [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(150)]
     monkeypatch.setitem(DATASETS, "gsm8k-test", type("Rows", (), {"read_jsonl": staticmethod(lambda: problems)}))

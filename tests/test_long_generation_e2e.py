@@ -10,8 +10,8 @@ import pytest
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from infokv_vllm.testing.local_engine import BLOCK_SIZE, in_process_llm, run_to_completion, scheduler_of
-from infokv_vllm.testing.local_server import CPU_SERVE_FLAGS, EAGER, vllm_server
+from infokv_testing.local_engine import BLOCK_SIZE, in_process_llm, run_to_completion, scheduler_of
+from infokv_testing.local_server import CPU_SERVE_FLAGS, EAGER, vllm_server
 
 pytestmark = pytest.mark.e2e
 

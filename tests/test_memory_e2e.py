@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from infokv_testing.local_engine import in_process_llm, model_runner_of
 from infokv_vllm.core.worker import compression_state_bytes_per_block
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of
 
 pytestmark = pytest.mark.e2e
 

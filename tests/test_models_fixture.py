@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from infokv_vllm.testing import smollm2
-from infokv_vllm.testing.models import MODELS, GgufCheckError, cache_dir, serving_dtype
+from infokv_testing import smollm2
+from infokv_testing.models import MODELS, GgufCheckError, cache_dir, serving_dtype
 
 QWEN = MODELS["qwen2.5-0.5b"]
 

@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 from vllm import SamplingParams
 
-from infokv_vllm.metrics import METRIC_PREFIX
-from infokv_vllm.testing.local_engine import BLOCK_SIZE, in_process_llm, model_runner_of, run_to_completion, \
+from infokv_testing.local_engine import BLOCK_SIZE, in_process_llm, model_runner_of, run_to_completion, \
     scheduler_of
-from infokv_vllm.testing.local_server import EAGER, vllm_server
+from infokv_testing.local_server import EAGER, vllm_server
+from infokv_vllm.metrics import METRIC_PREFIX
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from infokv_vllm.testing.local_engine import BLOCK_SIZE, in_process_llm, model_runner_of, scheduler_of
+from infokv_testing.local_engine import BLOCK_SIZE, in_process_llm, model_runner_of, scheduler_of
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ from math import prod
 
 import pytest
 
-from infokv_vllm.testing.random_models import SHAPES, tensor_shapes, write_random_llama
+from infokv_testing.random_models import SHAPES, tensor_shapes, write_random_llama
 
 
 def test_llama_3_1_8b_shapes_have_its_parameter_count():
@@ -19,7 +19,7 @@ def test_written_model_loads_in_transformers_with_every_weight(smollm2_dir, tmp_
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from infokv_vllm.testing import random_models
+    from infokv_testing import random_models
 
     monkeypatch.setattr(random_models, "SHARD_BYTES", 2**20)  # several shards, as the 8B model gets
     target = write_random_llama(SHAPES["tiny"], smollm2_dir, tmp_path / "tiny", dtype="float32")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from infokv_testing.local_server import CPU_SERVE_FLAGS, EAGER, vllm_cli, vllm_server
 from infokv_vllm.metrics import METRIC_PREFIX
-from infokv_vllm.testing.local_server import CPU_SERVE_FLAGS, EAGER, vllm_cli, vllm_server
 
 pytestmark = pytest.mark.e2e
 

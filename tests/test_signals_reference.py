@@ -8,9 +8,9 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
+from infokv_testing.local_engine import in_process_llm, model_runner_of, run_to_completion
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.signals.entropy import topk_entropy
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion
 
 pytestmark = pytest.mark.e2e
 

@@ -18,11 +18,11 @@ from vllm.inputs import TokensPrompt
 
 from benchmarks.quality import passkey_prompts
 
+from infokv_testing.local_engine import in_process_llm, model_runner_of, run_to_completion
+from infokv_testing.transformers_reference import continue_after_eviction, keep_in_cache
 from infokv_vllm.config import CompressionConfig
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion
 from infokv_vllm.scoring import SelectionInput, select_tokens
 from infokv_vllm.signals import ATTENTION
-from infokv_vllm.testing.transformers_reference import continue_after_eviction, keep_in_cache
 from tests.test_signals_reference import window_attention_per_kv_head
 
 pytestmark = pytest.mark.e2e

@@ -12,8 +12,8 @@ import torch
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion
-from infokv_vllm.testing.transformers_reference import generate_with_streaming
+from infokv_testing.local_engine import in_process_llm, run_to_completion
+from infokv_testing.transformers_reference import generate_with_streaming
 
 pytestmark = pytest.mark.e2e
 

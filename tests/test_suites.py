@@ -63,7 +63,7 @@ def test_math_answers_are_graded_by_value_not_by_text():
 
 def test_gsm8k_and_math500_samples_come_from_the_data_files(monkeypatch):
     from benchmarks import suites
-    from infokv_vllm.testing.datasets import DATASETS
+    from infokv_testing.datasets import DATASETS
 
     rows = {"gsm8k-test": [{"question": f"Q{i}?", "answer": f"work\n#### {i},000"} for i in range(5)],
             "math500-test": [{"problem": f"P{i}", "answer": str(i), "level": i % 5 + 1, "unique_id": f"u{i}"}
@@ -80,7 +80,7 @@ def test_gsm8k_and_math500_samples_come_from_the_data_files(monkeypatch):
 
 def test_ruler_tasks_hide_their_answers_in_real_text(monkeypatch):
     from benchmarks import suites
-    from infokv_vllm.testing.datasets import DATASETS
+    from infokv_testing.datasets import DATASETS
 
     essays = " ".join(f"Essay sentence number {i} says something true." for i in range(3000))
     squad = {"data": [{"paragraphs": [{"context": f"Paragraph {i} names the river Avon{i}.", "qas": [

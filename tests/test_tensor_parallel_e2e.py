@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from vllm import SamplingParams
 
-from infokv_vllm.testing.local_engine import in_process_llm, run_to_completion, scheduler_of
+from infokv_testing.local_engine import in_process_llm, run_to_completion, scheduler_of
 
 pytestmark = pytest.mark.e2e
 

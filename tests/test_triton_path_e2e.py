@@ -9,8 +9,8 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from infokv_testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from infokv_vllm.kernels import compaction, window_attention
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from tests.test_eviction_e2e import record_signals
 
 pytestmark = pytest.mark.e2e

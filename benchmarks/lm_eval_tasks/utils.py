@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # benchmarks/, the home of `suites`
     sys.path.insert(0, str(HERE.parent))
 
+import checkout_root  # noqa: E402, F401 (infokv_testing, for the real-data suites)
 from suites import SEEDED_SUITES, Sample, make_samples, score  # noqa: E402
 
 SAMPLE_FIELDS = tuple(field.name for field in fields(Sample))
@@ -32,7 +33,7 @@ def rows(suite: str) -> list[dict]:
         if suite == "ruler":
             from transformers import AutoTokenizer
 
-            from infokv_vllm.testing.models import MODELS
+            from infokv_testing.models import MODELS
 
             tokenizer = AutoTokenizer.from_pretrained(MODELS[RULER_TOKENIZER].ensure())
         samples = make_samples(suite, REAL_DATA_COUNTS[suite], 0, tokenizer, RULER_TOKENS, 0)

@@ -28,7 +28,7 @@ def gpu_model_dir() -> Path:
 
     Only a machine with CUDA gets here (elsewhere every test is skipped first), and there a missing model is an
     error: skipped tests would report a GPU run that checked nothing as a pass."""
-    from infokv_vllm.testing.smollm2 import model_dir
+    from infokv_testing.smollm2 import model_dir
 
     model = Path(os.environ["INFOKV_GPU_MODEL"]) if os.environ.get("INFOKV_GPU_MODEL") else model_dir()
     if not (model / "config.json").exists():

@@ -11,10 +11,10 @@ from vllm import SamplingParams
 from vllm.config.compilation import CUDAGraphMode
 from vllm.utils.math_utils import cdiv
 
+from infokv_testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
+from infokv_testing.local_server import vllm_server
 from infokv_vllm.metrics import METRIC_PREFIX
 from infokv_vllm.platforms.cuda import RECORDING_BACKENDS
-from infokv_vllm.testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
-from infokv_vllm.testing.local_server import vllm_server
 from tests.gpu.conftest import GPU_ENGINE, GPU_SERVE_FLAGS
 from tests.test_eviction_e2e import PROMPTS
 from tests.test_serve_e2e import settled_metrics

@@ -15,7 +15,7 @@ saves a plain safetensors model directory in `cache_dir()` that vLLM serves with
   counts) and, where pinned, its sha256 are checked; a wrong or truncated file is refused with the field that
   differs rather than converted into a model that would quietly serve nonsense.
 
-`python -m infokv_vllm.testing.models NAME` prepares a model and prints its directory (NAME from `MODELS`);
+`python -m infokv_testing.models NAME` prepares a model and prints its directory (NAME from `MODELS`);
 `sanity_check(model_dir)` asks it a few known-answer questions, for benchmarks to run before they report numbers;
 `serving_dtype(model_dir)` is the dtype benchmarks serve a model in.
 """
@@ -273,7 +273,7 @@ def sanity_check(model_dir: Path, **engine_overrides) -> str:
     wrong dtype, wrong chat template), and compressed numbers measured on it would mean nothing."""
     from vllm import SamplingParams
 
-    from infokv_vllm.testing.local_engine import in_process_llm
+    from infokv_testing.local_engine import in_process_llm
 
     settings = dict(dtype=serving_dtype(model_dir), max_model_len=4096,
                     kv_cache_memory_bytes=2 * 2**30)
@@ -293,7 +293,7 @@ def sanity_check(model_dir: Path, **engine_overrides) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m infokv_vllm.testing.models",
+    parser = argparse.ArgumentParser(prog="python -m infokv_testing.models",
                                      description="Prepare an offline model and print its directory.")
     parser.add_argument("name", choices=sorted(MODELS))
     parser.add_argument("--sanity-check", action="store_true",

