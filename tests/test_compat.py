@@ -10,7 +10,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from infokv_vllm import compat, plugin
+from infokv_vllm import compat, engine_config, plugin
 from infokv_vllm.config import CompressionConfigError
 
 
@@ -144,7 +144,7 @@ def test_unsupported_vllm_leaves_engines_without_compression_to_vllm(unsupported
     plugin.register()
     engine_args = unsupported_vllm(model=str(smollm2_dir), dtype="float32", additional_config={"other": 1})
     vllm_config = engine_args.create_engine_config()
-    assert vllm_config.scheduler_config.scheduler_cls != plugin.SCHEDULER_CLS
+    assert vllm_config.scheduler_config.scheduler_cls != engine_config.SCHEDULER_CLS
     assert vllm_config.additional_config == {"other": 1}
 
 

@@ -23,7 +23,9 @@ FLOORS = (
     ("infokv_vllm.core",),  # scheduler, block manager, runner; the platform adapter interface
     ("infokv_vllm.recording_backends",),  # vLLM's attention backends, extended to record the attention signal
     ("infokv_vllm.platforms",),  # one adapter per platform
-    ("infokv_vllm.plugin",),  # registration and CLI
+    # what the patches call: the --kv-* flags, the engine config's preparation and checks, per-request admission
+    ("infokv_vllm.cli", "infokv_vllm.engine_config", "infokv_vllm.admission"),
+    ("infokv_vllm.plugin",),  # registration
     ("infokv_vllm.testing",),  # test and benchmark support
 )
 
