@@ -17,9 +17,10 @@ def admit_request(vllm_config: Any, prompt_len: int, params: Any) -> None:
       `CompressedAttentionSpec.max_memory_usage_bytes`); a request fits if its prompt plus the tokens it may
       generate do, or if compression bounds it and its prompt plus budget + interval do.
 
-    `compat` calls it where vLLM turns a prompt into an engine request (every entry point), and earlier where
-    the API server creates a request's output stream: a streaming response has started (HTTP 200) by the time
-    vLLM processes the request, so a refusal there would arrive as an error event inside the stream.
+    `vllm_internals.patches.request_admission` calls it where vLLM turns a prompt into an engine request (every
+    entry point), and earlier where the API server creates a request's output stream: a streaming response has
+    started (HTTP 200) by the time vLLM processes the request, so a refusal there would arrive as an error event
+    inside the stream.
     """
     from vllm.exceptions import VLLMValidationError
 

@@ -1,9 +1,8 @@
 """Registration with vLLM.
 
 `register` is the `vllm.general_plugins` entry point. vLLM calls it in the CLI process, the engine-core
-process and every worker, so it must be idempotent and cheap: it checks the vLLM version and installs the
-patches of `compat` once per process, handing them the engine-argument hooks of `cli`, `engine_config` and
-`admission`.
+process and every worker, so it must be idempotent and cheap: it checks the vLLM version first, then applies
+the changes to vLLM's objects in `PATCHES`, in order, once per process, and registers our KV cache spec.
 """
 
 from __future__ import annotations
@@ -11,20 +10,23 @@ from __future__ import annotations
 import sys
 
 from infokv_vllm import __version__, logger
-from infokv_vllm.admission import admit_request  # noqa: F401 (an engine-argument hook of compat.apply)
-from infokv_vllm.cli import add_cli_args, asks_for_compression, compression_enabled, fold_cli_args  # noqa: F401
-from infokv_vllm.compat import SUPPORTED_VLLM
+from infokv_vllm.cli import asks_for_compression
 from infokv_vllm.config import CompressionConfig, CompressionConfigError
-from infokv_vllm.engine_config import check_engine_config, compression_on, prepare_engine_args  # noqa: F401
+from infokv_vllm.vllm_internals import SUPPORTED_VLLM, vllm_version_supported
+from infokv_vllm.vllm_internals.patches import (
+    engine_setup,
+    flag_folding,
+    flag_group,
+    request_admission,
+    serve_exit_status,
+    stat_loggers,
+    stats_decoding,
+)
+
+# Each module's docstring says what it changes in vLLM and why.
+PATCHES = (flag_group, flag_folding, engine_setup, stats_decoding, stat_loggers, request_admission, serve_exit_status)
 
 _registered = False
-
-
-def vllm_version_supported(version: str) -> bool:
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    return Version(version) in SpecifierSet(SUPPORTED_VLLM)
 
 
 def register() -> None:
@@ -38,10 +40,10 @@ def register() -> None:
     if not vllm_version_supported(vllm.__version__):
         _refuse_compression(vllm.__version__)
         return
-    from infokv_vllm import compat
     from infokv_vllm.core.block_manager import register_kv_cache_spec
 
-    compat.apply(sys.modules[__name__])
+    for patch in PATCHES:
+        patch.apply()
     register_kv_cache_spec()
 
 

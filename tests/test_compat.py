@@ -10,7 +10,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from infokv_vllm import compat, engine_config, plugin
+from infokv_vllm import engine_config, plugin
+from infokv_vllm.vllm_internals import manifest, vllm_version_supported
 from infokv_vllm.config import CompressionConfigError
 
 
@@ -20,19 +21,19 @@ def test_entry_points_are_discoverable():
     from vllm.plugins import STAT_LOGGER_PLUGINS_GROUP
 
     # No stat-logger plugin: vLLM would load it for every engine and collect stats under --disable-log-stats; our
-    # metrics join an engine's loggers where compression is on (compat, AsyncLLM.__init__).
+    # metrics join an engine's loggers where compression is on (patches.stat_loggers, AsyncLLM.__init__).
     assert not [ep for ep in entry_points(group=STAT_LOGGER_PLUGINS_GROUP) if ep.value.startswith("infokv_vllm")]
 
 
 def test_installed_vllm_is_supported():
     import vllm
 
-    assert plugin.vllm_version_supported(vllm.__version__), vllm.__version__
+    assert vllm_version_supported(vllm.__version__), vllm.__version__
 
 
-@pytest.mark.parametrize("internal", compat.VLLM_INTERNALS, ids=lambda internal: internal.target)
+@pytest.mark.parametrize("internal", manifest.VLLM_INTERNALS, ids=lambda internal: internal.target)
 def test_vllm_internal_we_rely_on_still_has_our_shape(internal):
-    target = compat.resolve(internal.target)
+    target = manifest.resolve(internal.target)
     if internal.params is not None:
         function = target.__func__ if isinstance(target, (staticmethod, classmethod)) else target
         names = list(inspect.signature(function).parameters)
@@ -65,7 +66,7 @@ def test_every_vllm_override_of_ours_is_listed():
     from infokv_vllm.core.worker import CompressingWorkerMixin
     from infokv_vllm.platforms.cpu_ray import CPURayExecutor, CPURayWorkerProc
 
-    listed = {internal.target for internal in compat.VLLM_INTERNALS}
+    listed = {internal.target for internal in manifest.VLLM_INTERNALS}
     for ours, theirs in ((CompressingRunnerMixin, GPUModelRunner), (CompressingScheduler, Scheduler),
                          (CompactingAttentionManager, FullAttentionManager),
                          (CompressedAttentionSpec, FullAttentionSpec), (CPURayExecutor, RayExecutorV2),
@@ -151,7 +152,7 @@ def test_unsupported_vllm_leaves_engines_without_compression_to_vllm(unsupported
 def test_cpu_worker_builds_its_runner_through_the_module_name_we_swap():
     from vllm.v1.worker import cpu_worker
 
-    from infokv_vllm.compat import cpu_model_runner_class
+    from infokv_vllm.vllm_internals.swaps import cpu_model_runner_class
 
     assert "CPUModelRunner(self.vllm_config" in inspect.getsource(cpu_worker.CPUWorker.init_device)
     original = cpu_worker.CPUModelRunner
@@ -164,7 +165,7 @@ def test_ray_on_cpu_swaps_the_device_key_and_actor_class_for_its_scope_only():
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.executor import ray_executor_v2
 
-    from infokv_vllm.compat import ray_on_cpu
+    from infokv_vllm.vllm_internals.swaps import ray_on_cpu
 
     device_key, worker_proc = CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc
     assert "ray.remote(RayWorkerProc)" in inspect.getsource(ray_executor_v2.RayExecutorV2._init_executor)
@@ -177,7 +178,7 @@ def test_cpu_attention_backend_override_is_scoped():
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from infokv_vllm.compat import attention_backends
+    from infokv_vllm.vllm_internals.swaps import attention_backends
     from infokv_vllm.platforms.cpu import RECORDING_BACKENDS
 
     scoring = RECORDING_BACKENDS.backends["CPU_ATTN"]
@@ -195,12 +196,12 @@ from vllm.plugins import load_general_plugins
 from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.metrics.stats import SchedulerStats
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
-from infokv_vllm import compat
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
+from infokv_vllm.vllm_internals.patches.stats_decoding import decode_compression_stats
 
 load_general_plugins()
 if sys.argv[1] == "on":
-    compat.decode_compression_stats()
+    decode_compression_stats()
 sent = CompressionSchedulerStats.extend(SchedulerStats(num_running_reqs=3), CompressionStats(events=2))
 received = MsgpackDecoder(EngineCoreOutputs).decode(
     MsgpackEncoder().encode(EngineCoreOutputs(outputs=[], scheduler_stats=sent))).scheduler_stats
