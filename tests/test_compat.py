@@ -4,6 +4,7 @@ fail here, loudly (no engine is started)."""
 from __future__ import annotations
 
 import inspect
+import pkgutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -11,7 +12,7 @@ from importlib.metadata import entry_points
 import pytest
 
 from infokv_vllm import engine_config, plugin
-from infokv_vllm.vllm_internals import manifest, vllm_version_supported
+from infokv_vllm.vllm_internals import manifest, patches, vllm_version_supported
 from infokv_vllm.config import CompressionConfigError
 
 
@@ -101,6 +102,31 @@ def test_registration_is_idempotent():
     plugin._registered = False  # as in a fresh process that already imported the patched class
     plugin.register()
     assert EngineArgs.create_engine_config is before
+
+
+def wrapped_functions() -> dict[str, object]:
+    """The listed vLLM functions a patch has wrapped, by dotted path."""
+    found = {}
+    for internal in manifest.VLLM_INTERNALS:
+        target = manifest.resolve(internal.target)
+        function = target.__func__ if isinstance(target, (staticmethod, classmethod)) else target
+        if patches.is_patched(function):
+            found[internal.target] = function
+    return found
+
+
+@pytest.mark.usefixtures("vllm_plugins_loaded")
+def test_registration_applies_every_patch_once_to_what_the_list_says_it_wraps():
+    modules = sorted(module.name for module in pkgutil.iter_modules(patches.__path__))
+    assert sorted(patch.__name__.rpartition(".")[2] for patch in plugin.PATCHES) == modules
+    wrapped = wrapped_functions()
+    assert set(wrapped) == {internal.target for internal in manifest.VLLM_INTERNALS
+                            if internal.why.startswith("wrapped:")}
+    plugin._registered = False  # as in a fresh process that already imported the patched classes
+    plugin.register()
+    for patch in plugin.PATCHES:
+        patch.apply()
+    assert wrapped_functions() == wrapped
 
 
 @pytest.fixture
