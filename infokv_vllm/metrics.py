@@ -2,8 +2,9 @@
 
 The scheduler (engine-core process) counts what compression does; vLLM's frontend serves `/metrics`. The counts
 cross over inside vLLM's per-step `SchedulerStats`, extended by one field (`CompressionSchedulerStats`; the
-decoder learns of it in `compat`), and are turned into metrics by `CompressionStatLogger`, which `compat` adds to
-vLLM's stat loggers for engines that compress (an entry point would load it for every engine).
+decoder learns of it in `vllm_internals.patches.stats_decoding`), and are turned into metrics by
+`CompressionStatLogger`, which `vllm_internals.patches.stat_loggers` adds to vLLM's stat loggers for engines that
+compress (an entry point would load it for every engine).
 """
 
 from __future__ import annotations

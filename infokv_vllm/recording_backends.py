@@ -5,7 +5,7 @@ Each platform adapter (`platforms/`) defines, for each vLLM backend it serves, a
 `WindowRecordingImplMixin` in front of vLLM's impl: vLLM's kernel runs unchanged, then the observation window's
 queries go to the attention signal (`signals.attention.record_window_queries`, which adds their softmax mass, or
 stores them for later). While a compressing worker builds its model, vLLM's backend registry points each
-backend's name at its subclass (`compat.attention_backends`), so vLLM still selects, configures and reports the
+backend's name at its subclass (`vllm_internals.swaps.attention_backends`), so vLLM still selects, configures and reports the
 backend by its own name, and the attention output is its own kernel's.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, ContextManager
 
-from infokv_vllm import compat
 from infokv_vllm.signals.attention import record_window_queries
+from infokv_vllm.vllm_internals.swaps import attention_backends
 
 
 class WindowRecordingImplMixin:
@@ -46,8 +46,8 @@ class RecordingBackends:
 
     def build_context(self) -> ContextManager:
         """Entered while the worker builds its model: vLLM resolves each backend's name to its recording subclass."""
-        return compat.attention_backends({name: f"{backend.__module__}.{backend.__qualname__}"
-                                          for name, backend in self.backends.items()})
+        return attention_backends({name: f"{backend.__module__}.{backend.__qualname__}"
+                                   for name, backend in self.backends.items()})
 
     def check(self, attention_layers: list[Any]) -> None:
         """Raise unless every layer's attention impl records the attention signal: a layer built with another

@@ -1,7 +1,7 @@
 """Write the generated tables of docs/configuration.md from the code, so the page cannot drift from it.
 
 The flag table comes from the `--kv-*` argument group exactly as `vllm serve --help=infokv` builds it
-(`infokv_vllm.plugin.add_cli_args` on a plain argparse parser: flag, choices, help text), with each flag's
+(`infokv_vllm.cli.add_cli_args` on a plain argparse parser: flag, choices, help text), with each flag's
 `additional_config` key and default read from its field (`CompressionConfig`'s, or a policy's); the policy table
 from the registry (`scoring.POLICIES`); the per-request table from `REQUEST_SETTINGS`.
 Everything between the `<!-- generated: NAME -->` and `<!-- end generated: NAME -->` markers is replaced; the prose
@@ -31,7 +31,7 @@ def _cell(text: str) -> str:
 
 
 def _flag_actions() -> list[argparse.Action]:
-    from infokv_vllm.plugin import CLI_GROUP_TITLE, add_cli_args
+    from infokv_vllm.cli import CLI_GROUP_TITLE, add_cli_args
 
     parser = argparse.ArgumentParser(add_help=False)
     add_cli_args(parser)
@@ -41,7 +41,7 @@ def _flag_actions() -> list[argparse.Action]:
 
 def flag_table() -> str:
     from infokv_vllm.config import flag_name
-    from infokv_vllm.plugin import flag_settings
+    from infokv_vllm.cli import flag_settings
 
     fields = {flag_name(name): field for name, (_, field, _) in flag_settings().items()}
     rows = ["| flag | `additional_config` key | default | values | meaning |", "| --- | --- | --- | --- | --- |"]

@@ -99,7 +99,7 @@ def test_compression_keeps_prefix_caching_and_selects_the_v1_runner(smollm2_dir,
 def test_async_scheduling_is_left_to_vllm(smollm2_dir):
     """Compression no longer refuses --async-scheduling: vLLM decides, and its CPU platform schedules
     synchronously whatever is asked; our scheduler class is named either way."""
-    from infokv_vllm.plugin import SCHEDULER_CLS
+    from infokv_vllm.engine_config import SCHEDULER_CLS
 
     settings = {ADDITIONAL_CONFIG_KEY: {"method": "infokv", "budget": 128}}
     for asked in (True, None):

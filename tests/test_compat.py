@@ -4,13 +4,15 @@ fail here, loudly (no engine is started)."""
 from __future__ import annotations
 
 import inspect
+import pkgutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
 
 import pytest
 
-from infokv_vllm import compat, plugin
+from infokv_vllm import engine_config, plugin
+from infokv_vllm.vllm_internals import manifest, patches, vllm_version_supported
 from infokv_vllm.config import CompressionConfigError
 
 
@@ -20,19 +22,19 @@ def test_entry_points_are_discoverable():
     from vllm.plugins import STAT_LOGGER_PLUGINS_GROUP
 
     # No stat-logger plugin: vLLM would load it for every engine and collect stats under --disable-log-stats; our
-    # metrics join an engine's loggers where compression is on (compat, AsyncLLM.__init__).
+    # metrics join an engine's loggers where compression is on (patches.stat_loggers, AsyncLLM.__init__).
     assert not [ep for ep in entry_points(group=STAT_LOGGER_PLUGINS_GROUP) if ep.value.startswith("infokv_vllm")]
 
 
 def test_installed_vllm_is_supported():
     import vllm
 
-    assert plugin.vllm_version_supported(vllm.__version__), vllm.__version__
+    assert vllm_version_supported(vllm.__version__), vllm.__version__
 
 
-@pytest.mark.parametrize("internal", compat.VLLM_INTERNALS, ids=lambda internal: internal.target)
+@pytest.mark.parametrize("internal", manifest.VLLM_INTERNALS, ids=lambda internal: internal.target)
 def test_vllm_internal_we_rely_on_still_has_our_shape(internal):
-    target = compat.resolve(internal.target)
+    target = manifest.resolve(internal.target)
     if internal.params is not None:
         function = target.__func__ if isinstance(target, (staticmethod, classmethod)) else target
         names = list(inspect.signature(function).parameters)
@@ -65,7 +67,7 @@ def test_every_vllm_override_of_ours_is_listed():
     from infokv_vllm.core.worker import CompressingWorkerMixin
     from infokv_vllm.platforms.cpu_ray import CPURayExecutor, CPURayWorkerProc
 
-    listed = {internal.target for internal in compat.VLLM_INTERNALS}
+    listed = {internal.target for internal in manifest.VLLM_INTERNALS}
     for ours, theirs in ((CompressingRunnerMixin, GPUModelRunner), (CompressingScheduler, Scheduler),
                          (CompactingAttentionManager, FullAttentionManager),
                          (CompressedAttentionSpec, FullAttentionSpec), (CPURayExecutor, RayExecutorV2),
@@ -100,6 +102,31 @@ def test_registration_is_idempotent():
     plugin._registered = False  # as in a fresh process that already imported the patched class
     plugin.register()
     assert EngineArgs.create_engine_config is before
+
+
+def wrapped_functions() -> dict[str, object]:
+    """The listed vLLM functions a patch has wrapped, by dotted path."""
+    found = {}
+    for internal in manifest.VLLM_INTERNALS:
+        target = manifest.resolve(internal.target)
+        function = target.__func__ if isinstance(target, (staticmethod, classmethod)) else target
+        if patches.is_patched(function):
+            found[internal.target] = function
+    return found
+
+
+@pytest.mark.usefixtures("vllm_plugins_loaded")
+def test_registration_applies_every_patch_once_to_what_the_list_says_it_wraps():
+    modules = sorted(module.name for module in pkgutil.iter_modules(patches.__path__))
+    assert sorted(patch.__name__.rpartition(".")[2] for patch in plugin.PATCHES) == modules
+    wrapped = wrapped_functions()
+    assert set(wrapped) == {internal.target for internal in manifest.VLLM_INTERNALS
+                            if internal.why.startswith("wrapped:")}
+    plugin._registered = False  # as in a fresh process that already imported the patched classes
+    plugin.register()
+    for patch in plugin.PATCHES:
+        patch.apply()
+    assert wrapped_functions() == wrapped
 
 
 @pytest.fixture
@@ -144,14 +171,14 @@ def test_unsupported_vllm_leaves_engines_without_compression_to_vllm(unsupported
     plugin.register()
     engine_args = unsupported_vllm(model=str(smollm2_dir), dtype="float32", additional_config={"other": 1})
     vllm_config = engine_args.create_engine_config()
-    assert vllm_config.scheduler_config.scheduler_cls != plugin.SCHEDULER_CLS
+    assert vllm_config.scheduler_config.scheduler_cls != engine_config.SCHEDULER_CLS
     assert vllm_config.additional_config == {"other": 1}
 
 
 def test_cpu_worker_builds_its_runner_through_the_module_name_we_swap():
     from vllm.v1.worker import cpu_worker
 
-    from infokv_vllm.compat import cpu_model_runner_class
+    from infokv_vllm.vllm_internals.swaps import cpu_model_runner_class
 
     assert "CPUModelRunner(self.vllm_config" in inspect.getsource(cpu_worker.CPUWorker.init_device)
     original = cpu_worker.CPUModelRunner
@@ -164,7 +191,7 @@ def test_ray_on_cpu_swaps_the_device_key_and_actor_class_for_its_scope_only():
     from vllm.platforms.cpu import CpuPlatform
     from vllm.v1.executor import ray_executor_v2
 
-    from infokv_vllm.compat import ray_on_cpu
+    from infokv_vllm.vllm_internals.swaps import ray_on_cpu
 
     device_key, worker_proc = CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc
     assert "ray.remote(RayWorkerProc)" in inspect.getsource(ray_executor_v2.RayExecutorV2._init_executor)
@@ -177,7 +204,7 @@ def test_cpu_attention_backend_override_is_scoped():
     from vllm.v1.attention import selector
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from infokv_vllm.compat import attention_backends
+    from infokv_vllm.vllm_internals.swaps import attention_backends
     from infokv_vllm.platforms.cpu import RECORDING_BACKENDS
 
     scoring = RECORDING_BACKENDS.backends["CPU_ATTN"]
@@ -195,12 +222,12 @@ from vllm.plugins import load_general_plugins
 from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.metrics.stats import SchedulerStats
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
-from infokv_vllm import compat
 from infokv_vllm.metrics import CompressionSchedulerStats, CompressionStats
+from infokv_vllm.vllm_internals.patches.stats_decoding import decode_compression_stats
 
 load_general_plugins()
 if sys.argv[1] == "on":
-    compat.decode_compression_stats()
+    decode_compression_stats()
 sent = CompressionSchedulerStats.extend(SchedulerStats(num_running_reqs=3), CompressionStats(events=2))
 received = MsgpackDecoder(EngineCoreOutputs).decode(
     MsgpackEncoder().encode(EngineCoreOutputs(outputs=[], scheduler_stats=sent))).scheduler_stats

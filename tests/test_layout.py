@@ -22,11 +22,14 @@ FLOORS = (
     ("infokv_vllm.scoring",),  # the policies that score with it, each owning its parameters
     ("infokv_vllm.config",),  # the engine-wide settings and the chosen policy
     ("infokv_vllm.metrics",),
-    ("infokv_vllm.compat",),  # every vLLM internal relied on, and the patches
+    ("infokv_vllm.vllm_internals",),  # the supported vLLM range, every vLLM internal relied on, the global swaps
     ("infokv_vllm.core",),  # scheduler, block manager, runner; the platform adapter interface
     ("infokv_vllm.recording_backends",),  # vLLM's attention backends, extended to record the attention signal
     ("infokv_vllm.platforms",),  # one adapter per platform
-    ("infokv_vllm.plugin",),  # registration and CLI
+    # what the patches call: the --kv-* flags, the engine config's preparation and checks, per-request admission
+    ("infokv_vllm.cli", "infokv_vllm.engine_config", "infokv_vllm.admission"),
+    ("infokv_vllm.vllm_internals.patches",),  # the changes to vLLM's own objects, one module each
+    ("infokv_vllm.plugin",),  # registration
 )
 
 

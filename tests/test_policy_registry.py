@@ -15,7 +15,7 @@ import torch
 
 from infokv_vllm import scoring
 from infokv_vllm.config import ADDITIONAL_CONFIG_KEY, CompressionConfig, CompressionConfigError
-from infokv_vllm.plugin import add_cli_args, fold_cli_args
+from infokv_vllm.cli import add_cli_args, fold_cli_args
 from infokv_vllm.scoring.base import PooledAttention, ScoringPolicy, SelectionInput
 from infokv_vllm.setting_checks import setting
 

@@ -41,7 +41,7 @@ class CompressedAttentionSpec(FullAttentionSpec):
 
         Where compression bounds every request's KV (an absolute budget), a request holds at most its prompt,
         then budget + interval: the pool must hold that bound plus one block for a prompt, not `max_model_len`.
-        Prompts longer than the pool admits are refused per request (`plugin.admit_request`), and so are
+        Prompts longer than the pool admits are refused per request (`admission.admit_request`), and so are
         requests that opt out and would outgrow the pool.
         """
         full = super().max_memory_usage_bytes(vllm_config)

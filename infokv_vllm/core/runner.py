@@ -12,7 +12,7 @@ signal, the KV page layout, and the kernel family. The mixin owns what is the sa
   (`seq_lens`) and the slots new tokens are written to (`slot_mapping`) are shifted down by `evicted`;
 - the signal recorders the policy needs (`signals/`), called at fixed points of each step.
 
-Every vLLM internal used here is listed in `infokv_vllm.compat` and checked by its test.
+Every vLLM internal used here is listed in `infokv_vllm.vllm_internals.manifest` and checked by its test.
 """
 
 from __future__ import annotations

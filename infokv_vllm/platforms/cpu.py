@@ -22,13 +22,14 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from infokv_vllm import compat, logger
+from infokv_vllm import logger
 from infokv_vllm.config import CompressionConfig, flag_name
 from infokv_vllm.core.adapter import PlatformAdapter, Refuse
 from infokv_vllm.core.runner import CompressingRunnerMixin
 from infokv_vllm.core.worker import CompressingWorkerMixin
 from infokv_vllm.kernels.layouts import IndexedPageLayout, PageLayout
 from infokv_vllm.recording_backends import RecordingBackends, WindowRecordingImplMixin
+from infokv_vllm.vllm_internals.swaps import cpu_model_runner_class
 
 
 class RecordingCPUAttentionImpl(WindowRecordingImplMixin, CPUAttentionBackendImpl):
@@ -114,6 +115,6 @@ class CompressingCPUWorker(CompressingWorkerMixin, CPUWorker):
     """vLLM's CPU worker with the compressing model runner in place of its own."""
 
     def init_device(self) -> None:
-        with compat.cpu_model_runner_class(CompressingCPUModelRunner):
+        with cpu_model_runner_class(CompressingCPUModelRunner):
             super().init_device()
         assert isinstance(self.model_runner, CompressingCPUModelRunner), type(self.model_runner)

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
 
-from infokv_vllm import compat
+from infokv_vllm.vllm_internals.swaps import ray_on_cpu
 
 
 RAY_CPU_RESOURCE = "CPU"
@@ -80,7 +80,7 @@ class CPURayExecutor(RayExecutorV2):
         # vLLM creates a placement group unless one was given, and never removes it: a second engine in the same
         # Ray cluster (tests, notebooks) would wait forever for the CPUs the first one's group still holds.
         self._own_placement_group = self.parallel_config.placement_group is None
-        with compat.ray_on_cpu(CPURayWorkerProc, RAY_CPU_RESOURCE):
+        with ray_on_cpu(CPURayWorkerProc, RAY_CPU_RESOURCE):
             super()._init_executor()
 
     def shutdown(self) -> None:

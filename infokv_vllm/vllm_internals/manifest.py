@@ -1,28 +1,20 @@
-"""Every vLLM internal this plugin relies on, and every change it makes to vLLM's own objects, in one place.
+"""Every vLLM internal this plugin relies on: each private name, overridden method, wrapped function, instance
+attribute and call shape, with the vLLM function and why.
 
-vLLM offers no public hook for most of what compression needs, so we subclass, override and wrap its internals.
-`VLLM_INTERNALS` lists each private name, overridden method, instance attribute and call shape we rely on, with
-the vLLM function and why; `tests/test_compat.py` checks every entry against the installed vLLM (no engine), so
-an upgrade fails loudly instead of silently running without compression. The supported range is
-`SUPPORTED_VLLM`.
+`tests/test_compat.py` checks every entry against the installed vLLM (no engine), and that every method our
+vLLM subclasses override is listed, so an upgrade fails loudly instead of silently running without compression.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
-
-SUPPORTED_VLLM = ">=0.32,<0.33"
+from typing import Any
 
 
 @dataclass(frozen=True)
 class VllmInternal:
     target: str  # dotted path: module, then attributes
-    why: str
+    why: str  # starts with "wrapped:" where a module of `patches` wraps the target, "overridden:" where we override it
     params: tuple[str, ...] | None = None  # leading parameter names of a callable target
     source_has: tuple[str, ...] = ()  # snippets the target's source must contain (attributes it sets, calls)
     fields: tuple[str, ...] = ()  # fields of a dataclass or NamedTuple target
@@ -33,7 +25,7 @@ _MANAGER = "vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager"
 _SCHEDULER = "vllm.v1.core.sched.scheduler.Scheduler"
 
 VLLM_INTERNALS: tuple[VllmInternal, ...] = (
-    # --- engine arguments and CLI (plugin.py, patched below) ---
+    # --- engine arguments and CLI (cli.py, engine_config.py, admission.py; wrapped by vllm_internals/patches/) ---
     VllmInternal("vllm.engine.arg_utils.EngineArgs.add_cli_args", "wrapped: our --kv-* flag group joins the "
                  "engine flags of `vllm serve` and `vllm bench`", ("parser",)),
     VllmInternal("vllm.engine.arg_utils.EngineArgs.from_cli_args", "wrapped: it copies only EngineArgs' fields, so "
@@ -121,7 +113,7 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  source_has=("self.req_id_to_index", "self.block_table =", "self._req_ids")),
     VllmInternal("vllm.model_executor.models.utils.extract_layer_index", "maps attention layers to decoder layers",
                  ("layer_name",)),
-    # --- attention (recording_backends.py, platforms/, compat.attention_backends) ---
+    # --- attention (recording_backends.py, platforms/, swaps.attention_backends) ---
     VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward", "wrapped by the recording "
                  "impl, which reads the metadata's seq_lens, query_start_loc and block_table",
                  ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output")),
@@ -246,7 +238,7 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "register only while the registry is empty, so they are registered before ours"),
     VllmInternal("vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register", "maps CompressedAttentionSpec to "
                  "CompactingAttentionManager"),
-    # --- Ray on CPU (platforms/cpu_ray.py, compat.ray_on_cpu) ---
+    # --- Ray on CPU (platforms/cpu_ray.py, swaps.ray_on_cpu) ---
     VllmInternal("vllm.platforms.cpu.CpuPlatform.ray_device_key", "empty, so vLLM refuses Ray on CPU; Ray's "
                  "\"CPU\" resource while our executor starts"),
     VllmInternal("vllm.v1.executor.ray_executor_v2.RayWorkerProc", "the module global the executor builds its "
@@ -288,236 +280,3 @@ def resolve(target: str) -> Any:
             obj = obj.__dict__[name] if isinstance(obj, type) and name in obj.__dict__ else getattr(obj, name)
         return obj
     raise ImportError(target)
-
-
-# --- patches ----------------------------------------------------------------------------------------------
-
-class EngineArgsHooks(Protocol):
-    """What the plugin does at the engine-argument stage (`infokv_vllm.plugin` implements it)."""
-
-    def add_cli_args(self, parser: Any) -> None: ...
-
-    def fold_cli_args(self, args: Any, additional_config: dict | None) -> dict: ...
-
-    def prepare_engine_args(self, engine_args: Any) -> Any: ...
-
-    def check_engine_config(self, vllm_config: Any) -> None: ...
-
-    def admit_request(self, vllm_config: Any, prompt_len: int, params: Any) -> None: ...
-
-    def compression_enabled(self, args: Any) -> bool: ...
-
-    def compression_on(self, vllm_config: Any) -> bool: ...
-
-
-_PATCHED_MARK = "__infokv_patched__"
-# Set in a frontend process whose engine core reported a fatal error (not a shutdown it was asked for).
-ENGINE_DIED = threading.Event()
-
-
-def _wrap(owner: Any, name: str, make_wrapper: Callable[[Callable], Callable], kind: type | None = None) -> None:
-    """Replace `owner.name` with `make_wrapper(original)` once; `kind` re-wraps static/class methods."""
-    original_attr = owner.__dict__[name]
-    original = original_attr.__func__ if kind is not None else original_attr
-    if getattr(original, _PATCHED_MARK, False):
-        return
-    wrapper = functools.wraps(original)(make_wrapper(original))
-    setattr(wrapper, _PATCHED_MARK, True)
-    setattr(owner, name, kind(wrapper) if kind is not None else wrapper)
-
-
-def apply(hooks: EngineArgsHooks) -> None:
-    from vllm.engine.arg_utils import EngineArgs
-
-    def add_cli_args(original: Callable) -> Callable:
-        def wrapper(parser):
-            parser = original(parser)
-            hooks.add_cli_args(parser)
-            return parser
-        return wrapper
-
-    _wrap(EngineArgs, "add_cli_args", add_cli_args, staticmethod)
-
-    def from_cli_args(original: Callable) -> Callable:
-        def wrapper(cls, args):
-            engine_args = original(cls, args)
-            engine_args.additional_config = hooks.fold_cli_args(args, engine_args.additional_config)
-            return engine_args
-        return wrapper
-
-    _wrap(EngineArgs, "from_cli_args", from_cli_args, classmethod)
-
-    def create_engine_config(original: Callable) -> Callable:
-        def wrapper(self, *args, **kwargs):
-            hooks.prepare_engine_args(self)
-            vllm_config = original(self, *args, **kwargs)
-            hooks.check_engine_config(vllm_config)
-            return vllm_config
-        return wrapper
-
-    _wrap(EngineArgs, "create_engine_config", create_engine_config)
-
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    def input_processor_init(original: Callable) -> Callable:
-        def wrapper(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            if hooks.compression_on(self.vllm_config):
-                decode_compression_stats()
-        return wrapper
-
-    _wrap(InputProcessor, "__init__", input_processor_init)
-
-    # Our metrics join vLLM's loggers only where compression is on. A `vllm.stat_logger_plugins` entry point would
-    # load them for every engine, and any such plugin makes AsyncLLM collect stats under --disable-log-stats.
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from infokv_vllm.metrics import CompressionStatLogger
-
-    def async_llm_init(original: Callable) -> Callable:
-        def wrapper(self, vllm_config, *args, stat_loggers=None, **kwargs):
-            if hooks.compression_on(vllm_config):
-                stat_loggers = [*(stat_loggers or []), CompressionStatLogger]
-            return original(self, vllm_config, *args, stat_loggers=stat_loggers, **kwargs)
-        return wrapper
-
-    _wrap(AsyncLLM, "__init__", async_llm_init)
-
-    def process_inputs(original: Callable) -> Callable:
-        def wrapper(self, *args, **kwargs):
-            request = original(self, *args, **kwargs)
-            hooks.admit_request(self.vllm_config, len(request.prompt_token_ids or ()), request.sampling_params)
-            return request
-        return wrapper
-
-    _wrap(InputProcessor, "process_inputs", process_inputs)
-
-    # The chat and completions endpoints call `generate` (creating its async generator) before they start a
-    # streaming response, but vLLM processes the request only when the stream first iterates it: a refusal would
-    # then arrive inside an HTTP 200 stream. Admitting rendered prompts when the generator is created makes it an
-    # HTTP 400 on every endpoint; `process_inputs` above still admits whatever arrives otherwise.
-    from vllm.sampling_params import SamplingParams
-
-    def generate(original: Callable) -> Callable:
-        def wrapper(self, prompt, sampling_params, *args, **kwargs):
-            prompt_token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
-            if (prompt_token_ids is not None and isinstance(sampling_params, SamplingParams)
-                    and sampling_params.max_tokens is not None):
-                hooks.admit_request(self.vllm_config, len(prompt_token_ids), sampling_params)
-            return original(self, prompt, sampling_params, *args, **kwargs)
-        return wrapper
-
-    _wrap(AsyncLLM, "generate", generate)
-
-    # vLLM's API server stops when its engine core dies, but `vllm serve` then exits with status 0, as after a
-    # clean shutdown. With compression on, a failing step exits with status 1, so a supervisor sees the failure.
-    # The engine core reports a fatal error with a last message (ENGINE_CORE_DEAD), which the client's
-    # `validate_alive` turns into EngineDeadError; a shutdown that was asked for sends no such message.
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.v1.engine.core_client import BackgroundResources
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    def validate_alive(original: Callable) -> Callable:
-        def wrapper(self, frames):
-            try:
-                return original(self, frames)
-            except EngineDeadError:
-                ENGINE_DIED.set()
-                raise
-        return wrapper
-
-    _wrap(BackgroundResources, "validate_alive", validate_alive)
-
-    def serve_cmd(original: Callable) -> Callable:
-        def wrapper(args):
-            original(args)
-            if ENGINE_DIED.is_set() and hooks.compression_enabled(args):
-                raise SystemExit("infokv-vllm: the engine core died (see its error above); vllm serve exits with "
-                                 "status 1")
-        return wrapper
-
-    _wrap(ServeSubcommand, "cmd", serve_cmd, staticmethod)
-
-
-def decode_compression_stats() -> None:
-    """The frontend's decoders read the compression stats the scheduler sends beside vLLM's `SchedulerStats`.
-
-    msgspec drops undeclared fields, and reads `EngineCoreOutputs`' annotations once, when the process builds its
-    first decoder; every frontend (each API server, `LLM`) builds it right after its InputProcessor, which calls
-    this where its engine compresses. A process whose engine does not compress keeps vLLM's own annotation, as
-    without the plugin (so a second, compressing engine in that process would publish no compression metrics).
-    """
-    from vllm.v1.engine import EngineCoreOutputs
-
-    from infokv_vllm.metrics import CompressionSchedulerStats
-
-    EngineCoreOutputs.__annotations__["scheduler_stats"] = CompressionSchedulerStats | None
-
-
-@contextlib.contextmanager
-def cpu_model_runner_class(runner_cls: type) -> Iterator[None]:
-    """While active, vLLM's CPU worker builds `runner_cls` as its model runner.
-
-    `CPUWorker.init_device` constructs the V1 runner through the module-global name `CPUModelRunner` (and sets up
-    threads, memory and distributed state around it, which we must not copy), so the name is swapped for the
-    duration of that call only.
-    """
-    from vllm.v1.worker import cpu_worker
-
-    original = cpu_worker.CPUModelRunner
-    cpu_worker.CPUModelRunner = runner_cls
-    try:
-        yield
-    finally:
-        cpu_worker.CPUModelRunner = original
-
-
-@contextlib.contextmanager
-def attention_backends(class_paths: dict[str, str]) -> Iterator[None]:
-    """While active, models built in this process use, for each named `AttentionBackendEnum` member, the backend
-    class at its path instead (e.g. {"CPU_ATTN": "...RecordingCPUAttentionBackend"}).
-
-    vLLM's platforms resolve a backend through its enum member, whose class path the registry lets us override
-    (`register_backend`); but `selector._cached_get_attn_backend` caches the resolved class per process, so the
-    cache is cleared on entry and on exit. Other engines in the same process (tests, benchmarks) keep vLLM's own
-    backends.
-    """
-    from vllm.v1.attention import selector
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    previous = {}
-    for name, class_path in class_paths.items():
-        member = AttentionBackendEnum[name]
-        previous[member] = member.get_path() if member.is_overridden() else None
-        register_backend(member, class_path)
-    selector._cached_get_attn_backend.cache_clear()
-    try:
-        yield
-    finally:
-        for member, path in previous.items():
-            if path is None:
-                member.clear_override()
-            else:
-                register_backend(member, path)
-        selector._cached_get_attn_backend.cache_clear()
-
-
-@contextlib.contextmanager
-def ray_on_cpu(worker_proc_cls: type, device_key: str) -> Iterator[None]:
-    """While active (vLLM's V2 Ray executor starting on the CPU platform): the CPU platform names `device_key`
-    (Ray's CPU resource) as its Ray device, and the executor builds its worker actors from `worker_proc_cls`.
-
-    vLLM 0.32's CPU platform has an empty `ray_device_key`, so `initialize_ray_cluster` refuses Ray on CPU, and
-    `RayExecutorV2._init_executor` creates its actors through the module-global name `RayWorkerProc`; both are
-    swapped for the duration of that call only.
-    """
-    from vllm.platforms.cpu import CpuPlatform
-    from vllm.v1.executor import ray_executor_v2
-
-    device_key_before, worker_proc_before = CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc
-    CpuPlatform.ray_device_key = device_key
-    ray_executor_v2.RayWorkerProc = worker_proc_cls
-    try:
-        yield
-    finally:
-        CpuPlatform.ray_device_key, ray_executor_v2.RayWorkerProc = device_key_before, worker_proc_before
