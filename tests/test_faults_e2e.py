@@ -42,13 +42,13 @@ def watch_compactions(llm) -> list[str]:
     """Instrument the real scheduler: the ids of the requests it compacts, in order (the ids the caller gave:
     vLLM adds a suffix to each)."""
     scheduler, compacted = scheduler_of(llm), []
-    original = scheduler.apply_compaction
+    original = scheduler._apply
 
     def recording(compaction, *args):
         compacted.append(compaction.request_id.rsplit("-", 1)[0])
         return original(compaction, *args)
 
-    scheduler.apply_compaction = recording
+    scheduler._apply = recording
     return compacted
 
 

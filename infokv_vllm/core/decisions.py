@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 
 class SchedulerView(Protocol):
-    """What the rules read of the scheduler, and what they do through it: apply a compaction."""
+    """What the rules read of the scheduler, and what they do through it: apply a compaction (`_apply`, the one
+    door every compaction goes through, which tests wrap to watch them)."""
 
     running: list[Request]
     requests: dict[str, Request]
@@ -46,7 +47,7 @@ class SchedulerView(Protocol):
 
     def blocks_for_next_step(self, request: Request) -> int: ...
 
-    def apply_compaction(self, compaction: Compaction, cause: str) -> Compaction | None: ...
+    def _apply(self, compaction: Compaction, cause: str) -> Compaction | None: ...
 
 
 def to_budget(request: Request, settings: CompressionConfig, physical: int, decoding: bool) -> Compaction:
@@ -65,7 +66,7 @@ class PerRequestBudgets:
         """The step's compactions, applied; no probes."""
         decided = [c for request in scheduler.running if (c := self._decide(scheduler, request)) is not None]
         return [applied for compaction in decided
-                if (applied := scheduler.apply_compaction(compaction, "decode" if compaction.decoding else "prompt"))
+                if (applied := scheduler._apply(compaction, "decode" if compaction.decoding else "prompt"))
                 ], []
 
     @staticmethod
@@ -217,7 +218,7 @@ class PoolWideMode:
             request = scheduler.requests[request_id]
             state = scheduler.state_of(request)
             curve, physical = state.curve, physical_lens[request_id]
-            compaction = scheduler.apply_compaction(
+            compaction = scheduler._apply(
                 Compaction(request_id, request.num_computed_tokens, physical, kept, curve.sinks,
                            windows[request_id], decoding=True, probed=True), cause)
             if compaction is None:
@@ -263,7 +264,7 @@ class MemoryPressure:
             if needed <= pool.get_num_free_blocks():
                 break
             physical = scheduler.manager.physical_len(request.request_id, request.num_computed_tokens)
-            compaction = scheduler.apply_compaction(
+            compaction = scheduler._apply(
                 to_budget(request, scheduler.state_of(request).settings, physical, decoding=True), "memory pressure")
             if compaction is not None:
                 compactions.append(compaction)

@@ -156,7 +156,7 @@ class CompressingScheduler(Scheduler):
         needed = cdiv(self.manager.physical_len(request.request_id, logical) + pending, self.manager.block_size)
         return max(0, needed - len(self.manager.req_to_blocks[request.request_id]))
 
-    def apply_compaction(self, compaction: Compaction, cause: str) -> Compaction | None:
+    def _apply(self, compaction: Compaction, cause: str) -> Compaction | None:
         """Compact in the block manager now; the workers move the KV before the step's forward. Returns the
         compaction with the block copies the workers make first, or None where the manager could not make them.
         `cause` (prompt, decode, memory pressure, pool target) goes into the debug line: under memory pressure a
