@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -15,7 +16,7 @@ from vllm import SamplingParams
 
 from infokv_testing.local_engine import in_process_llm, model_runner_of, run_to_completion, scheduler_of
 from infokv_testing.local_server import EAGER, vllm_server_process
-from infokv_vllm.core.runner import FAULT_INJECTION_ENV
+from tests.fault_injection.sitecustomize import FAULT_ENV
 from tests.test_eviction_e2e import PROMPTS, SMALL_POOL, free_blocks
 
 pytestmark = pytest.mark.e2e
@@ -25,6 +26,9 @@ STREAMING = {"method": "streaming", "budget": 64, "decode_interval": 32}
 SERVE_FLAGS = ["--kv-compression", "streaming", "--kv-budget", "64", "--kv-decode-interval", "32", *EAGER]
 FAULT_SURFACES_S = 30  # an injected fault reaches the client, and the server exits, within this
 SIGTERM_DRAINS_S = 120  # eight streams of 160 tokens drain on 2 cores well within this
+# Every Python process started with this directory first on its path imports its sitecustomize, which injects the
+# fault where FAULT_ENV asks for it (the package itself has no fault switch).
+FAULT_INJECTION_DIR = Path(__file__).parent / "fault_injection"
 
 
 def assert_no_request_state(llm) -> None:
@@ -114,8 +118,9 @@ def test_a_fault_inside_compaction_reaches_the_client_and_the_server_exits(smoll
     """What docs/reliability.md promises: the request in flight gets vLLM's engine-dead error as HTTP 500
     within seconds, and `vllm serve` exits with status 1 (vLLM alone exits 0), so a supervisor sees the failure."""
     log_path = tmp_path / "serve.log"
-    with vllm_server_process(smollm2_dir, SERVE_FLAGS, log_path, env={FAULT_INJECTION_ENV: "compaction"}) as (
-            url, process):
+    python_path = os.pathsep.join(filter(None, [str(FAULT_INJECTION_DIR), os.environ.get("PYTHONPATH")]))
+    with vllm_server_process(smollm2_dir, SERVE_FLAGS, log_path,
+                             env={FAULT_ENV: "compaction", "PYTHONPATH": python_path}) as (url, process):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as failed:
@@ -125,7 +130,7 @@ def test_a_fault_inside_compaction_reaches_the_client_and_the_server_exits(smoll
         assert time.monotonic() - started < FAULT_SURFACES_S
         returncode = process.wait(timeout=FAULT_SURFACES_S)
     log = log_path.read_text()
-    assert f"{FAULT_INJECTION_ENV}=compaction" in log, log[-3000:]
+    assert f"{FAULT_ENV}=compaction" in log, log[-3000:]
     assert returncode == 1, log[-3000:]
 
 

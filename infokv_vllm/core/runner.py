@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -56,10 +56,13 @@ from infokv_vllm.signals.storage import SlotSignals
 if TYPE_CHECKING:
     from infokv_vllm.core.adapter import PlatformAdapter
 
-# Tests only: a worker started with this variable set to "compaction" raises inside its first compaction, so tests
-# see how a failure inside a step reaches the client (vLLM's engine-dead error and a server that exits, not a hang
-# or wrong tokens). Read once per worker at start-up; no flag or request can set it.
-FAULT_INJECTION_ENV = "INFOKV_TEST_FAULT"
+
+@dataclass
+class CompactedRequest:
+    """What a worker holds of one request it has compacted or probed, until the request finishes or restarts."""
+
+    evicted: int = 0  # logical tokens minus the slots it holds: its seq_lens and slot_mapping shift down by this
+    probe_scores: torch.Tensor | None = None  # pool-wide mode: [layers, kv_heads, probed slots] of its last probe
 
 
 class CompressingRunnerMixin:
@@ -68,9 +71,7 @@ class CompressingRunnerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.compression = compression_of(self.vllm_config)
-        self.evicted: dict[str, int] = {}
-        # Pool-wide mode: per probed request, the scores [layers, kv_heads, probed slots] of its last probe
-        self._probed: dict[str, torch.Tensor] = {}
+        self.compacted: dict[str, CompactedRequest] = {}
         self.policy = self.compression.policy
         self.kernels = kernel_family(self.platform.kernel_family(self.compression)) if self.policy else None
         self.compactor: PagedKVCompactor | None = None
@@ -80,7 +81,6 @@ class CompressingRunnerMixin:
         self._report = WorkerReport()  # until it leaves with the step's ModelRunnerOutput
         self._plan: StepPlan | None = None  # the current step's
         self._step: StepView | None = None  # the current step's, once its inputs are prepared
-        self._inject_compaction_fault = os.environ.get(FAULT_INJECTION_ENV) == "compaction"
 
     # --- set-up ---------------------------------------------------------------------------------------
 
@@ -196,7 +196,7 @@ class CompressingRunnerMixin:
         num_reqs = self.input_batch.num_reqs
         num_tokens = int(num_scheduled_tokens.sum())
         request_ids = list(self.input_batch.req_ids[:num_reqs])
-        evicted = np.array([self.evicted.get(r, 0) for r in request_ids], dtype=np.int64)
+        evicted = np.array([self._evicted_of(r) for r in request_ids], dtype=np.int64)
         if evicted.any():
             # Attention reads `kept` slots and writes new tokens after them; positions stay logical.
             shift = torch.from_numpy(evicted)
@@ -227,18 +227,28 @@ class CompressingRunnerMixin:
 
     def _request_pages(self, request_id: str) -> RequestPages:
         (block_ids,) = self.requests[request_id].block_ids
-        return RequestPages(block_ids, self.evicted.get(request_id, 0))
+        return RequestPages(block_ids, self._evicted_of(request_id))
+
+    def _evicted_of(self, request_id: str) -> int:
+        compacted = self.compacted.get(request_id)
+        return 0 if compacted is None else compacted.evicted
+
+    @property
+    def evicted(self) -> dict[str, int]:
+        """Per request with evicted slots: how many (logical tokens minus the slots it holds)."""
+        return {request_id: state.evicted for request_id, state in self.compacted.items() if state.evicted}
 
     def requests_held(self) -> dict[str, int]:
         """How many requests each piece of the worker's per-request compression state holds."""
-        return {"evicted": len(self.evicted), "probed": len(self._probed),
+        return {"compacted": len(self.compacted), "evicted": len(self.evicted),
+                "probed": sum(state.probe_scores is not None for state in self.compacted.values()),
                 **{recorder.name: recorder.requests_held() for recorder in self.recorders}}
 
     def _forget(self, request_ids: list[str]) -> None:
-        """New, resumed (after preemption: recomputed in full) and finished requests hold no evicted slots."""
+        """New, resumed (after preemption: recomputed in full) and finished requests hold no evicted slots and
+        no probe scores: the one place a request's `CompactedRequest` is dropped."""
         for request_id in request_ids:
-            self.evicted.pop(request_id, None)
-            self._probed.pop(request_id, None)
+            self.compacted.pop(request_id, None)
         for recorder in self.recorders:
             recorder.forget(request_ids)
 
@@ -263,7 +273,7 @@ class CompressingRunnerMixin:
         (block_ids,) = self.requests[probe.request_id].block_ids
         scores, signals = self._score(probe.request_id, block_ids, probe.physical_len, probe.physical_len,
                                       probe.sinks, probe.window, probe.decoding)
-        self._probed[probe.request_id] = scores
+        self.compacted.setdefault(probe.request_id, CompactedRequest()).probe_scores = scores
         losses = eviction_losses(scores, signals[ATTENTION], probe.sinks, probe.window)
         self._report.loss_curves[probe.request_id] = LossCurve(
             probe.logical_len, probe.physical_len, probe.sinks, probe.window, losses.cpu().numpy().astype(np.float32))
@@ -272,12 +282,10 @@ class CompressingRunnerMixin:
         self._report.seconds_scoring += time.perf_counter() - started
 
     def _compact(self, compaction: Compaction) -> None:
-        if self._inject_compaction_fault:
-            raise RuntimeError(f"infokv-vllm: fault injected into the compaction of {compaction.request_id} "
-                               f"({FAULT_INJECTION_ENV}=compaction, for tests)")
         state = self.requests[compaction.request_id]
         (block_ids,) = state.block_ids
-        assert self.evicted.get(compaction.request_id, 0) == compaction.logical_len - compaction.physical_len, (
+        compacted = self.compacted.setdefault(compaction.request_id, CompactedRequest())
+        assert compacted.evicted == compaction.logical_len - compaction.physical_len, (
             "worker and scheduler disagree on evicted tokens", compaction)
         compactor = self.compactor
         started = time.perf_counter()
@@ -290,7 +298,7 @@ class CompressingRunnerMixin:
                 self.signals.copy_blocks(sources, destinations)
             for index, block in compaction.copies:
                 block_ids[index] = block
-        probed = self._probed.pop(compaction.request_id, None)
+        probed, compacted.probe_scores = compacted.probe_scores, None
         if compaction.probed:
             assert probed is not None, ("the scheduler compacts with a probe this worker does not hold", compaction)
             # The probe's scores; the slots computed since are in the window (kept whatever they score).
@@ -301,7 +309,7 @@ class CompressingRunnerMixin:
         keep = select_tokens(scores, compaction.kept_len, compaction.sinks, compaction.window)
         if compaction.probed:
             # The kept probed slots lead the compacted pages: their scores serve the next compaction too.
-            self._probed[compaction.request_id] = scores.gather(-1, keep)[..., : probed.shape[-1] - (
+            compacted.probe_scores = scores.gather(-1, keep)[..., : probed.shape[-1] - (
                 compaction.physical_len - compaction.kept_len)]
         chosen = time.perf_counter()
         compactor.compact(block_ids, keep)
@@ -316,7 +324,7 @@ class CompressingRunnerMixin:
         row = self.input_batch.req_id_to_index.get(compaction.request_id)
         if row is not None:
             self.input_batch.block_table.add_row(state.block_ids, row)
-        self.evicted[compaction.request_id] = compaction.logical_len - compaction.kept_len
+        compacted.evicted = compaction.logical_len - compaction.kept_len
 
 
 def _restarted_request_ids(scheduler_output) -> list[str]:
