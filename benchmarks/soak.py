@@ -307,11 +307,14 @@ def main() -> None:
     # The server's log stays after the run (its path is in the report): the place to look into any error.
     log_path = Path(tempfile.mkdtemp(prefix=f"{args.name}-")) / "serve.log"
     with vllm_server_process(model, flags, log_path, base_flags=[], env=env) as (url, process):
-        # One connection per request: a kept-alive connection that the server closes (uvicorn, after 5 idle seconds)
-        # just as a thread sends on it fails before vLLM sees the request ("Server disconnected without sending a
-        # response", no access-log line), which would count against the engine.
-        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600,
-                        http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)))
+        # Client-side failures would count against the engine: both end as "Server disconnected without sending a
+        # response" with no access-log line. One connection per request: a kept-alive connection that uvicorn closes
+        # after 5 idle seconds can fail just as a thread sends on it. One client per thread: httpcore 1.0.9's shared
+        # pool can close a connection it has just handed to another thread (encode/httpcore#1110).
+        def new_client() -> OpenAI:
+            return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600,
+                          http_client=httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)))
+
         started = time.monotonic()
         stop = threading.Event()
         sampler = threading.Thread(target=sample_forever, args=(url, process.pid, started, samples, stop))
@@ -326,6 +329,7 @@ def main() -> None:
                 return jobs[-1]
 
         def worker() -> None:
+            client = new_client()
             while (job := next_job()) is not None:
                 outcomes[job.index] = send(client, str(model), job)
 
@@ -343,6 +347,7 @@ def main() -> None:
         eligible = [job for job in greedy
                     if not any(f"-{job.request_id}-" in request_id for request_id in batch_dependent)]
         replay = eligible[::args.replay_every]
+        client = new_client()
         mismatches = [job.index for job in replay
                       if send(client, str(model), Job(**{**asdict(job), "index": job.index + 10**6})).tokens
                       != outcomes[job.index].tokens]
