@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                         help="serving dtype (default: the --extend file's, else the model's own where this CPU "
                              "multiplies it natively, else float32)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="vLLM's --kv-cache-dtype for every server "
+                                                                      "(e.g. fp8: one byte per KV element)")
     args = parser.parse_args()
     if args.smoke:
         args.model, args.policies, args.budgets, args.count = "smollm2", "infokv", "64,50%,60%full+prompt", 2
@@ -213,6 +215,8 @@ def main() -> None:
     if args.dtype and earlier and args.dtype != earlier["dtype"]:
         # Greedy traces differ between dtypes: cells of one file compare policies on one model.
         parser.error(f"--extend {args.extend} ran in {earlier['dtype']}, not --dtype {args.dtype}")
+    if earlier and args.kv_cache_dtype != earlier.get("kv_cache_dtype", "auto"):
+        parser.error(f"--extend {args.extend} ran with --kv-cache-dtype {earlier.get('kv_cache_dtype', 'auto')}")
     dtype = args.dtype or earlier.get("dtype") or serving_dtype(model)
     print(sanity_check(model, dtype=dtype), flush=True)  # the full cache must answer known questions first
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -226,7 +230,8 @@ def main() -> None:
     policies = args.policies.split(",")
     max_model_len = max(4096, args.retrieval_tokens + 1024)  # a haystack, its question and instructions, the reply
     base_flags = ["--dtype", dtype, "--kv-cache-memory-bytes", f"{int(args.kv_cache_gib * 2**30)}",
-                  "--max-model-len", str(max_model_len), "--max-num-seqs", str(args.concurrency), *EAGER]
+                  "--kv-cache-dtype", args.kv_cache_dtype, "--max-model-len", str(max_model_len),
+                  "--max-num-seqs", str(args.concurrency), *EAGER]
     labels = [budget.label for budget in budgets]
     cells: list[Cell] = []
     full_lengths: dict[str, int] = {}  # sample id -> prompt + trace tokens with the full cache
@@ -247,7 +252,7 @@ def main() -> None:
     started = time.perf_counter()
 
     def save(finished: list[str]) -> None:
-        path = write_report(name, args.smoke, model=args.model, dtype=dtype,
+        path = write_report(name, args.smoke, model=args.model, dtype=dtype, kv_cache_dtype=args.kv_cache_dtype,
                             minutes=minutes_before + (time.perf_counter() - started) / 60,
                             finished_policies=finished_before + finished,
                             settings={k: v for k, v in vars(args).items() if k != "smoke"},
