@@ -40,10 +40,11 @@ def scheduler_of(llm):
 
 def run_to_completion(llm, prompts: dict[str, str], params, after_step: Callable[[], None] = lambda: None
                       ) -> dict[str, list[int]]:
-    """Step the engine until every request finishes; returns generated token ids by request id."""
+    """Step the engine until every request finishes; returns generated token ids by request id. `params`: one
+    SamplingParams for every request, or a dict of them by request id."""
     engine = llm.llm_engine
     for request_id, prompt in prompts.items():
-        engine.add_request(request_id, prompt, params)
+        engine.add_request(request_id, prompt, params[request_id] if isinstance(params, dict) else params)
     finished: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for output in engine.step():

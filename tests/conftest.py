@@ -29,19 +29,32 @@ def vllm_plugins_loaded() -> None:
     load_general_plugins()
 
 
+def _tiny_model(family: str, smollm2_dir: Path, tmp_path_factory) -> Path:
+    from infokv_testing.tiny_models import write_tiny_model
+
+    return write_tiny_model(family, smollm2_dir, tmp_path_factory.mktemp(f"tiny-{family}"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(smollm2_dir, tmp_path_factory) -> Path:
     """A tiny random Llama (2 layers, 4 query / 2 KV heads of 32) with SmolLM2's tokenizer: fast under the
-    Triton interpreter, and its head counts divide 2 for tensor parallelism. Its weights are large enough
-    (initializer_range 0.1) that greedy outputs vary and depend on the context, so evictions show."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    Triton interpreter, and its head counts divide 2 for tensor parallelism (infokv_testing/tiny_models.py)."""
+    return _tiny_model("llama", smollm2_dir, tmp_path_factory)
 
-    target = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=32, vocab_size=49152, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(target)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(target)
-    return target
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Qwen3: q/k RMSNorm per head, 4 query / 2 KV heads of 64 over a hidden size of 128."""
+    return _tiny_model("qwen3", smollm2_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Qwen3-MoE: Qwen3's attention, 4 routed experts, 2 per token."""
+    return _tiny_model("qwen3-moe", smollm2_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Mixtral: 4 query / 2 KV heads of 32, 4 routed experts, 2 per token."""
+    return _tiny_model("mixtral", smollm2_dir, tmp_path_factory)
