@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from infokv_vllm.config import CompressionConfig, CompressionConfigError, compression_of, flag_name
+from infokv_vllm.core.adapter import PER_TENSOR_FP8_CACHES
 
 SCHEDULER_CLS = "infokv_vllm.core.scheduler.CompressingScheduler"
 
@@ -74,9 +75,16 @@ def check_engine_config(vllm_config: Any) -> None:
 
     # prepare_engine_args, which runs first, has refused platforms without an adapter.
     adapter_for_current_platform().check_engine_config(vllm_config, compression, refuse)
-    if vllm_config.cache_config.cache_dtype != "auto":
-        refuse(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}",
-               "compaction moves full-precision KV pages only")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in ("auto", "float16", "bfloat16", *PER_TENSOR_FP8_CACHES):
+        from vllm.utils.torch_utils import kv_cache_uses_per_token_head_scales
+
+        served = f"full-precision caches and per-tensor fp8 ({', '.join(PER_TENSOR_FP8_CACHES)}) are"
+        if kv_cache_uses_per_token_head_scales(cache_dtype):
+            refuse(f"--kv-cache-dtype {cache_dtype}", "vLLM keeps a scale per token and KV head in a cache beside "
+                   f"the pages, which compaction does not move; {served}")
+        refuse(f"--kv-cache-dtype {cache_dtype}", "compression reads keys and values element by element, and this "
+               f"format packs them with block scales or rotations; {served}")
     model_config = vllm_config.model_config
     if model_config.runner_type != "generate":
         refuse(f"--runner {model_config.runner_type}", "only generative models keep a growing KV cache")

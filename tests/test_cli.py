@@ -146,7 +146,11 @@ def test_method_none_changes_nothing(smollm2_dir, monkeypatch):
                                  "prompt_lookup_max": 2}}, "speculative decoding"),
         ({"scheduler_cls": "my.Scheduler"}, "--scheduler-cls my.Scheduler cannot be combined"),
         ({"worker_cls": "my.Worker"}, "--worker-cls my.Worker cannot be combined"),
-        ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8 is not supported"),
+        ({"kv_cache_dtype": "fp8_per_token_head"}, "--kv-cache-dtype fp8_per_token_head is not supported with "
+         "--kv-compression streaming: vLLM keeps a scale per token and KV head in a cache beside the pages"),
+        ({"kv_cache_dtype": "int8_per_token_head"}, "--kv-cache-dtype int8_per_token_head is not supported"),
+        ({"kv_cache_dtype": "nvfp4"}, "--kv-cache-dtype nvfp4 is not supported with --kv-compression streaming: "
+         "compression reads keys and values element by element, and this format packs them"),
     ],
 )
 def test_incompatible_vllm_options_fail_at_start_up(smollm2_dir, overrides, message):
@@ -154,6 +158,13 @@ def test_incompatible_vllm_options_fail_at_start_up(smollm2_dir, overrides, mess
     with pytest.raises(Exception) as error:
         engine_config(smollm2_dir, additional_config=settings, **overrides)
     assert message in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+def test_per_tensor_fp8_caches_compress(smollm2_dir, cache_dtype):
+    config = engine_config(smollm2_dir, kv_cache_dtype=cache_dtype,
+                           additional_config={ADDITIONAL_CONFIG_KEY: {"method": "streaming", "budget": 128}})
+    assert config.cache_config.cache_dtype == cache_dtype
 
 
 def test_budget_not_below_context_length_fails(smollm2_dir):

@@ -147,3 +147,22 @@ def test_the_gpu_runner_is_vllms_v1_runner_under_the_core():
     worker.use_v2_model_runner = True
     with pytest.raises(RuntimeError, match="needs vLLM's V1 model runner"):
         worker._make_model_runner()
+
+
+def attention_layer(cache_dtype: str, fp8_queries: bool) -> SimpleNamespace:
+    """The attributes of a vLLM attention layer that say what its cache and queries hold (listed in the manifest)."""
+    return SimpleNamespace(kv_cache_dtype=cache_dtype, _k_scale_float=0.5, _v_scale_float=2.0,
+                           _q_scale=torch.tensor(0.25), query_quant=object() if fp8_queries else None,
+                           impl=SimpleNamespace(supports_quant_query_input=fp8_queries))
+
+
+def test_fp8_caches_are_read_as_the_platforms_fp8_type_with_vllm_scales():
+    from infokv_vllm.kernels.layouts import LayerQuantization
+    from infokv_vllm.platforms.cpu import CPU_ADAPTER
+
+    cuda = CUDA_ADAPTER.layer_quantization(attention_layer("fp8", fp8_queries=True))
+    assert (cuda.float8, cuda.key_scale, cuda.value_scale) == (torch.float8_e4m3fn, 0.5, 2.0)
+    assert torch.equal(cuda.query_scales, torch.tensor([0.25]))
+    cpu = CPU_ADAPTER.layer_quantization(attention_layer("fp8_e5m2", fp8_queries=False))
+    assert (cpu.float8, cpu.key_scale, cpu.value_scale, cpu.query_scales) == (torch.float8_e5m2, 0.5, 2.0, None)
+    assert CPU_ADAPTER.layer_quantization(attention_layer("auto", fp8_queries=False)) == LayerQuantization()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from infokv_vllm.kernels.families import TorchKernels
-from infokv_vllm.kernels.layouts import HeadMajorPageLayout, IndexedPageLayout
+from infokv_vllm.kernels.layouts import HeadMajorPageLayout, IndexedPageLayout, LayerQuantization
 from infokv_vllm.messages import Compaction, Probe, StepPlan
 from infokv_vllm.signals import ATTENTION, RequestPages, StepView
 from infokv_vllm.signals.attention import AttentionRecorder, record_window_queries
@@ -58,7 +58,8 @@ class Batch:
             self.caches[name], layout = PAGE_LAYOUTS[page_layout](self.keys[name], values)
         self.signals = SlotSignals(frozenset({ATTENTION}), len(LAYERS), BLOCKS, KV_HEADS, BLOCK_SIZE, kernels,
                                    torch.device("cpu"))
-        self.recorder = AttentionRecorder(self.signals, LAYERS, layout, kernels)
+        self.recorder = AttentionRecorder(self.signals, {name: LayerQuantization() for name in LAYERS}, layout,
+                                          kernels)
         self.blocks, self.evicted = blocks, evicted
         self.lengths = {request_id: 0 for request_id in blocks}  # logical tokens computed
         self.window_queries: dict[str, list[tuple[int, int, torch.Tensor]]] = {request_id: [] for request_id in blocks}

@@ -2,7 +2,8 @@
 
 Which tokens stay is the scoring policy's choice (per layer and KV head, equal counts); where their bytes live
 inside a page is the attention backend's business, described by a `PageLayout` (`kernels/layouts.py`) that each
-platform adapter provides (`platforms/`). How the bytes move is the worker's kernel family (`kernels/families.py`).
+platform adapter provides (`platforms/`). How the bytes move is the worker's kernel family (`kernels/families.py`);
+they move as they are, fp8 ones included (exact under per-tensor scales), and only what reads them dequantises.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import torch
 
 from infokv_vllm.kernels.families import KernelFamily
-from infokv_vllm.kernels.layouts import PageLayout
+from infokv_vllm.kernels.layouts import LayerQuantization, PageLayout
 
 
 class PagedKVCompactor:
     """Moves kept tokens into a request's leading slots in every layer's KV cache."""
 
-    def __init__(self, layer_caches: list[torch.Tensor], layout: PageLayout, num_kv_heads: int,
-                 kernels: KernelFamily) -> None:
+    def __init__(self, layer_caches: list[torch.Tensor], quantizations: list[LayerQuantization], layout: PageLayout,
+                 num_kv_heads: int, kernels: KernelFamily) -> None:
         self.caches = layer_caches
+        self.quantizations = quantizations
         self.layout = layout
         self.num_kv_heads = num_kv_heads
         self.kernels = kernels
@@ -33,11 +35,12 @@ class PagedKVCompactor:
 
     def read(self, block_ids: list[int], length: int, values: bool = False) -> torch.Tensor:
         """The keys (or values) of a request's first `length` slots, [layers, kv_heads, length, head_size] (a
-        copy)."""
+        copy), dequantised from an fp8 cache."""
         blocks = torch.tensor(block_ids[: -(-length // self.block_size)], dtype=torch.long,
                               device=self.caches[0].device)
-        return torch.stack([self.layout.block_plane(cache, blocks, values).transpose(0, 1).flatten(1, 2)[:, :length]
-                            for cache in self.caches])
+        return torch.stack([
+            quantization.dequantized(self.layout.block_plane(quantization.readable(cache), blocks, values), values)
+            .transpose(0, 1).flatten(1, 2)[:, :length] for cache, quantization in zip(self.caches, self.quantizations)])
 
     def copy_blocks(self, sources: list[int], destinations: list[int]) -> None:
         """Copy whole blocks in every layer (a page's layout does not matter: dim 0 indexes blocks)."""

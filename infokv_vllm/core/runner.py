@@ -118,9 +118,11 @@ class CompressingRunnerMixin:
         layers = [self.compilation_config.static_forward_context[name] for name in layer_names]
         spec = group.kv_cache_spec
         layout = self.platform.page_layout(layers[0], spec)
-        self.platform.self_check(self.kernels.name, self.device, layers[0].kv_cache.dtype)
-        self.compactor = PagedKVCompactor([layer.kv_cache for layer in layers], layout, spec.num_kv_heads,
-                                          self.kernels)
+        quantizations = [self.platform.layer_quantization(layer) for layer in layers]
+        self.platform.self_check(self.kernels.name, self.device,
+                                 quantizations[0].query_dtype(self.model_config.dtype), quantizations[0].float8)
+        self.compactor = PagedKVCompactor([layer.kv_cache for layer in layers], quantizations, layout,
+                                          spec.num_kv_heads, self.kernels)
         signals = self.policy.signals
         if ATTENTION in signals:
             self.platform.check_recording_attention(layers)
@@ -129,7 +131,8 @@ class CompressingRunnerMixin:
         self.signals = SlotSignals(signals, len(layers), self.kv_cache_config.num_blocks, spec.num_kv_heads,
                                    spec.block_size, self.kernels, self.device)
         if ATTENTION in signals:
-            self.recorders.append(AttentionRecorder(self.signals, layer_names, layout, self.kernels))
+            self.recorders.append(AttentionRecorder(self.signals, dict(zip(layer_names, quantizations)), layout,
+                                                    self.kernels))
         if ENTROPY in signals:
             self.recorders.append(EntropyRecorder(self.signals, self.policy.entropy_top_k))
         if REPRESENTATION in signals:

@@ -1,6 +1,7 @@
 """The kernels compression runs on a worker, on their own ground: they import nothing else of the package.
 
-- `layouts.py`: where each slot's key and value sit in a backend's KV pages (`PageLayout` and its kinds);
+- `layouts.py`: where each slot's key and value sit in a backend's KV pages (`PageLayout` and its kinds), and what
+  the numbers there mean (`LayerQuantization`: full precision, or fp8 with per-tensor scales);
 - `compaction.py`: moving kept tokens into a request's leading slots (Triton, and its torch twins);
 - `window_attention.py`: the softmax mass window queries give each slot (Triton, and `window_attention_mass`, its
   dense torch twin and reference);

@@ -2,12 +2,56 @@
 
 Which layout a worker has is its attention backend's business; each platform adapter (`platforms/`) builds one.
 Every layout offers strided key and value planes where its pages allow them (what the Triton kernels take); a
-layout that is not affine gives a per-slot element index for the torch kernels instead.
+layout that is not affine gives a per-slot element index for the torch kernels instead. `LayerQuantization` says
+what the numbers there mean (full precision, or fp8 bytes with per-tensor scales).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class LayerQuantization:
+    """What the numbers of one attention layer's KV cache (and the queries its attention op receives) mean.
+
+    A full-precision cache holds the keys and values themselves. vLLM's per-tensor fp8 caches (`--kv-cache-dtype`
+    fp8, fp8_e4m3, fp8_e5m2) hold bytes (a uint8 tensor) that are 8-bit floats of `float8`, with one scale per
+    layer for keys and one for values: a key is its stored value times `key_scale`. Moving bytes between slots is
+    exact under such scales, so compaction moves them as they are; whatever reads keys or values reads them
+    through `readable` and the scales. Some backends also receive fp8 queries (vLLM quantizes them for FLASH_ATTN
+    and TRITON_ATTN on CUDA when the cache is fp8): `query_scales` is then their scale, one per tensor or one per
+    KV head's group of query heads.
+    """
+
+    float8: torch.dtype | None = None  # the 8-bit float an fp8 cache's bytes hold; None: a full-precision cache
+    key_scale: float = 1.0
+    value_scale: float = 1.0
+    query_scales: torch.Tensor | None = None  # [1] or [kv_heads]: the queries arrive as fp8 times these
+
+    def readable(self, cache: torch.Tensor) -> torch.Tensor:
+        """The cache as the kernels read it: an fp8 cache's bytes seen as `float8` (same shape and strides)."""
+        return cache if self.float8 is None else cache.view(self.float8)
+
+    def dequantized(self, stored: torch.Tensor, values: bool = False) -> torch.Tensor:
+        """Keys (or values) read from `readable(cache)`, as the model computed them: float32 from an fp8 cache,
+        unchanged from a full-precision one."""
+        if self.float8 is None:
+            return stored
+        return stored.float() * (self.value_scale if values else self.key_scale)
+
+    def queries(self, query: torch.Tensor) -> torch.Tensor:
+        """The queries [tokens, q_heads, head_size] the attention op received, as the model computed them."""
+        if self.query_scales is None:
+            return query
+        groups = self.query_scales.to(query.device, torch.float32)
+        return (query.float().unflatten(1, (groups.numel(), -1)) * groups[:, None, None]).flatten(1, 2)
+
+    def query_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the kernels receive queries in (`queries` dequantizes fp8 queries to float32)."""
+        return model_dtype if self.query_scales is None else torch.float32
 
 
 class PageLayout:

@@ -1,14 +1,14 @@
 """The start-up self-check of the Triton kernels on a worker's device: small random pages in vLLM's GPU page view
-([blocks, kv_heads, block_size, 2 * head_size], tokens-major physical order), both kernels against the torch
-references. A GPU, driver or Triton build that miscompiles them must stop compression before any request is
-served, not corrupt KV silently."""
+([blocks, kv_heads, block_size, 2 * head_size], tokens-major physical order), in the cache's dtype or as fp8
+bytes, both kernels against the torch references. A GPU, driver or Triton build that miscompiles them must stop
+compression before any request is served, not corrupt KV silently."""
 
 from __future__ import annotations
 
 import torch
 
 from infokv_vllm.kernels.families import TorchKernels, TritonKernels
-from infokv_vllm.kernels.layouts import HeadMajorPageLayout
+from infokv_vllm.kernels.layouts import HeadMajorPageLayout, LayerQuantization
 
 BLOCK_SIZE, HEAD_SIZE, KV_HEADS, QUERY_HEADS = 16, 64, 2, 4
 LENGTHS = (37, 5, 64)  # ragged requests
@@ -30,12 +30,16 @@ def shuffled_block_table(lengths: list[int], block_size: int, spare_blocks: int,
     return table, num_blocks
 
 
-def kernel_disagreements(device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> list[str]:
-    """What the Triton kernels got wrong on `device` in `dtype` (empty when they agree with torch)."""
+def kernel_disagreements(device: torch.device | str, dtype: torch.dtype, float8: torch.dtype | None = None,
+                         seed: int = 0) -> list[str]:
+    """What the Triton kernels got wrong on `device` (empty when they agree with torch): queries in `dtype`, the
+    cache in `dtype` too, or, given `float8`, an fp8 cache (bytes holding `float8` values, as vLLM stores one)."""
     generator = torch.Generator().manual_seed(seed)
     table, num_blocks = shuffled_block_table(list(LENGTHS), BLOCK_SIZE, 2, generator)
     # Tokens-major storage ([blocks, block_size, kv_heads, 2 * head_size]) seen in vLLM's logical order.
-    storage = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, 2 * HEAD_SIZE, generator=generator).to(dtype)
+    storage = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, 2 * HEAD_SIZE, generator=generator)
+    storage = storage.to(dtype) if float8 is None else storage.to(float8).view(torch.uint8)
+    quantization = LayerQuantization(float8)
     layout = HeadMajorPageLayout(BLOCK_SIZE, HEAD_SIZE)
     keep = torch.zeros(len(LENGTHS), KV_HEADS, max(KEPT), dtype=torch.int32)
     for row, (length, kept) in enumerate(zip(LENGTHS, KEPT)):
@@ -56,7 +60,7 @@ def kernel_disagreements(device: torch.device | str, dtype: torch.dtype, seed: i
     rows = torch.tensor([0, 0, 1, 2, 2, 2], device=device)
     seq_lens = torch.tensor(LENGTHS, dtype=torch.int32, device=device)
     positions = seq_lens[rows] - torch.tensor([2, 1, 1, 3, 2, 1], device=device)
-    cache = storage.to(device).transpose(1, 2)
+    cache = quantization.readable(storage.to(device).transpose(1, 2))
     accumulators = [torch.zeros(num_blocks, KV_HEADS, BLOCK_SIZE, device=device) for _ in range(2)]
     for kernels, accumulator in zip((TritonKernels(), TorchKernels()), accumulators):
         kernels.accumulate_window_attention(accumulator, queries, cache, layout, table, rows, positions, seq_lens,

@@ -99,7 +99,7 @@ def _window_kernel(
             for start in range(split_start, stop, SLOT_TILE):
                 logits = _tile_logits(q, key_ptr, table_row, kv_head, start + slots, position, length, dims,
                                       stride_k_block, stride_k_head, stride_k_slot, stride_k_dim, scale,
-                                      HEAD_DIM, BLOCK_SIZE, DOT_FLOAT32, PRECISION)
+                                      HEAD_DIM, BLOCK_SIZE, PRECISION)
                 new_max = tl.maximum(row_max, tl.max(logits, axis=1))
                 # A row may see no slot of a split's first tiles (they lie after its position): its maximum stays
                 # -inf.
@@ -125,7 +125,7 @@ def _window_kernel(
                 slot = start + slots
                 logits = _tile_logits(q, key_ptr, table_row, kv_head, slot, position, length, dims,
                                       stride_k_block, stride_k_head, stride_k_slot, stride_k_dim, scale,
-                                      HEAD_DIM, BLOCK_SIZE, DOT_FLOAT32, PRECISION)
+                                      HEAD_DIM, BLOCK_SIZE, PRECISION)
                 probs = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
                 mass = tl.sum(tl.where(row_valid[:, None], probs, 0.0), axis=0)
                 in_range = slot < stop
@@ -141,8 +141,7 @@ def _window_kernel(
 @triton.jit
 def _tile_logits(q, key_ptr, table_row_ptr, kv_head, slot, position, length, dims,
                  stride_k_block, stride_k_head, stride_k_slot, stride_k_dim, scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
     """[rows, SLOT_TILE] scaled logits of the query rows against a tile of slots (-inf past `length` and past
     each row's own position)."""
     in_range = slot < length
@@ -150,8 +149,8 @@ def _tile_logits(q, key_ptr, table_row_ptr, kv_head, slot, position, length, dim
     keys = tl.load(key_ptr + block.to(tl.int64)[:, None] * stride_k_block + kv_head * stride_k_head
                    + (slot % BLOCK_SIZE)[:, None] * stride_k_slot + dims[None, :] * stride_k_dim,
                    mask=in_range[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    if DOT_FLOAT32:
-        keys = keys.to(tl.float32)
+    # Keys of an fp8 cache (or in float32 where DOT_FLOAT32 made the queries float32) take the queries' type
+    keys = keys.to(q.dtype)
     logits = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
     visible = in_range[None, :] & (slot[None, :] <= position[:, None])
     return tl.where(visible, logits * scale, float("-inf"))
@@ -176,7 +175,7 @@ def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor
                                        query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                        slot_tile: int = 64, split_slots: int | None = None) -> None:
     """queries [T, q_heads, D] (window queries only, each request's consecutive); keys [blocks, kv_heads,
-    block_size, D]; block_table [reqs, max_blocks] int32; accumulator [blocks, kv_heads, block_size] float32
+    block_size, D] (any float type, fp8 included; `scale` then includes the cache's key scale); block_table [reqs, max_blocks] int32; accumulator [blocks, kv_heads, block_size] float32
     (added into); query_requests [T] (row of block_table), query_positions [T] (physical slot of each query),
     seq_lens [reqs]. `split_slots` (a multiple of `slot_tile`) overrides `slots_per_split`."""
     num_tokens, q_heads, head_dim = queries.shape
@@ -192,16 +191,18 @@ def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor
     row_sum = torch.empty_like(row_max)
     # Queries of one request per pass over its keys: all of a prefill window where they fit in 128 rows (the
     # matrix product needs at least 16).
-    dot_float32 = keys.device.type == "cpu" and keys.dtype == torch.bfloat16
+    dot_float32 = keys.device.type == "cpu" and (torch.bfloat16 in (queries.dtype, keys.dtype)
+                                                 or keys.element_size() == 1)
     query_tile = max(16 // group_tile, min(triton.next_power_of_2(num_tokens), max(1, 128 // group_tile)))
     shared = dict(
         GROUP=group, GROUP_TILE=group_tile, QUERY_TILE=query_tile, HEAD_DIM=head_dim,
         DIM_TILE=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, SLOT_TILE=slot_tile,
-        # On CPU tensors the kernels run under Triton's interpreter, whose products of bfloat16 matrices are wrong
-        # (numpy has no bfloat16): there they are taken in float32. On a GPU, half precision uses tensor cores.
+        # On CPU tensors the kernels run under Triton's interpreter, whose products of bfloat16 or fp8 matrices are
+        # wrong or missing (numpy has neither type): there they are taken in float32. On a GPU, half precision uses
+        # tensor cores, and fp8 keys are converted to the queries' type.
         DOT_FLOAT32=dot_float32,
         # float32 products exact (TF32 would round the logits)
-        PRECISION="ieee" if keys.dtype == torch.float32 or dot_float32 else "tf32",
+        PRECISION="ieee" if queries.dtype == torch.float32 or dot_float32 else "tf32",
         num_warps=8 if query_tile * group_tile >= 64 else 4,
     )
     grid = (num_tokens, kv_heads, num_splits)

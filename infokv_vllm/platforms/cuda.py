@@ -16,8 +16,11 @@ it compresses on CUDA.
   has not run on a GPU yet, which one info line says, with `--no-async-scheduling` as the way back.
 - Pages: a logical [blocks, kv_heads, block_size, 2 * head_size] view per layer, any physical stride order
   (`HeadMajorPageLayout`). Kernels: Triton (`--kv-kernels auto`), or torch.
-- Start-up self-check: both Triton kernels run on small random pages of the cache's dtype on the GPU against the
-  torch reference; compression refuses to start if they disagree.
+- Start-up self-check: both Triton kernels run on small random pages of the cache's dtype (fp8 bytes for an fp8
+  cache) on the GPU against the torch reference; compression refuses to start if they disagree.
+- fp8 caches (`--kv-cache-dtype fp8`, per-tensor scales): the pages hold float8_e4m3fn bytes; compaction moves
+  them as they are, the window attention reads them as fp8 and dequantises, and the fp8 queries vLLM hands these
+  backends are dequantised with its query scale (`LayerQuantization`). Tested on CPU only.
 """
 
 from __future__ import annotations
@@ -125,15 +128,23 @@ class CUDAAdapter(PlatformAdapter):
             refuse(f"CUDA graph mode {mode.name}", "captured attention would replay without the window scoring; "
                    "use PIECEWISE")
 
-    def self_check(self, kernels: str, device: torch.device, dtype: torch.dtype) -> None:
+    def float8_format(self, cache_dtype: str) -> torch.dtype:
+        # FLASH_ATTN and TRITON_ATTN view every fp8 cache's bytes as the platform's fp8 type and write it through
+        # that view (TRITON_ATTN's fp8_e5m2 too).
+        from vllm.platforms import current_platform
+
+        return current_platform.fp8_dtype()
+
+    def self_check(self, kernels: str, device: torch.device, dtype: torch.dtype, float8: torch.dtype | None) -> None:
         """On the worker's GPU, before any request: both Triton kernels on small random pages in this page view
         against the torch reference; compression refuses to start if they disagree."""
         if kernels != "triton":
             return
-        problems = kernel_disagreements(device, dtype)
+        problems = kernel_disagreements(device, dtype, float8)
         if problems:
+            cache = f"{dtype}" if float8 is None else f"{dtype} queries, {float8} cache"
             raise RuntimeError(f"infokv-vllm: {flag_name('kernels')} triton: the start-up self-check found the "
-                               f"Triton kernels disagree with the torch reference on {device} ({dtype}): "
+                               f"Triton kernels disagree with the torch reference on {device} ({cache}): "
                                + "; ".join(problems))
 
 

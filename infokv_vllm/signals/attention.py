@@ -33,7 +33,7 @@ from infokv_vllm.signals import ATTENTION, NewBlocks, RequestPages, SignalRecord
 
 if TYPE_CHECKING:
     from infokv_vllm.kernels.families import KernelFamily
-    from infokv_vllm.kernels.layouts import PageLayout
+    from infokv_vllm.kernels.layouts import LayerQuantization, PageLayout
     from infokv_vllm.messages import StepPlan
 
 
@@ -67,7 +67,7 @@ class WindowQueries:
         self.free: list[int] = []
         self.size = 0  # entries handed out so far; the buffer is grown to this at the next store
         self.buffer: torch.Tensor | None = None
-        # layer name -> (its KV cache, its softmax scale), as its attention op last handed them over
+        # layer name -> (its KV cache as the kernels read it, the scale of its logits), from its last attention op
         self.layers: dict[str, tuple[torch.Tensor, float]] = {}
 
     def place(self, request_id: str, positions: list[int]) -> list[int]:
@@ -113,6 +113,7 @@ class ObservationWindow:
     query_rows: torch.Tensor  # [T] batch row of each window query
     query_tokens: torch.Tensor  # [T] index of each window query among the step's tokens
     accumulators: dict[str, torch.Tensor]  # attention layer name -> [blocks, kv_heads, block_size] float32
+    quantizations: dict[str, LayerQuantization]  # attention layer name -> what its cache and queries hold
     layout: PageLayout
     kernels: KernelFamily
     deferred: WindowQueries | None = None  # the deferred mode's store
@@ -155,27 +156,37 @@ def record_window_queries(layer_name: str, query: torch.Tensor, kv_cache: torch.
     """Called by a platform's attention impl after vLLM's attention of one layer: add the window queries' mass,
     or, deferred, store the queries.
 
-    seq_lens [rows] are the kept KV lengths including the step's tokens, query_start_loc [rows + 1] the step's
-    token offsets, block_table [rows, blocks] this layer group's block table (the attention metadata's)."""
+    query, kv_cache and scale are what vLLM's attention impl received (an fp8 cache's bytes, fp8 queries, the
+    softmax scale); seq_lens [rows] are the kept KV lengths including the step's tokens, query_start_loc [rows + 1]
+    the step's token offsets, block_table [rows, blocks] this layer group's block table (the attention
+    metadata's)."""
     window = _active
     if window is None or layer_name not in window.accumulators:
         return
+    # The kernels read an fp8 cache as its 8-bit floats; q . (stored key * key scale) is (q . stored key) * key
+    # scale, so the key scale joins the softmax scale.
+    quantization = window.quantizations[layer_name]
+    kv_cache, scale = quantization.readable(kv_cache), scale * quantization.key_scale
     if window.deferred is not None:
-        window.deferred.store(layer_name, query.index_select(0, window.query_tokens), window.stored_at, kv_cache,
-                              scale)
+        window.deferred.store(layer_name, quantization.queries(query.index_select(0, window.query_tokens)),
+                              window.stored_at, kv_cache, scale)
         return
     placed = window.placed(seq_lens, query_start_loc, kv_cache.device)
     window.kernels.accumulate_window_attention(
-        window.accumulators[layer_name], query[placed.tokens], kv_cache, window.layout, block_table, placed.rows,
-        placed.positions, seq_lens, scale)
+        window.accumulators[layer_name], quantization.queries(query[placed.tokens]), kv_cache, window.layout,
+        block_table, placed.rows, placed.positions, seq_lens, scale)
 
 
 class AttentionRecorder(SignalRecorder):
     name = ATTENTION
 
-    def __init__(self, storage, layer_names: list[str], layout: PageLayout, kernels: KernelFamily) -> None:
+    def __init__(self, storage, quantizations: dict[str, LayerQuantization], layout: PageLayout,
+                 kernels: KernelFamily) -> None:
+        """`quantizations`: each attention layer's, by layer name, in the order of the signal planes' layers."""
         super().__init__(storage)
+        layer_names = list(quantizations)
         self.accumulators = dict(zip(layer_names, storage.planes[ATTENTION]))
+        self.quantizations = quantizations
         self.layout = layout
         self.kernels = kernels
         self.deferred = WindowQueries(layer_names) if kernels.defers_window_attention else None
@@ -234,8 +245,8 @@ class AttentionRecorder(SignalRecorder):
         if self.deferred is not None:
             device = step.slots.device
             query_tokens, stored_at = query_tokens.to(device), torch.tensor(entries, device=device)
-        self.window = ObservationWindow(torch.cat(rows), query_tokens, self.accumulators, self.layout,
-                                        self.kernels, self.deferred, stored_at)
+        self.window = ObservationWindow(torch.cat(rows), query_tokens, self.accumulators, self.quantizations,
+                                        self.layout, self.kernels, self.deferred, stored_at)
 
     def _add_deferred_mass(self, request_ids: list[str]) -> None:
         """Add the mass of the stored window queries of those of `request_ids` that hold some: every request's

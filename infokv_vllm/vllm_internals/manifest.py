@@ -150,8 +150,33 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "would build when use_v2_model_runner is set", source_has=("self.use_v2_model_runner =",)),
     VllmInternal("vllm.v1.worker.gpu_input_batch.CachedRequestState", "the runner's per-request block ids, "
                  "shortened after a compaction", fields=("block_ids",)),
-    VllmInternal("vllm._custom_ops.cpu_attn_reshape_and_cache", "writes a marked page to probe the CPU page layout",
-                 ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa")),
+    VllmInternal("vllm._custom_ops.cpu_attn_reshape_and_cache", "writes a marked page to probe the CPU page layout "
+                 "(fp8 caches: with scale 1.0, its default)",
+                 ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa", "k_scale", "v_scale",
+                  "kv_cache_dtype")),
+    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder._set_isa_to_layers", "the "
+                 "instruction set the CPU page layout is probed with, set on each attention layer",
+                 source_has=("layer.isa = self.isa",)),
+    # --- fp8 KV caches (core/adapter.py: LayerQuantization; platforms/) ---
+    VllmInternal("vllm.model_executor.layers.attention.attention.Attention.__init__", "each layer's model dtype "
+                 "(the probe's inputs), its cache dtype string, and its query quantizer (None unless its backend "
+                 "takes fp8 queries)",
+                 source_has=("self.kv_cache_dtype = kv_cache_dtype", "self.dtype = dtype", "self.query_quant = None")),
+    VllmInternal("vllm.model_executor.layers.attention.attention.Attention.forward", "hands the backend fp8 "
+                 "queries, quantized with _q_scale, on this condition, which LayerQuantization repeats",
+                 source_has=("if self.impl.supports_quant_query_input:",
+                             "query, _ = self.query_quant(query, self._q_scale)")),
+    VllmInternal("vllm.model_executor.layers.attention.attention.set_default_quant_scales", "the per-tensor scales "
+                 "an fp8 cache is read with (1.0 unless the checkpoint gives some; the quantization method's "
+                 "process_weights_after_loading sets those, before the KV cache is allocated)",
+                 source_has=("layer._k_scale_float = ", "layer._v_scale_float = ", "layer.register_buffer(\"_q_scale\"")),
+    VllmInternal("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.do_kv_cache_update", "CPU_ATTN "
+                 "stores key / _k_scale_float and value / _v_scale_float in an fp8 cache",
+                 source_has=("k_scale=layer._k_scale_float", "v_scale=layer._v_scale_float")),
+    VllmInternal("vllm.platforms.interface.Platform.fp8_dtype", "CUDA: the fp8 type FLASH_ATTN and TRITON_ATTN view "
+                 "and write an fp8 cache's bytes as", ("cls",)),
+    VllmInternal("vllm.utils.torch_utils.kv_cache_uses_per_token_head_scales", "start-up refuses the cache dtypes "
+                 "whose scales are per token and KV head, by vLLM's own test", ("kv_cache_dtype",)),
     # --- scheduler and KV cache manager (core/scheduler.py, core/block_manager.py) ---
     VllmInternal(f"{_SCHEDULER}.schedule", "overridden: compactions are decided before vLLM allocates slots; "
                  "vLLM sends the copy-on-write copies our manager records (prefix-cache hits of compressed "
