@@ -172,6 +172,21 @@ def test_scenarios_smoke():
     assert (BENCHMARKS / "results" / "scenarios-smoke.png").stat().st_size > 0
 
 
+def test_fp8_smoke():
+    """At the same pool bytes an fp8 pool has twice a bfloat16 pool's blocks, and fp8 with compression runs more
+    requests at once than compression alone."""
+    report = run_smoke("fp8.py")
+    rows = {row["label"]: row for row in report["summary"]}
+    assert report["complete"] and list(rows) == ["vanilla", "fp8", "infokv", "fp8+infokv", "ceiling"]
+    assert all(run["output_tokens"] == 4 * 64 for run in report["runs"])
+    same_bytes = [rows[label] for label in ("vanilla", "fp8", "infokv", "fp8+infokv")]
+    assert {row["pool_bytes"] for row in same_bytes} == {report["same_pool_bytes"]}
+    assert rows["fp8"]["pool_blocks"] == 2 * rows["vanilla"]["pool_blocks"]
+    assert rows["fp8+infokv"]["compression_events"] > 0 and rows["fp8"]["compression_events"] == 0
+    assert rows["fp8+infokv"]["mean_running"] > rows["infokv"]["mean_running"]
+    assert rows["fp8"]["mean_running"] > rows["vanilla"]["mean_running"]
+
+
 def test_plumbing_smoke():
     """GSM8K prompts in the chat template, streaming eviction in vLLM and in transformers: in float32 (SmolLM2)
     the two traces are the same token for token, through several compactions."""
