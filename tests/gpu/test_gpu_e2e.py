@@ -55,17 +55,23 @@ def test_budget_above_length_gives_vanilla_outputs(gpu_model_dir):
 def test_pages_held_stay_within_budget(gpu_model_dir, method):
     settings = {"method": method, "budget": BUDGET, "decode_interval": INTERVAL}
     with in_process_llm(gpu_model_dir, settings, **GPU_ENGINE) as llm:
-        scheduler = scheduler_of(llm)
-        pool = scheduler.kv_cache_manager.block_pool
-        initial_free = pool.get_num_free_blocks()
-        peak = [0]
+        run_within_budget_pages(llm)
 
-        def watch():
-            peak[0] = max([peak[0], *map(len, scheduler.manager.req_to_blocks.values())])
 
-        run_to_completion(llm, PROMPTS, GREEDY, after_step=watch)
-        assert peak[0] <= cdiv(BUDGET + INTERVAL, BLOCK_SIZE) + 1
-        assert pool.get_num_free_blocks() == initial_free
+def run_within_budget_pages(llm) -> dict[str, list[int]]:
+    """Run PROMPTS; no request holds more pages than BUDGET + INTERVAL need, and every page returns."""
+    scheduler = scheduler_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    initial_free = pool.get_num_free_blocks()
+    peak = [0]
+
+    def watch():
+        peak[0] = max([peak[0], *map(len, scheduler.manager.req_to_blocks.values())])
+
+    outputs = run_to_completion(llm, PROMPTS, GREEDY, after_step=watch)
+    assert peak[0] <= cdiv(BUDGET + INTERVAL, BLOCK_SIZE) + 1
+    assert pool.get_num_free_blocks() == initial_free
+    return outputs
 
 
 @pytest.mark.parametrize("method", ["streaming", "infokv"])
@@ -163,3 +169,19 @@ def test_prefix_caching_serves_hits_and_never_rewrites_shared_pages(gpu_model_di
         assert output.num_cached_tokens >= len(shared) * BLOCK_SIZE
         assert scheduler.totals.events > events
         assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == idle_free
+
+
+def test_fp8_cache_compresses_and_matches_vanilla_fp8_above_the_budget(gpu_model_dir):
+    """fp8 pages (float8_e4m3fn, per-tensor scales; vLLM hands FLASH_ATTN fp8 queries): a budget above the length
+    gives vanilla fp8's outputs, a small one compresses within the budget's pages and returns every page."""
+    engine = {**GPU_ENGINE, "kv_cache_dtype": "fp8"}
+    with in_process_llm(gpu_model_dir, **engine) as llm:
+        vanilla = run_to_completion(llm, PROMPTS, GREEDY)
+    with in_process_llm(gpu_model_dir, {"method": "infokv", "budget": 500}, **engine) as llm:
+        assert run_to_completion(llm, PROMPTS, GREEDY) == vanilla
+        assert scheduler_of(llm).totals.events == 0
+    settings = {"method": "infokv", "budget": BUDGET, "decode_interval": INTERVAL}
+    with in_process_llm(gpu_model_dir, settings, **engine) as llm:
+        outputs = run_within_budget_pages(llm)
+        assert all(len(tokens) == 200 for tokens in outputs.values())
+        assert scheduler_of(llm).totals.events >= 2 * len(PROMPTS)
