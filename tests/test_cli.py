@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -197,3 +198,17 @@ def test_triton_kernels_on_cpu_need_the_interpreter(smollm2_dir, monkeypatch):
     with pytest.raises(CompressionConfigError, match="--kv-kernels triton on CPU is not supported"):
         engine_config(smollm2_dir, additional_config={ADDITIONAL_CONFIG_KEY: {"method": "snapkv",
                                                                               "kernels": "triton"}})
+
+
+def test_sliding_window_models_are_refused_with_the_reason(tiny_mixtral_dir, tmp_path):
+    """A Mixtral whose layers attend within a window: vLLM already frees the pages that leave the window, and
+    compression would shift positions that window relies on."""
+    windowed = tmp_path / "mixtral-sliding-window"
+    shutil.copytree(tiny_mixtral_dir, windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    settings = {ADDITIONAL_CONFIG_KEY: {"method": "streaming", "budget": 128}}
+    with pytest.raises(CompressionConfigError, match="sliding-window attention models is not supported with "
+                                                     "--kv-compression streaming: vLLM already drops"):
+        engine_config(windowed, additional_config=settings)
+    assert engine_config(windowed).model_config.get_sliding_window() == 64  # without compression vLLM serves it
