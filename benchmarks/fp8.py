@@ -49,8 +49,8 @@ def kv_bytes_per_token(model: Path, element_bytes: int) -> int:
 
 
 def main() -> None:
-    from report import figure_with_axes, median_range, ratio_text, save_figure, write_report
-    from throughput import Workload, run
+    from report import figure_with_axes, ratio_text, save_figure, write_report
+    from throughput import Workload, run, summarise
 
     from infokv_testing.local_engine import BLOCK_SIZE
     from infokv_testing.smollm2 import MODEL_NAME, ensure_model
@@ -84,27 +84,16 @@ def main() -> None:
         return pool_bytes // (BLOCK_SIZE * token_bytes[CONFIGS[label][1]])
 
     def summary() -> list[dict]:
-        speed = {(r.pool, r.round): r.output_tokens_per_s for r in results}
-        rows = []
-        for label, (method, fp8) in CONFIGS.items():
-            runs = [r for r in results if r.pool == label]
-            if not runs:
-                continue
-            speeds = [r.output_tokens_per_s for r in runs]
-            mean_running = statistics.fmean(r.mean_running for r in runs)
-            row = {"label": label, "method": method, "kv_cache_dtype": args.kv_cache_dtype if fp8 else "auto",
-                   "pool_blocks": runs[0].pool_blocks, "max_num_seqs": runs[0].max_num_seqs,
-                   "pool_bytes": runs[0].pool_blocks * BLOCK_SIZE * token_bytes[fp8],
-                   "kv_bytes_per_token": token_bytes[fp8],
-                   "output_tokens_per_s": statistics.median(speeds), "min": min(speeds), "max": max(speeds),
-                   "peak_running": max(r.peak_running for r in runs), "mean_running": round(mean_running, 2),
-                   "preemptions": statistics.median(r.preemptions for r in runs),
-                   "compression_events": statistics.median(r.compression_events for r in runs)}
+        configs = [(label, method) for label, (method, _) in CONFIGS.items()
+                   if any(r.pool == label for r in results)]
+        rows = summarise(results, configs, {"vs_vanilla": ("vanilla", "none"), "vs_ceiling": ("ceiling", "none")})
+        for row in rows:
+            fp8 = CONFIGS[row["pool"]][1]
+            mean_running = statistics.fmean(r.mean_running for r in results if r.pool == row["pool"])
+            row.update(label=row["pool"], kv_cache_dtype=args.kv_cache_dtype if fp8 else "auto",
+                       pool_bytes=row["pool_blocks"] * BLOCK_SIZE * token_bytes[fp8],
+                       kv_bytes_per_token=token_bytes[fp8])
             row["pool_bytes_per_running_request"] = round(row["pool_bytes"] / mean_running)
-            for name, reference in (("vs_vanilla", "vanilla"), ("vs_ceiling", "ceiling")):
-                row[name] = median_range([r.output_tokens_per_s / speed[(reference, r.round)] for r in runs
-                                          if (reference, r.round) in speed])
-            rows.append(row)
         return rows
 
     def save(complete: bool) -> tuple[Path, list[dict]]:

@@ -164,9 +164,14 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def summarise(results: list[RunResult], configs: list[tuple[str, str]]) -> list[dict]:
-    """Per configuration: tokens/s median and range over rounds; ratios to vanilla on the small pool and to the
-    ceiling, taken round by round (each round's engines ran back to back) and then summarised the same way."""
+# The configurations every other is compared with, by the ratio's name: vanilla on the small pool, and the ceiling
+REFERENCES = {"vs_vanilla": ("small", "none"), "vs_ceiling": ("ample", "none")}
+
+
+def summarise(results: list[RunResult], configs: list[tuple[str, str]],
+              references: dict[str, tuple[str, str]] = REFERENCES) -> list[dict]:
+    """Per configuration (pool, method): tokens/s median and range over rounds; ratios to each of `references`,
+    taken round by round (each round's engines ran back to back) and then summarised the same way."""
     from report import median_range  # beside this script (benchmarks run as files)
 
     by_round = {(r.pool, r.method, r.round): r.output_tokens_per_s for r in results}
@@ -186,7 +191,7 @@ def summarise(results: list[RunResult], configs: list[tuple[str, str]]) -> list[
                "compression_events": statistics.median(r.compression_events for r in runs),
                "ttft_p50_s": _percentile(ttft, 50), "ttft_p90_s": _percentile(ttft, 90),
                "tpot_p50_ms": 1000 * _percentile(tpot, 50), "tpot_p90_ms": 1000 * _percentile(tpot, 90)}
-        for name, reference in (("vs_vanilla", ("small", "none")), ("vs_ceiling", ("ample", "none"))):
+        for name, reference in references.items():
             ratios = [r.output_tokens_per_s / by_round[(*reference, r.round)] for r in runs
                       if (*reference, r.round) in by_round]
             row[name] = median_range(ratios)
