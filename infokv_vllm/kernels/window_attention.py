@@ -175,9 +175,10 @@ def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor
                                        query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                        slot_tile: int = 64, split_slots: int | None = None) -> None:
     """queries [T, q_heads, D] (window queries only, each request's consecutive); keys [blocks, kv_heads,
-    block_size, D] (any float type, fp8 included; `scale` then includes the cache's key scale); block_table [reqs, max_blocks] int32; accumulator [blocks, kv_heads, block_size] float32
-    (added into); query_requests [T] (row of block_table), query_positions [T] (physical slot of each query),
-    seq_lens [reqs]. `split_slots` (a multiple of `slot_tile`) overrides `slots_per_split`."""
+    block_size, D] (any float type, fp8 included; `scale` then includes the cache's key scale); block_table
+    [reqs, max_blocks] int32; accumulator [blocks, kv_heads, block_size] float32 (added into); query_requests
+    [T] (row of block_table), query_positions [T] (physical slot of each query), seq_lens [reqs]. `split_slots`
+    (a multiple of `slot_tile`) overrides `slots_per_split`."""
     num_tokens, q_heads, head_dim = queries.shape
     kv_heads, block_size = keys.shape[1], keys.shape[2]
     if num_tokens == 0:
