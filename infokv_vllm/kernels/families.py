@@ -41,9 +41,12 @@ class KernelFamily:
 
     def accumulate_window_attention(self, accumulator: torch.Tensor, queries: torch.Tensor, cache: torch.Tensor,
                                     layout: PageLayout, block_table: torch.Tensor, query_rows: torch.Tensor,
-                                    query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> None:
+                                    query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                    sinks: torch.Tensor | None = None) -> None:
         """Add into accumulator [blocks, kv_heads, block_size] the softmax mass queries [T, q_heads, D] give each
-        slot of their request (batch row `query_rows`), attending slots 0..query_positions (physical)."""
+        slot of their request (batch row `query_rows`), attending slots 0..query_positions (physical). `sinks`
+        [q_heads]: the layer's attention-sink logits (gpt-oss), which join each softmax's normaliser and take
+        their share of the mass, as in vLLM's attention."""
         raise NotImplementedError
 
 
@@ -71,9 +74,9 @@ class TorchKernels(KernelFamily):
         compact_layers_torch(planes, block_table, keep)  # one op for every layer, not one per layer
 
     def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
-                                    query_positions, seq_lens, scale) -> None:
+                                    query_positions, seq_lens, scale, sinks=None) -> None:
         for group in self._row_groups(block_table, query_rows, query_positions, seq_lens, accumulator.shape[-1]):
-            _accumulate_rows(accumulator, queries, cache, layout, group, scale)
+            _accumulate_rows(accumulator, queries, cache, layout, group, scale, sinks)
 
     def _row_groups(self, block_table: torch.Tensor, query_rows: torch.Tensor, query_positions: torch.Tensor,
                     seq_lens: torch.Tensor, block_size: int) -> list[RowGroup]:
@@ -112,7 +115,7 @@ class RowGroup:
 
 
 def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: torch.Tensor, layout: PageLayout,
-                     group: RowGroup, scale: float) -> None:
+                     group: RowGroup, scale: float, sinks: torch.Tensor | None) -> None:
     """The window mass of one row group in one batched op. Whole blocks are read up to the longest request. Slots
     past a request's length (padding, or stale block-table entries past its blocks, which may be another
     request's) get exactly zero mass, as the queries' positions mask them, and the adds accumulate, so they change
@@ -126,7 +129,13 @@ def _accumulate_rows(accumulator: torch.Tensor, queries: torch.Tensor, cache: to
     # [R, kv_heads, T * group, D]: the rows of a query head group, query by query
     grouped = queries[group.query_index].float().view(num_rows, num_queries, kv_heads, -1, head_size).transpose(1, 2)
     logits = torch.matmul(grouped.flatten(2, 3), keys).view(num_rows, kv_heads, num_queries, -1, length)
-    mass = logits.mul_(scale).masked_fill_(group.future, float("-inf")).softmax(dim=-1).sum(dim=(2, 3))
+    logits = logits.mul_(scale).masked_fill_(group.future, float("-inf"))
+    if sinks is None:
+        mass = logits.softmax(dim=-1).sum(dim=(2, 3))
+    else:
+        sink = sinks.float().to(logits.device).view(1, kv_heads, 1, -1)  # per query head: [1, kv_heads, 1, group]
+        normaliser = torch.logaddexp(logits.logsumexp(dim=-1), sink)
+        mass = (logits - normaliser[..., None]).exp_().sum(dim=(2, 3))
     mass = mass.view(num_rows, kv_heads, -1, block_size).transpose(1, 2).flatten(0, 1)
     accumulator.index_put_((group.blocks,), mass, accumulate=True)
 
@@ -149,11 +158,12 @@ class TritonKernels(KernelFamily):
             compact_plane_triton(plane[..., None], block_table, layer_keep[None], n_keep)
 
     def accumulate_window_attention(self, accumulator, queries, cache, layout, block_table, query_rows,
-                                    query_positions, seq_lens, scale) -> None:
+                                    query_positions, seq_lens, scale, sinks=None) -> None:
         key_plane, _ = layout.planes(cache)
         accumulate_window_attention_triton(queries, key_plane, block_table.to(torch.int32), accumulator,
                                            query_rows.to(torch.int32), query_positions.to(torch.int32),
-                                           seq_lens.to(torch.int32), scale, split_slots=self.split_slots)
+                                           seq_lens.to(torch.int32), scale, split_slots=self.split_slots,
+                                           sinks=sinks)
 
 
 KERNEL_FAMILIES: dict[str, type[KernelFamily]] = {cls.name: cls for cls in (TorchKernels, TritonKernels)}

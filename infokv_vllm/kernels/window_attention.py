@@ -58,7 +58,7 @@ def _window_rows(query_ptr, query_request_ptr, query_position_ptr, chunk, reques
 
 @triton.jit
 def _window_kernel(
-    query_ptr, key_ptr, block_table_ptr, acc_ptr, row_max_ptr, row_sum_ptr,
+    query_ptr, key_ptr, block_table_ptr, acc_ptr, row_max_ptr, row_sum_ptr, sink_ptr,
     query_request_ptr, query_position_ptr, seq_len_ptr, num_tokens,
     stride_q_token, stride_q_head, stride_q_dim,
     stride_k_block, stride_k_head, stride_k_slot, stride_k_dim,
@@ -67,11 +67,11 @@ def _window_kernel(
     scale, slots_per_split,
     GROUP: tl.constexpr, GROUP_TILE: tl.constexpr, QUERY_TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     DIM_TILE: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_TILE: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-    PRECISION: tl.constexpr, MASS: tl.constexpr,
+    PRECISION: tl.constexpr, MASS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     """One pass over a (request, KV head, split): the statistics pass (MASS False) stores every row's softmax
-    maximum and normaliser over the split; the mass pass (MASS True) combines them over all splits and adds the
-    split's slot probabilities into the accumulator."""
+    maximum and normaliser over the split; the mass pass (MASS True) combines them over all splits (with the
+    query head's sink logit where HAS_SINKS) and adds the split's slot probabilities into the accumulator."""
     first = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -121,6 +121,13 @@ def _window_kernel(
                 part_max = tl.load(row_max_ptr + stats_row * num_splits + other, mask=row_valid, other=0.0)
                 part_sum = tl.load(row_sum_ptr + stats_row * num_splits + other, mask=row_valid, other=1.0)
                 row_sum += part_sum * tl.exp(part_max - row_max)
+            if HAS_SINKS:
+                # The sink takes its share of the normaliser; padding heads have none (-inf adds nothing).
+                head = tl.arange(0, QUERY_TILE * GROUP_TILE) % GROUP_TILE
+                sink = tl.load(sink_ptr + kv_head * GROUP + head, mask=head < GROUP, other=float("-inf"))
+                with_sink = tl.maximum(row_max, sink.to(tl.float32))
+                row_sum = row_sum * tl.exp(row_max - with_sink) + tl.exp(sink.to(tl.float32) - with_sink)
+                row_max = with_sink
             for start in range(split_start, stop, SLOT_TILE):
                 slot = start + slots
                 logits = _tile_logits(q, key_ptr, table_row, kv_head, slot, position, length, dims,
@@ -173,12 +180,13 @@ def slots_per_split(block_table: torch.Tensor, block_size: int, kv_heads: int, s
 def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor, block_table: torch.Tensor,
                                        accumulator: torch.Tensor, query_requests: torch.Tensor,
                                        query_positions: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                                       slot_tile: int = 64, split_slots: int | None = None) -> None:
+                                       slot_tile: int = 64, split_slots: int | None = None,
+                                       sinks: torch.Tensor | None = None) -> None:
     """queries [T, q_heads, D] (window queries only, each request's consecutive); keys [blocks, kv_heads,
     block_size, D] (any float type, fp8 included; `scale` then includes the cache's key scale); block_table
     [reqs, max_blocks] int32; accumulator [blocks, kv_heads, block_size] float32 (added into); query_requests
-    [T] (row of block_table), query_positions [T] (physical slot of each query), seq_lens [reqs]. `split_slots`
-    (a multiple of `slot_tile`) overrides `slots_per_split`."""
+    [T] (row of block_table), query_positions [T] (physical slot of each query), seq_lens [reqs]; sinks [q_heads]
+    the attention-sink logits, or None. `split_slots` (a multiple of `slot_tile`) overrides `slots_per_split`."""
     num_tokens, q_heads, head_dim = queries.shape
     kv_heads, block_size = keys.shape[1], keys.shape[2]
     if num_tokens == 0:
@@ -208,19 +216,19 @@ def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor
     )
     grid = (num_tokens, kv_heads, num_splits)
     arguments = (queries, keys, block_table, accumulator, row_max, row_sum,
-                 query_requests, query_positions, seq_lens, num_tokens,
+                 row_max if sinks is None else sinks.float().contiguous(), query_requests, query_positions, seq_lens, num_tokens,
                  queries.stride(0), queries.stride(1), queries.stride(2),
                  keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), block_table.stride(0),
                  accumulator.stride(0), accumulator.stride(1), accumulator.stride(2), scale, split)
-    _window_kernel[grid](*arguments, **shared, MASS=False)
-    _window_kernel[grid](*arguments, **shared, MASS=True)
+    _window_kernel[grid](*arguments, **shared, MASS=False, HAS_SINKS=False)
+    _window_kernel[grid](*arguments, **shared, MASS=True, HAS_SINKS=sinks is not None)
 
 
 def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_positions: torch.Tensor,
-                          scale: float) -> torch.Tensor:
+                          scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """queries [..., T, q_heads, D], keys [..., kv_heads, S, D], query_positions [..., T] (physical slot of each
-    query, which attends slots 0..position) -> [..., kv_heads, S] summed probabilities. Leading dims batch
-    requests."""
+    query, which attends slots 0..position) -> [..., kv_heads, S] summed probabilities; with sinks [q_heads] (the
+    attention-sink logits) in each softmax's normaliser. Leading dims batch requests."""
     *batch, num_tokens, q_heads, _ = queries.shape
     kv_heads, length = keys.shape[-3], keys.shape[-2]
     group = q_heads // kv_heads
@@ -228,4 +236,7 @@ def window_attention_mass(queries: torch.Tensor, keys: torch.Tensor, query_posit
     logits = torch.einsum("...tkgd,...ksd->...tkgs", grouped, keys.float()) * scale
     future = torch.arange(length, device=keys.device) > query_positions[..., None]
     logits.masked_fill_(future[..., None, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(kv_heads, group, 1).expand(*logits.shape[:-1], 1)
+        return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1].sum(dim=(-4, -2))
     return logits.softmax(dim=-1).sum(dim=(-4, -2))

@@ -28,7 +28,7 @@ def paged_case(seed: int, q_heads: int, kv_heads: int, head_dim: int = 32, block
     return queries, keys, table, requests, positions, torch.tensor(seq_lens, dtype=torch.int32)
 
 
-def dense_reference(queries, keys, table, requests, positions, seq_lens, scale):
+def dense_reference(queries, keys, table, requests, positions, seq_lens, scale, sinks=None):
     block_size = keys.shape[2]
     accumulator = torch.zeros(keys.shape[:3])
     for req in range(len(seq_lens)):
@@ -36,7 +36,7 @@ def dense_reference(queries, keys, table, requests, positions, seq_lens, scale):
         slots = torch.arange(int(seq_lens[req]))
         blocks = table[req, slots // block_size].long()
         dense_keys = keys[blocks, :, slots % block_size].transpose(0, 1)  # [kv_heads, S, D]
-        mass = window_attention_mass(queries[rows], dense_keys, positions[rows].long(), scale)
+        mass = window_attention_mass(queries[rows], dense_keys, positions[rows].long(), scale, sinks)
         accumulator[blocks, :, slots % block_size] += mass.T
     return accumulator
 
@@ -54,6 +54,43 @@ def test_matches_dense_reference(q_heads, kv_heads, split_slots):
     accumulate_window_attention_triton(queries, keys, table, accumulator, requests, positions, seq_lens, scale,
                                        slot_tile=16, split_slots=split_slots)
     torch.testing.assert_close(accumulator.cpu(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sinks_take_their_share_of_each_softmax():
+    """With attention-sink logits (gpt-oss), each query head's probabilities over the slots sum to what the sink
+    leaves: sum(exp(logits)) / (sum(exp(logits)) + exp(sink)); without, to 1."""
+    generator = torch.Generator().manual_seed(5)
+    queries, keys = torch.randn(3, 4, 8, generator=generator), torch.randn(2, 6, 8, generator=generator)
+    positions, sinks = torch.tensor([3, 4, 5]), torch.tensor([0.5, -1.0, 2.0, 0.0])
+    logits = torch.einsum("tkgd,ksd->tkgs", queries.view(3, 2, 2, 8), keys) * 0.3
+    logits.masked_fill_(torch.arange(6) > positions[:, None, None, None], float("-inf"))
+    kept = logits.exp().sum(-1)  # [T, kv_heads, group]
+    share = kept / (kept + sinks.view(2, 2).exp())
+    mass = window_attention_mass(queries, keys, positions, 0.3, sinks)
+    torch.testing.assert_close(mass.sum(-1), share.sum(dim=(0, 2)))
+    torch.testing.assert_close(window_attention_mass(queries, keys, positions, 0.3).sum(-1),
+                               torch.full((2,), 3 * 2.0))
+
+
+@pytest.mark.parametrize("split_slots", [None, 16], ids=["one-split", "splits-of-16"])
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(6, 2), (3, 3)], ids=["gqa3", "mha"])
+def test_sinks_match_dense_reference(q_heads, kv_heads, split_slots):
+    """The Triton kernel and the torch family add the sink to each row's normaliser as the reference does."""
+    case = paged_case(6, q_heads, kv_heads)
+    sinks = torch.linspace(-2.0, 3.0, q_heads)
+    expected = dense_reference(*case, 0.25, sinks)
+    assert not torch.allclose(expected, dense_reference(*case, 0.25))
+    queries, keys, table, requests, positions, seq_lens = case
+    accumulator = torch.zeros(keys.shape[:3])
+    accumulate_window_attention_triton(queries, keys, table, accumulator, requests, positions, seq_lens, 0.25,
+                                       slot_tile=16, split_slots=split_slots, sinks=sinks)
+    torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
+    layout = HeadMajorPageLayout(keys.shape[2], keys.shape[3])
+    pages = torch.cat([keys, torch.zeros_like(keys)], dim=-1)
+    accumulator = torch.zeros(keys.shape[:3])
+    TorchKernels().accumulate_window_attention(accumulator, queries, pages, layout, table, requests, positions,
+                                               seq_lens, 0.25, sinks)
+    torch.testing.assert_close(accumulator, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("split_slots", [None, 64], ids=["one-split", "splits"])
