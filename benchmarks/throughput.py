@@ -19,6 +19,11 @@ preemptions, compressions, TTFT and TPOT percentiles. A plot goes beside the JSO
     .venv/bin/python benchmarks/throughput.py            # the full run (about 30 minutes on 2 CPU cores)
     .venv/bin/python benchmarks/throughput.py --smoke    # seconds; what CI runs
     python benchmarks/throughput.py --gpu --model DIR --mode compiled --attention-backend FLASH_ATTN  # one GPU
+    .venv/bin/python benchmarks/throughput.py --family gpt-oss --shapes '{"num_hidden_layers": 8}'  # a shape
+
+`--family` writes a random-weight model of one of `infokv_testing.tiny_models`' families (gpt-oss: sliding-window
+and full-attention layers in turn, with sinks), scaled by `--shapes`; in a model with sliding-window layers each
+request holds pages in both KV cache groups, which the ample pool counts.
 
 On a GPU (`--gpu`; `scripts/gpu_check.sh throughput` runs it on the random Llama-3.1-8B-shaped model) the
 workload is sized for 80 GB; docs/platforms.md says which runs have completed on which card.
@@ -27,6 +32,7 @@ workload is sized for 80 GB; docs/platforms.md says which runs have completed on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -247,6 +253,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help="a model directory (default: SmolLM2-135M, the CPU test model); on a GPU, e.g. the "
                              "random Llama-3.1-8B-shaped model of `infokv_testing.random_models`")
+    parser.add_argument("--family", default=None,
+                        help="write a random-weight model of this family of infokv_testing.tiny_models (e.g. gpt-oss) "
+                             "and run it, instead of --model")
+    parser.add_argument("--shapes", type=json.loads, default={},
+                        help="JSON config fields that scale --family's model (layers, hidden size, window)")
     parser.add_argument("--gpu", action="store_true",
                         help="a memory-bound workload sized for one 80 GB GPU and an 8B model: 256 requests, "
                              "768-1280-token prompts, 1,024 output tokens, budget 512, a pool of 4,608 16-token "
@@ -271,6 +282,14 @@ def main() -> None:
 
     model = args.model or ensure_model()
     model_name = MODEL_NAME if args.model is None else args.model.name
+    if args.family:
+        from infokv_testing.models import cache_dir
+        from infokv_testing.tiny_models import write_tiny_model
+
+        model_name = f"random {args.family} " + ",".join(f"{key}={value}" for key, value in args.shapes.items())
+        model = cache_dir() / "random" / model_name.replace(" ", "-").replace(",", "-")
+        if not (model / "config.json").exists():
+            write_tiny_model(args.family, ensure_model(), model, **args.shapes)
     # The CPU defaults of `in_process_llm` (float32, a fixed KV size, 32-token blocks) become a GPU's.
     engine = dict(dtype="bfloat16", block_size=16, kv_cache_memory_bytes=None,
                   gpu_memory_utilization=0.9) if args.gpu else {}
@@ -280,7 +299,10 @@ def main() -> None:
     low, high = map(int, args.prompt_len.split(","))
     workload = Workload(args.requests, (low, high), args.output_len, args.budget, args.interval,
                         args.memory_pressure)
-    blocks_per_request = -(-workload.max_model_len // block_size)
+    # Every KV cache group of the model holds a request's tokens (a sliding-window group fewer): the ample pool
+    # counts each group in full.
+    layer_kinds = set(json.loads((Path(model) / "config.json").read_text()).get("layer_types") or ["full_attention"])
+    blocks_per_request = -(-workload.max_model_len // block_size) * len(layer_kinds)
     small = [("small", method) for method in args.methods.split(",")]
     # Compressed configurations first: their peak concurrency in round one caps the ample pool.
     small.sort(key=lambda config: config[1] == "none")

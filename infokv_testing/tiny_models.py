@@ -24,16 +24,34 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3-moe": ("qwen3_moe", dict(intermediate_size=256, head_dim=64, num_experts=4, num_experts_per_tok=2,
                                     moe_intermediate_size=64, norm_topk_prob=True)),
     "mixtral": ("mixtral", dict(intermediate_size=64, head_dim=32, num_local_experts=4, num_experts_per_tok=2)),
+    # A sliding-window layer, then a full-attention one (Gemma 3 has five to one). Gemma scales the embeddings by
+    # the square root of the hidden size: smaller weights keep the outputs varied.
+    "gemma3": ("gemma3_text", dict(intermediate_size=256, head_dim=32, sliding_window=16, initializer_range=0.02,
+                                   layer_types=["sliding_attention", "full_attention"])),
+    # gpt-oss: sliding-window and full-attention layers in turn, attention sinks, routed experts. vLLM's gpt-oss
+    # always loads its own output head (real checkpoints are untied), so the weights must hold one.
+    "gpt-oss": ("gpt_oss", dict(intermediate_size=64, head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                tie_word_embeddings=False)),
+    # Qwen3-Next: a Gated DeltaNet (linear-attention) layer, then a full-attention one, routed and shared experts.
+    # vLLM's CPU Gated DeltaNet takes bfloat16 only, and linear heads of 64 dimensions and more.
+    "qwen3-next": ("qwen3_next", dict(intermediate_size=256, head_dim=64, num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                                      norm_topk_prob=True, layer_types=["linear_attention", "full_attention"],
+                                      linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=64,
+                                      linear_value_head_dim=64, linear_conv_kernel_dim=4,
+                                      tie_word_embeddings=False)),
 }
 
 
-def write_tiny_model(family: str, tokenizer_dir: Path, target: Path, seed: int = 0) -> Path:
-    """Write the tiny `family` model (float32, weights drawn with `seed`) with `tokenizer_dir`'s tokenizer."""
+def write_tiny_model(family: str, tokenizer_dir: Path, target: Path, seed: int = 0, **shapes) -> Path:
+    """Write the tiny `family` model (float32, weights drawn with `seed`) with `tokenizer_dir`'s tokenizer;
+    `shapes` override its config fields (benchmarks scale a family up: layers, hidden size, window)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_type, fields = FAMILIES[family]
-    config = AutoConfig.for_model(model_type, **SHARED, **fields)
+    config = AutoConfig.for_model(model_type, **{**SHARED, **fields, **shapes})
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(target)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)

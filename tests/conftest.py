@@ -55,6 +55,24 @@ def tiny_qwen3_moe_dir(smollm2_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Gemma 3: a sliding-window layer, then a full-attention one."""
+    return _tiny_model("gemma3", smollm2_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random gpt-oss: a sliding-window layer, then a full-attention one, attention sinks, experts."""
+    return _tiny_model("gpt-oss", smollm2_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_next_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Qwen3-Next: a Gated DeltaNet linear-attention layer, then a full-attention one, experts."""
+    return _tiny_model("qwen3-next", smollm2_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def tiny_mixtral_dir(smollm2_dir, tmp_path_factory) -> Path:
     """A tiny random Mixtral: 4 query / 2 KV heads of 32, 4 routed experts, 2 per token."""
     return _tiny_model("mixtral", smollm2_dir, tmp_path_factory)

@@ -200,15 +200,15 @@ def test_triton_kernels_on_cpu_need_the_interpreter(smollm2_dir, monkeypatch):
                                                                               "kernels": "triton"}})
 
 
-def test_sliding_window_models_are_refused_with_the_reason(tiny_mixtral_dir, tmp_path):
-    """A Mixtral whose layers attend within a window: vLLM already frees the pages that leave the window, and
-    compression would shift positions that window relies on."""
+def test_models_windowed_in_every_layer_are_refused_with_the_reason(tiny_mixtral_dir, tmp_path):
+    """A Mixtral whose every layer attends within a window: vLLM already frees the pages that leave the window, and
+    no layer keeps a KV that grows with the context."""
     windowed = tmp_path / "mixtral-sliding-window"
     shutil.copytree(tiny_mixtral_dir, windowed)
     config = json.loads((windowed / "config.json").read_text())
     (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
     settings = {ADDITIONAL_CONFIG_KEY: {"method": "streaming", "budget": 128}}
-    with pytest.raises(CompressionConfigError, match="sliding-window attention models is not supported with "
-                                                     "--kv-compression streaming: vLLM already drops"):
+    with pytest.raises(CompressionConfigError, match="models whose every layer has sliding-window attention is not "
+                                                     "supported with --kv-compression streaming: vLLM already drops"):
         engine_config(windowed, additional_config=settings)
     assert engine_config(windowed).model_config.get_sliding_window() == 64  # without compression vLLM serves it

@@ -60,8 +60,10 @@ def test_every_vllm_override_of_ours_is_listed():
 
     from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
     from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.utils import AttentionGroup
 
     from infokv_vllm.core.block_manager import CompactingAttentionManager, CompressedAttentionSpec
+    from infokv_vllm.core.kept_lengths import KeptLengthsAttentionGroup
     from infokv_vllm.core.runner import CompressingRunnerMixin
     from infokv_vllm.core.scheduler import CompressingScheduler
     from infokv_vllm.core.worker import CompressingWorkerMixin
@@ -72,7 +74,7 @@ def test_every_vllm_override_of_ours_is_listed():
                          (CompactingAttentionManager, FullAttentionManager),
                          (CompressedAttentionSpec, FullAttentionSpec), (CPURayExecutor, RayExecutorV2),
                          (CPURayWorkerProc, RayWorkerProc), (CompressingWorkerMixin, CPUWorker),
-                         (CompressingWorkerMixin, Worker)):
+                         (CompressingWorkerMixin, Worker), (KeptLengthsAttentionGroup, AttentionGroup)):
         for name, value in vars(ours).items():
             if callable(value) and hasattr(theirs, name) and not name.startswith("__"):
                 assert f"{theirs.__module__}.{theirs.__qualname__}.{name}" in listed, (ours.__name__, name)

@@ -54,3 +54,14 @@ def test_compiled_keeps_the_tokens_eager_keeps(smollm2_dir, prompt_ids, transfor
         assert torch.equal(eager, compiled), f"compaction {number} keeps other tokens when compiled"
     for check in (check_window_attention, check_token_entropy, check_representation_evolution):
         check(signals_compiled[0], transformers_outputs)
+
+
+def test_compiled_keeps_the_tokens_eager_keeps_in_a_sliding_window_model_with_sinks(tiny_gpt_oss_dir, prompt_ids):
+    """gpt-oss's shape (a sliding-window layer, a full-attention one with sinks, routed experts): compiled, the
+    full-attention group keeps what it keeps in eager mode."""
+    kept_eager, _ = compress(tiny_gpt_oss_dir, prompt_ids, eager=True)
+    kept_compiled, _ = compress(tiny_gpt_oss_dir, prompt_ids, eager=False)
+    assert len(kept_compiled) == len(kept_eager) >= 3, "the prompt and at least two decode compressions"
+    assert kept_eager[0].shape[0] == 1, "one compressed layer: the full-attention one"
+    for number, (eager, compiled) in enumerate(zip(kept_eager, kept_compiled)):
+        assert torch.equal(eager, compiled), f"compaction {number} keeps other tokens when compiled"

@@ -76,6 +76,15 @@ def test_two_ranks_compress_like_one(tiny_llama_dir, monkeypatch):
     assert two_ranks == one_rank
 
 
+def test_two_ranks_compress_a_sliding_window_model_with_sinks_like_one(tiny_gpt_oss_dir, monkeypatch):
+    """gpt-oss's shape: each rank holds one KV head of the full-attention and of the sliding-window layer, and the
+    sinks of its own query heads; the full-attention group is compressed alike on both."""
+    one_rank, events = generate(tiny_gpt_oss_dir, SETTINGS, 1)
+    assert events >= 2 * (len(PROMPTS) - 1), "the two long prompts are compressed after prefill and in decoding"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert generate(tiny_gpt_oss_dir, SETTINGS, 2) == (one_rank, events)
+
+
 def test_two_ranks_apply_the_pool_wide_decisions_of_the_reporting_rank(tiny_llama_dir, monkeypatch):
     """Rank 0's loss curves (its own KV head) decide; the other rank compacts with its own probed scores to the
     same lengths (a rank that disagreed would fail the runner's evicted-slots check or lack the probe)."""

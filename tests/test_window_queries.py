@@ -58,7 +58,8 @@ class Batch:
             self.caches[name], layout = PAGE_LAYOUTS[page_layout](self.keys[name], values)
         self.signals = SlotSignals(frozenset({ATTENTION}), len(LAYERS), BLOCKS, KV_HEADS, BLOCK_SIZE, kernels,
                                    torch.device("cpu"))
-        self.recorder = AttentionRecorder(self.signals, {name: LayerQuantization() for name in LAYERS}, layout,
+        self.recorder = AttentionRecorder(self.signals, {name: LayerQuantization() for name in LAYERS},
+                                          dict.fromkeys(LAYERS), layout,
                                           kernels)
         self.blocks, self.evicted = blocks, evicted
         self.lengths = {request_id: 0 for request_id in blocks}  # logical tokens computed

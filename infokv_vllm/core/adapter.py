@@ -75,6 +75,12 @@ class PlatformAdapter:
         return LayerQuantization(self.float8_format(cache_dtype), attention_layer._k_scale_float,
                                  attention_layer._v_scale_float, query_scales)
 
+    def attention_sinks(self, attention_layer: Any) -> Any:
+        """The layer's attention-sink logits [query heads of this rank] (gpt-oss), or None: vLLM's impls keep
+        them as `sinks`."""
+        sinks = getattr(attention_layer.impl, "sinks", None)
+        return None if sinks is None else sinks.detach().float()
+
     def prepare_engine_args(self, engine_args: Any, config: CompressionConfig) -> None:
         """Adjust vLLM's engine arguments before its config is built (e.g. graph modes)."""
 

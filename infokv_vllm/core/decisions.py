@@ -47,6 +47,8 @@ class SchedulerView(Protocol):
 
     def blocks_for_next_step(self, request: Request) -> int: ...
 
+    def blocks_left_to_vllm(self, request_id: str) -> int: ...
+
     def _apply(self, compaction: Compaction, cause: str) -> Compaction | None: ...
 
 
@@ -177,15 +179,18 @@ class PoolWideMode:
         over = usable - pool.get_num_free_blocks() + needed - target
         if over <= 0:
             return []
-        compressed, uncompressed_blocks = 0, 0
+        # Blocks no compaction can free count against the target: every block of requests that opted out, and
+        # what every request holds in a model's sliding-window and state groups.
+        compressed, fixed_blocks = 0, 0
         for request in scheduler.running:
+            fixed_blocks += scheduler.blocks_left_to_vllm(request.request_id)
             if scheduler.state_of(request).settings.enabled:
                 compressed += 1
             else:
-                uncompressed_blocks += len(scheduler.manager.req_to_blocks[request.request_id])
+                fixed_blocks += len(scheduler.manager.req_to_blocks[request.request_id])
         room = min(target // 2, compressed * cdiv(self.decode_interval, scheduler.manager.block_size))
         return self.free_lowest_loss_pages(scheduler, over + room, probed, "pool target",
-                                           fair_share=max(0, target - uncompressed_blocks) / max(compressed, 1),
+                                           fair_share=max(0, target - fixed_blocks) / max(compressed, 1),
                                            room=room / max(compressed, 1))
 
     @staticmethod

@@ -8,8 +8,9 @@ signal, the KV page layout, and the kernel family. The mixin owns what is the sa
   signals into the leading slots, mirror the scheduler's shortened block list; in the pool-wide mode, scoring
   probed requests (`StepPlan.probes`) and keeping their scores for the compactions the scheduler decides later;
 - the length shift: per request the runner tracks `evicted` (logical tokens minus physical slots). Positions,
-  RoPE, sampling and stop checks keep using logical lengths; only the attention view changes: the KV length
-  (`seq_lens`) and the slots new tokens are written to (`slot_mapping`) are shifted down by `evicted`;
+  RoPE, sampling and stop checks keep using logical lengths; only the compressed KV cache group's attention view
+  changes: its KV lengths (`seq_lens`, `core/kept_lengths.py`) and the slots new tokens are written to (its
+  `slot_mapping`) are shifted down by `evicted`. A model's sliding-window and state groups keep vLLM's lengths;
 - the signal recorders the policy needs (`signals/`), called at fixed points of each step.
 
 Every vLLM internal used here is listed in `infokv_vllm.vllm_internals.manifest` and checked by its test.
@@ -34,6 +35,7 @@ from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 from infokv_vllm import logger
 from infokv_vllm.config import compression_of
 from infokv_vllm.core.block_manager import CompressedAttentionSpec
+from infokv_vllm.core.kept_lengths import KeptLengths, build_at_kept_lengths
 from infokv_vllm.core.paged_compactor import PagedKVCompactor
 from infokv_vllm.messages import Compaction, LossCurve, Probe, StepPlan, WorkerReport, attach_report, plan_of
 from infokv_vllm.kernels.families import kernel_family
@@ -81,6 +83,8 @@ class CompressingRunnerMixin:
         self._report = WorkerReport()  # until it leaves with the step's ModelRunnerOutput
         self._plan: StepPlan | None = None  # the current step's
         self._step: StepView | None = None  # the current step's, once its inputs are prepared
+        self._kept_lengths: KeptLengths | None = None  # the current step's shift, where a request evicted tokens
+        self._group = 0  # the compressed KV cache group's index (the full-attention layers)
 
     # --- set-up ---------------------------------------------------------------------------------------
 
@@ -97,12 +101,15 @@ class CompressingRunnerMixin:
         specs = super().get_kv_cache_spec()
         if not self.compression.enabled:
             return specs
+        # Only full-attention layers keep a KV that grows with the context; sliding-window and state layers (their
+        # own KV cache groups, whose blocks vLLM's managers bound) are left to vLLM.
         for name, spec in specs.items():
-            if type(spec) is not FullAttentionSpec:
-                raise ValueError(f"infokv-vllm: layer {name} uses {type(spec).__name__}; compression supports "
-                                 "full-attention layers only")
-            fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)}
-            specs[name] = CompressedAttentionSpec(**fields)
+            if type(spec) is FullAttentionSpec:
+                fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(spec)}
+                specs[name] = CompressedAttentionSpec(**fields)
+        if not any(isinstance(spec, CompressedAttentionSpec) for spec in specs.values()):
+            raise ValueError("infokv-vllm: compression found no full-attention layer to compress (layer kinds: "
+                             f"{sorted({type(spec).__name__ for spec in specs.values()})})")
         return specs
 
     def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs) -> None:
@@ -113,7 +120,9 @@ class CompressingRunnerMixin:
         self.compactor, self.signals, self.recorders = None, None, []
         if not self.compression.enabled or is_profiling:
             return
-        (group,) = self.kv_cache_config.kv_cache_groups
+        self._group = compressed_group(self.kv_cache_config.kv_cache_groups)
+        group = self.kv_cache_config.kv_cache_groups[self._group]
+        build_at_kept_lengths(self.attn_groups[self._group], lambda: self._kept_lengths)
         layer_names = list(group.layer_names)
         layers = [self.compilation_config.static_forward_context[name] for name in layer_names]
         spec = group.kv_cache_spec
@@ -131,8 +140,9 @@ class CompressingRunnerMixin:
         self.signals = SlotSignals(signals, len(layers), self.kv_cache_config.num_blocks, spec.num_kv_heads,
                                    spec.block_size, self.kernels, self.device)
         if ATTENTION in signals:
-            self.recorders.append(AttentionRecorder(self.signals, dict(zip(layer_names, quantizations)), layout,
-                                                    self.kernels))
+            sinks = {name: self.platform.attention_sinks(layer) for name, layer in zip(layer_names, layers)}
+            self.recorders.append(AttentionRecorder(self.signals, dict(zip(layer_names, quantizations)), sinks,
+                                                    layout, self.kernels))
         if ENTROPY in signals:
             self.recorders.append(EntropyRecorder(self.signals, self.policy.entropy_top_k))
         if REPRESENTATION in signals:
@@ -156,7 +166,7 @@ class CompressingRunnerMixin:
             self._compact(compaction)
         for probe in plan.probes:
             self._probe(probe)
-        blocks = _new_blocks(scheduler_output, self.compactor.block_size)
+        blocks = _new_blocks(scheduler_output, self._group, self.compactor.block_size)
         if self.signals is not None:
             # vLLM copies these blocks' KV in its own input update, after our compactions (which may have freed
             # the destinations) and before the forward.
@@ -170,7 +180,7 @@ class CompressingRunnerMixin:
             if self._step is not None:
                 self._after_forward(self._step)
         finally:
-            self._plan = self._step = None
+            self._plan = self._step = self._kept_lengths = None
         return result
 
     def sample_tokens(self, *args, **kwargs):
@@ -200,19 +210,19 @@ class CompressingRunnerMixin:
         num_tokens = int(num_scheduled_tokens.sum())
         request_ids = list(self.input_batch.req_ids[:num_reqs])
         evicted = np.array([self._evicted_of(r) for r in request_ids], dtype=np.int64)
+        block_table = self.input_batch.block_table[self._group]
         if evicted.any():
-            # Attention reads `kept` slots and writes new tokens after them; positions stay logical.
-            shift = torch.from_numpy(evicted)
-            self.seq_lens[:num_reqs] -= shift.to(self.seq_lens.device, self.seq_lens.dtype)
-            self.optimistic_seq_lens_cpu[:num_reqs] -= shift.to(self.optimistic_seq_lens_cpu.dtype)
+            # The compressed group's attention reads `kept` slots and writes new tokens after them; positions
+            # stay logical.
+            self._kept_lengths = KeptLengths(torch.from_numpy(evicted))
             per_token = torch.from_numpy(np.repeat(evicted, num_scheduled_tokens)).to(self.positions.device)
-            self.input_batch.block_table.compute_slot_mapping(
-                num_reqs, self.query_start_loc.gpu[: num_reqs + 1], self.positions[:num_tokens] - per_token)
+            block_table.compute_slot_mapping(num_reqs, self.query_start_loc.gpu[: num_reqs + 1],
+                                             self.positions[:num_tokens] - per_token)
         if self.recorders and self._plan is not None:
             self._step = StepView(
                 request_ids=request_ids, query_starts=self.query_start_loc.cpu[: num_reqs + 1].tolist(),
                 positions=self.positions[:num_tokens].cpu(),
-                slots=self.input_batch.block_table[0].slot_mapping.gpu[:num_tokens].clone())
+                slots=block_table.slot_mapping.gpu[:num_tokens].clone())
             for recorder in self.recorders:
                 recorder.before_forward(self._plan, self._step)
         return result
@@ -229,8 +239,7 @@ class CompressingRunnerMixin:
     # --- compaction -------------------------------------------------------------------------------------
 
     def _request_pages(self, request_id: str) -> RequestPages:
-        (block_ids,) = self.requests[request_id].block_ids
-        return RequestPages(block_ids, self._evicted_of(request_id))
+        return RequestPages(self.requests[request_id].block_ids[self._group], self._evicted_of(request_id))
 
     def _evicted_of(self, request_id: str) -> int:
         compacted = self.compacted.get(request_id)
@@ -273,7 +282,7 @@ class CompressingRunnerMixin:
         """Pool-wide mode: score the request now, while its observation window's attention is fresh, keep the
         scores for the compactions the scheduler decides later, and report what each length would lose."""
         started = time.perf_counter()
-        (block_ids,) = self.requests[probe.request_id].block_ids
+        block_ids = self.requests[probe.request_id].block_ids[self._group]
         scores, signals = self._score(probe.request_id, block_ids, probe.physical_len, probe.physical_len,
                                       probe.sinks, probe.window, probe.decoding)
         self.compacted.setdefault(probe.request_id, CompactedRequest()).probe_scores = scores
@@ -286,7 +295,7 @@ class CompressingRunnerMixin:
 
     def _compact(self, compaction: Compaction) -> None:
         state = self.requests[compaction.request_id]
-        (block_ids,) = state.block_ids
+        block_ids = state.block_ids[self._group]
         compacted = self.compacted.setdefault(compaction.request_id, CompactedRequest())
         assert compacted.evicted == compaction.logical_len - compaction.physical_len, (
             "worker and scheduler disagree on evicted tokens", compaction)
@@ -336,20 +345,33 @@ def _restarted_request_ids(scheduler_output) -> list[str]:
             *(new.req_id for new in scheduler_output.scheduled_new_reqs)]
 
 
-def _new_blocks(scheduler_output, block_size: int) -> NewBlocks:
-    """The blocks the scheduler hands out this step. A new or resumed request's list starts with its
-    prefix-cache hit (`num_computed_tokens` tokens): those blocks are not fresh."""
+def compressed_group(kv_cache_groups) -> int:
+    """The index of the one KV cache group of compressed (full-attention) layers among vLLM's groups."""
+    indices = [index for index, group in enumerate(kv_cache_groups)
+               if isinstance(group.kv_cache_spec, CompressedAttentionSpec)]
+    if len(indices) != 1:
+        kinds = [type(group.kv_cache_spec).__name__ for group in kv_cache_groups]
+        raise ValueError(
+            f"infokv-vllm: compression needs the full-attention layers in one KV cache group; vLLM's groups are "
+            f"{kinds} (it splits full-attention layers over several groups where a model has more of them than of "
+            "sliding-window or state layers)")
+    return indices[0]
+
+
+def _new_blocks(scheduler_output, group: int, block_size: int) -> NewBlocks:
+    """The compressed group's blocks the scheduler hands out this step. A new or resumed request's list starts
+    with its prefix-cache hit (`num_computed_tokens` tokens): those blocks are not fresh."""
     fresh, hits = [], {}
     for new in scheduler_output.scheduled_new_reqs:
-        hits[new.req_id] = (new.block_ids[0], new.num_computed_tokens)
+        hits[new.req_id] = (new.block_ids[group], new.num_computed_tokens)
     cached = scheduler_output.scheduled_cached_reqs
     for request_id, blocks, computed in zip(cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
         if blocks is None:
             continue
         if request_id in cached.resumed_req_ids:
-            hits[request_id] = (blocks[0], computed)
+            hits[request_id] = (blocks[group], computed)
         else:
-            fresh.extend(blocks[0])
+            fresh.extend(blocks[group])
     hit_ends = {}
     for request_id, (blocks, computed) in hits.items():
         fresh.extend(blocks[computed // block_size:])

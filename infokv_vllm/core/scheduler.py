@@ -64,13 +64,16 @@ class CompressingScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.compression = compression_of(self.vllm_config)
+        # The full-attention layers' group; a model's sliding-window and state groups keep vLLM's own managers.
         managers = self.kv_cache_manager.coordinator.single_type_managers
-        if len(managers) != 1 or not isinstance(managers[0], CompactingAttentionManager):
+        compacting = [manager for manager in managers if isinstance(manager, CompactingAttentionManager)]
+        if len(compacting) != 1:
             raise RuntimeError(
                 "infokv-vllm: compression needs exactly one KV cache group managed by CompactingAttentionManager, "
                 f"found {[type(m).__name__ for m in managers]}; the model runner did not report "
                 "CompressedAttentionSpec layers")
-        self.manager: CompactingAttentionManager = managers[0]
+        self.manager: CompactingAttentionManager = compacting[0]
+        self.other_managers = [manager for manager in managers if manager is not self.manager]
         self.manager.compresses = lambda request_id: self.state_of(self.requests[request_id]).settings.enabled
         self._scores_attention = ATTENTION in self.compression.policy.signals
         self.totals = CompressionStats()  # since start-up; the frontend's metrics derive from it
@@ -148,12 +151,22 @@ class CompressingScheduler(Scheduler):
         return state
 
     def blocks_for_next_step(self, request: Request) -> int:
-        """Blocks the request still needs for the tokens it would compute next (at most one full chunk)."""
-        logical = request.num_computed_tokens
+        """Blocks the request still needs for the tokens it would compute next (at most one full chunk), in every
+        KV cache group: the compressed one at its kept length, the others as vLLM's managers count them."""
+        request_id, logical = request.request_id, request.num_computed_tokens
         pending = request.num_tokens_with_spec + request.num_output_placeholders - logical
         pending = min(pending, self.scheduler_config.max_num_batched_tokens)
-        needed = cdiv(self.manager.physical_len(request.request_id, logical) + pending, self.manager.block_size)
-        return max(0, needed - len(self.manager.req_to_blocks[request.request_id]))
+        needed = cdiv(self.manager.physical_len(request_id, logical) + pending, self.manager.block_size)
+        elsewhere = sum(manager.get_num_blocks_to_allocate(request_id, logical + pending, (), logical, logical,
+                                                           logical + pending)
+                        for manager in self.other_managers)
+        return max(0, needed - len(self.manager.req_to_blocks[request_id])) + elsewhere
+
+    def blocks_left_to_vllm(self, request_id: str) -> int:
+        """Blocks the request holds in a model's sliding-window and state groups, which compression leaves to
+        vLLM (its sliding-window manager replaces blocks that left the window by the null block)."""
+        return sum(not block.is_null for manager in self.other_managers
+                   for block in manager.req_to_blocks.get(request_id, ()))
 
     def _apply(self, compaction: Compaction, cause: str) -> Compaction | None:
         """Compact in the block manager now; the workers move the KV before the step's forward. Returns the

@@ -11,6 +11,7 @@ slots a request holds). Both are allocated after the pool, so they are taken out
 from __future__ import annotations
 
 from infokv_vllm import logger
+from infokv_vllm.core.block_manager import CompressedAttentionSpec
 from infokv_vllm.signals.storage import SlotSignals
 
 
@@ -20,7 +21,11 @@ class CompressingWorkerMixin:
         runner = self.model_runner
         if not runner.compression.enabled:
             return available
-        specs = list(runner.get_kv_cache_spec().values())
+        # Signals are kept for the compressed (full-attention) layers only. A block id spans one page of each of
+        # them, and, in a model with sliding-window or state layers, as many pages of the other groups' layers
+        # (vLLM sizes its groups alike): counting the compressed layers' pages alone reserves a little more than
+        # the signals need, never less.
+        specs = [spec for spec in runner.get_kv_cache_spec().values() if isinstance(spec, CompressedAttentionSpec)]
         kv_per_block = sum(spec.page_size_bytes for spec in specs)
         state_per_block = compression_state_bytes_per_block(
             runner.policy.signals, len(specs), specs[0].num_kv_heads, specs[0].block_size,

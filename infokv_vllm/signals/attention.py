@@ -114,6 +114,7 @@ class ObservationWindow:
     query_tokens: torch.Tensor  # [T] index of each window query among the step's tokens
     accumulators: dict[str, torch.Tensor]  # attention layer name -> [blocks, kv_heads, block_size] float32
     quantizations: dict[str, LayerQuantization]  # attention layer name -> what its cache and queries hold
+    sinks: dict[str, torch.Tensor | None]  # attention layer name -> its attention-sink logits [q_heads], or None
     layout: PageLayout
     kernels: KernelFamily
     deferred: WindowQueries | None = None  # the deferred mode's store
@@ -174,19 +175,21 @@ def record_window_queries(layer_name: str, query: torch.Tensor, kv_cache: torch.
     placed = window.placed(seq_lens, query_start_loc, kv_cache.device)
     window.kernels.accumulate_window_attention(
         window.accumulators[layer_name], quantization.queries(query[placed.tokens]), kv_cache, window.layout,
-        block_table, placed.rows, placed.positions, seq_lens, scale)
+        block_table, placed.rows, placed.positions, seq_lens, scale, window.sinks[layer_name])
 
 
 class AttentionRecorder(SignalRecorder):
     name = ATTENTION
 
-    def __init__(self, storage, quantizations: dict[str, LayerQuantization], layout: PageLayout,
-                 kernels: KernelFamily) -> None:
-        """`quantizations`: each attention layer's, by layer name, in the order of the signal planes' layers."""
+    def __init__(self, storage, quantizations: dict[str, LayerQuantization],
+                 sinks: dict[str, torch.Tensor | None], layout: PageLayout, kernels: KernelFamily) -> None:
+        """`quantizations`: each attention layer's, by layer name, in the order of the signal planes' layers;
+        `sinks`: each layer's attention-sink logits (None for a layer without)."""
         super().__init__(storage)
         layer_names = list(quantizations)
         self.accumulators = dict(zip(layer_names, storage.planes[ATTENTION]))
         self.quantizations = quantizations
+        self.sinks = sinks
         self.layout = layout
         self.kernels = kernels
         self.deferred = WindowQueries(layer_names) if kernels.defers_window_attention else None
@@ -246,7 +249,7 @@ class AttentionRecorder(SignalRecorder):
             device = step.slots.device
             query_tokens, stored_at = query_tokens.to(device), torch.tensor(entries, device=device)
         self.window = ObservationWindow(torch.cat(rows), query_tokens, self.accumulators, self.quantizations,
-                                        self.layout, self.kernels, self.deferred, stored_at)
+                                        self.sinks, self.layout, self.kernels, self.deferred, stored_at)
 
     def _add_deferred_mass(self, request_ids: list[str]) -> None:
         """Add the mass of the stored window queries of those of `request_ids` that hold some: every request's
@@ -268,7 +271,7 @@ class AttentionRecorder(SignalRecorder):
             kv_cache, scale = self.deferred.layers[layer_name]
             self.kernels.accumulate_window_attention(
                 self.accumulators[layer_name], self.deferred.buffer[index].index_select(0, entries), kv_cache,
-                self.layout, table, query_rows, query_positions, seq_lens, scale)
+                self.layout, table, query_rows, query_positions, seq_lens, scale, self.sinks[layer_name])
 
     def forward_context(self) -> ContextManager:
         return observation_window(self.window)

@@ -15,6 +15,8 @@ graph without the op fails loudly instead of scoring with nothing.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -37,23 +39,33 @@ def _store_evolution_fake(evolution, buffer) -> None:
     return None
 
 
+# What vLLM's decoder layers call their attention block (gpt-oss: `attn`)
+ATTENTION_BLOCKS = ("self_attn", "attn")
+
+
 class RecordingDecoderLayer(nn.Module):
-    """A vLLM decoder layer, `forward(positions, hidden_states, residual, ...) -> (hidden_states, residual)`,
-    that also records its representation evolution into its own buffer."""
+    """A vLLM decoder layer, `forward(..., hidden_states, residual, ...) -> (hidden_states, residual)` (the
+    arguments in its own order: Llama's layers take positions first, gpt-oss's hidden_states, Qwen3-Next's take
+    keywords), that also records its representation evolution into its own buffer."""
 
     def __init__(self, layer: nn.Module, max_tokens: int) -> None:
         super().__init__()
         self.layer = layer
+        names = list(inspect.signature(layer.forward).parameters)
+        self.stream_at = (names.index("hidden_states"), names.index("residual"))
         parameter = next(layer.parameters())
         self.register_buffer("evolution", torch.full((max_tokens,), float("nan"), device=parameter.device),
                              persistent=False)
 
-    def forward(self, positions, hidden_states, residual, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        hidden_at, residual_at = self.stream_at
+        hidden_states = args[hidden_at] if hidden_at < len(args) else kwargs["hidden_states"]
+        residual = args[residual_at] if residual_at < len(args) else kwargs["residual"]
         # The residual stream entering the layer, summed before the layer runs: vLLM's fused add-RMSNorm updates
         # its inputs in place. The first layer's input becomes its residual, which that norm updates too, so it
         # is copied (vLLM's graph pass on CUDA refuses a graph that reads a donated input after the op).
         stream_in = hidden_states.clone() if residual is None else hidden_states + residual
-        hidden_states, residual = self.layer(positions, hidden_states, residual, *args, **kwargs)
+        hidden_states, residual = self.layer(*args, **kwargs)
         evolution = representation_evolution(stream_in, hidden_states + residual)
         if torch.compiler.is_compiling():
             torch.ops.infokv.store_evolution(evolution, self.evolution)
@@ -65,17 +77,18 @@ class RecordingDecoderLayer(nn.Module):
 def wrap_decoder_layers(model: nn.Module, max_tokens: int) -> dict[int, RecordingDecoderLayer]:
     """Wrap every decoder layer of a vLLM model in place; returns the wrappers by decoder-layer index.
 
-    Decoder layers are the members of the model's `nn.ModuleList` that own an attention block (`self_attn`).
+    Decoder layers are the members of the model's `nn.ModuleList` that own an attention block (`ATTENTION_BLOCKS`);
+    a hybrid model's linear-attention layers are not wrapped (nothing compresses their state).
     """
     wrapped: dict[int, RecordingDecoderLayer] = {}
     for module in list(model.modules()):
         if not isinstance(module, nn.ModuleList):
             continue
         for index, layer in enumerate(module):
-            if hasattr(layer, "self_attn"):
+            if any(hasattr(layer, name) for name in ATTENTION_BLOCKS):
                 module[index] = wrapped[index] = RecordingDecoderLayer(layer, max_tokens)
     if not wrapped:
-        raise RuntimeError(f"infokv-vllm: found no decoder layers (modules with `self_attn`) in "
+        raise RuntimeError(f"infokv-vllm: found no decoder layers (modules with one of {ATTENTION_BLOCKS}) in "
                            f"{type(model).__name__}; the representation signal cannot be recorded")
     return wrapped
 

@@ -95,8 +95,22 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  "get_output() hands the scheduler", source_has=("self._model_runner_output = model_runner_output",)),
     VllmInternal("vllm.v1.worker.gpu_model_runner.AsyncGPUModelRunnerOutput.get_output", "returns the wrapped "
                  "output (the report rides on it)", ("self",), source_has=("output = self._model_runner_output",)),
-    VllmInternal(f"{_RUNNER}._prepare_inputs", "overridden: seq_lens and slot_mapping are shifted to the kept "
-                 "length after vLLM prepares the step", ("self", "scheduler_output", "num_scheduled_tokens")),
+    VllmInternal(f"{_RUNNER}._prepare_inputs", "overridden: the compressed group's slot_mapping is shifted to the "
+                 "kept length after vLLM prepares the step", ("self", "scheduler_output", "num_scheduled_tokens")),
+    VllmInternal(f"{_RUNNER}._build_attention_metadata", "builds each KV cache group's metadata from one "
+                 "CommonAttentionMetadata (shared seq_lens) through the group's AttentionGroup.build_metadata",
+                 source_has=("seq_lens=self.seq_lens[:num_reqs_padded]", "cm = copy(cm_base)",
+                             "attn_group.build_metadata(", "cm.slot_mapping = slot_mappings[kv_cache_gid]")),
+    VllmInternal("vllm.v1.worker.utils.AttentionGroup.build_metadata", "overridden (core/kept_lengths.py): the "
+                 "compressed group's metadata is built at the kept lengths; the runner's attn_groups are vLLM's "
+                 "objects, given that class", ("self", "common_attn_metadata", "ubatch_idx", "common_prefix_len")),
+    VllmInternal("vllm.v1.attention.backend.CommonAttentionMetadata", "the lengths the compressed group's copy "
+                 "replaces", fields=("seq_lens", "seq_lens_cpu_upper_bound", "max_seq_len",
+                                     "_num_computed_tokens_cache")),
+    VllmInternal("vllm.v1.attention.backend.CommonAttentionMetadata.replace", "copies the metadata with the kept "
+                 "lengths", ("self",)),
+    VllmInternal("vllm.v1.worker.block_table.BlockTable.compute_slot_mapping", "the compressed group's slots, "
+                 "recomputed at the kept positions", ("self", "num_reqs", "query_start_loc", "positions")),
     VllmInternal(f"{_RUNNER}._model_forward", "overridden: the observation window is open during the forward",
                  ("self",)),
     VllmInternal(f"{_RUNNER}.__init__", "step buffers the length shift edits and the signals read",
@@ -105,8 +119,6 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                              "self.requests")),
     VllmInternal("vllm.v1.worker.gpu_model_runner.ExecuteModelState", "the forward's hidden states and sampled "
                  "logits, measured for token entropy", fields=("logits", "hidden_states")),
-    VllmInternal("vllm.v1.worker.block_table.MultiGroupBlockTable.compute_slot_mapping", "recomputed at the kept "
-                 "positions", ("self", "num_reqs", "query_start_loc", "positions")),
     VllmInternal("vllm.v1.worker.block_table.MultiGroupBlockTable.add_row", "the worker's block table mirrors "
                  "the shortened block list after a compaction", ("self", "block_ids", "row_idx")),
     VllmInternal("vllm.v1.worker.gpu_input_batch.InputBatch.__init__", "batch rows of the step's requests",
@@ -199,7 +211,17 @@ VLLM_INTERNALS: tuple[VllmInternal, ...] = (
                  source_has=("self.coordinator = get_kv_cache_coordinator(",
                              "self.block_pool = self.coordinator.block_pool")),
     VllmInternal("vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator.__init__", "one manager per KV cache "
-                 "group; compression runs with exactly one, ours", source_has=("self.single_type_managers = tuple(",)),
+                 "group: ours for the full-attention layers, vLLM's for a model's sliding-window and state layers",
+                 source_has=("self.single_type_managers = tuple(",)),
+    VllmInternal("vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager.get_num_blocks_to_allocate",
+                 "memory pressure counts the blocks a running request's next tokens need in the groups left to "
+                 "vLLM", ("self", "request_id", "num_tokens", "new_computed_blocks", "total_computed_tokens",
+                          "num_local_computed_tokens", "num_tokens_main_model")),
+    VllmInternal("vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager.__init__", "the blocks each "
+                 "request holds (req_to_blocks; out-of-window ones replaced by the null block)",
+                 source_has=("self.req_to_blocks",)),
+    VllmInternal("vllm.v1.core.kv_cache_utils.KVCacheBlock", "the null block that stands for a freed "
+                 "out-of-window block", fields=("is_null",)),
     VllmInternal("vllm.v1.core.block_pool.BlockPool.get_num_free_blocks", "memory pressure compares it with the "
                  "blocks the next step needs", ("self",)),
     VllmInternal("vllm.v1.core.block_pool.BlockPool.__init__", "the pool-wide mode's target is a share of the "
