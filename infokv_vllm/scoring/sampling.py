@@ -46,8 +46,8 @@ def gumbel_top_k(scores: torch.Tensor, uniform: torch.Tensor, candidates: torch.
     candidates, which are kept first.
 
     `scores` should be on a known scale (InfoKV passes quantiles in [0, 1]) for the temperature to mean anything;
-    `uniform` holds the U(0, 1) draws of the same shape. Temperature 0 returns the scores unchanged: the draw is
-    the deterministic top k. The result is scores + temperature * Gumbel noise (the same order as score /
+    `uniform` holds the U(0, 1) draws of the same shape. At temperature 0 the order is the scores' own: the draw
+    is the deterministic top k. The result is scores + temperature * Gumbel noise (the same order as score /
     temperature + noise, on the scores' own scale); the reserved top candidates are lifted above every other
     candidate. Any prefix of the resulting order is a draw, so a later compaction to a shorter length from the
     same scores (the pool-wide mode) is one too."""
