@@ -23,6 +23,16 @@ matrix grows with the square of the prompt.
 `value_norm` (0.3 by default, chosen on GSM8K train) adds each candidate's value-vector norm, as a quantile times
 that weight, in the same compactions: VaSE (arXiv 2606.03928) finds that evicting tokens with large values sends
 reasoning models into repetition loops, and protecting them avoids it.
+
+`sample_temperature` (0 by default: the deterministic top k) and `sample_top_share` make the kept set of each
+(layer, KV head) a seeded draw instead (`sampling.gumbel_top_k`, the same seeding as the `random` policy), to
+combine the fused score with the per-head diversity that makes random eviction strong on reasoning
+(docs/results/gsm8k.md): a share of the candidates' budget goes to the top-scored candidates, the rest is drawn
+without replacement with probability proportional to exp(q / temperature), q being each candidate's fused score
+as a quantile among the candidates of its (layer, head). So the temperature is on a rank scale, whatever the
+scale of the fused score: a candidate ranked a share t of the candidates higher than another is e^(t /
+temperature) times as likely to be drawn first; at 0.1 the draw stays close to the top k, at 1 the top
+candidate is e times as likely as the last. It applies to every compaction, of the prompt and while decoding.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import torch
 
 from infokv_vllm.scoring.base import PooledAttention, ScoringPolicy, SelectionInput
 from infokv_vllm.scoring.rkv import request_redundancy
+from infokv_vllm.scoring.sampling import Seeded, gumbel_top_k
 from infokv_vllm.signals import ATTENTION, ENTROPY, REPRESENTATION
 from infokv_vllm.setting_checks import setting
 from infokv_vllm.signals.attention import pool_scores
@@ -118,7 +129,7 @@ class EntropySignal:
 
 
 @dataclass(frozen=True)
-class InfoKVPolicy(PooledAttention, EntropySignal, ScoringPolicy):
+class InfoKVPolicy(PooledAttention, EntropySignal, Seeded, ScoringPolicy):
     name = "infokv"
     summary = ("InfoKV: window attention fused with the entropy signal, plus decode-time redundancy and value-norm "
                "terms")
@@ -139,6 +150,14 @@ class InfoKVPolicy(PooledAttention, EntropySignal, ScoringPolicy):
              "candidates when compressing during decoding (0 = off). VaSE (arXiv 2606.03928): evicting tokens with "
              "large values sends reasoning models into loops. 0.3 was chosen on GSM8K train (loops 5-6%% -> 1-2%%, "
              "+2-3 points; docs/results/gsm8k.md).", minimum=0, maximum=1)
+    sample_temperature: float = setting(
+        0.0, "InfoKV: draw each layer and KV head's kept candidates without replacement, with probability "
+             "proportional to exp(q / temperature), q the fused score's quantile among the candidates (0 = the "
+             "deterministic top k; at 1 the top candidate is e times as likely as the last). Seeded by --kv-seed, the request id and its "
+             "length.", minimum=0)
+    sample_top_share: float = setting(
+        0.0, "InfoKV: with a sample temperature, the share of the candidates' budget kept by score first; the rest "
+             "is drawn (0 = all drawn).", minimum=0, maximum=1)
 
     def reads_keys(self, decoding: bool) -> bool:
         return decoding and self.redundancy > 0
@@ -151,6 +170,16 @@ class InfoKVPolicy(PooledAttention, EntropySignal, ScoringPolicy):
         return frozenset(self.entropy_signals | ({ATTENTION} if self.alpha < 1.0 else set()))
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
+        fused = self.fused_scores(request)
+        if self.sample_temperature == 0:
+            return fused
+        candidates = request.candidates()
+        top = round(self.sample_top_share * (request.kept_len - request.sinks - request.window))
+        return gumbel_top_k(quantile_over(fused, candidates), self.uniform(request), candidates,
+                            self.sample_temperature, top)
+
+    def fused_scores(self, request: SelectionInput) -> torch.Tensor:
+        """The fused score with the decode-time terms, before any sampling."""
         candidates = request.candidates()
         entropy = self.entropy_signal(request, candidates)
         if self.alpha == 1.0:

@@ -1,27 +1,22 @@
-"""Random eviction: the control every scored policy must beat."""
+"""Random eviction: the control every scored policy must beat.
+
+With `--kv-keep-prompt` it is the Random Attention baseline (arXiv 2609.03430): the prompt is kept whole and the
+generated tokens are evicted at random, independently in every layer and KV head."""
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from infokv_vllm.scoring.base import ScoringPolicy, SelectionInput
-from infokv_vllm.setting_checks import setting
+from infokv_vllm.scoring.sampling import Seeded
 
 
 @dataclass(frozen=True)
-class RandomPolicy(ScoringPolicy):
+class RandomPolicy(Seeded, ScoringPolicy):
     name = "random"
-    summary = "a seeded random choice (a control)"
-
-    seed: int = setting(0, "Seed of the 'random' policy.", minimum=0, maximum=2**63 - 1)  # torch's 64-bit seeds
+    summary = "a seeded random choice per layer and KV head (a control; with --kv-keep-prompt, Random Attention)"
 
     def scores(self, request: SelectionInput) -> torch.Tensor:
-        # Seeded from the request and its length, not from process state, so every tensor-parallel rank and a
-        # rerun of the same workload draw the same tokens.
-        seed = zlib.crc32(f"{self.seed}:{request.request_id}:{request.physical_len}".encode())
-        generator = torch.Generator().manual_seed(seed)
-        shape = (request.num_layers, request.num_kv_heads, request.physical_len)
-        return torch.rand(shape, generator=generator).to(request.device)
+        return self.uniform(request)
