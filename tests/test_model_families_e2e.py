@@ -87,7 +87,7 @@ def watch_compactions(llm, run: FamilyRun) -> None:
         return scores(request)
 
     def compacting(block_ids, keep):
-        held = len(block_ids) * BLOCK_SIZE
+        held = len(block_ids) * compactor.block_size
         before = [compactor.read(block_ids, held, values) for values in (False, True)]
         compact(block_ids, keep)
         for values, planes in zip((False, True), before):
