@@ -1,9 +1,11 @@
 """Scaling out with compression on CPU: data parallelism (`vllm serve --data-parallel-size 2`, each rank its own
-engine core behind vLLM's load balancer) against one in-process engine with the same settings."""
+engine core behind vLLM's load balancer) and tensor parallelism across two Ray nodes (a head and a worker raylet on
+this machine, loopback only), each against one in-process engine with the same settings."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.request
@@ -16,9 +18,11 @@ from vllm import SamplingParams
 from infokv_testing.local_engine import BLOCK_SIZE, in_process_llm, run_to_completion
 from infokv_testing.local_server import EAGER, vllm_server
 from infokv_vllm.metrics import METRIC_PREFIX
-from tests.test_tensor_parallel_e2e import PARAMS, SETTINGS
+from tests.test_tensor_parallel_e2e import PARAMS, PROMPTS, SETTINGS, generate
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).parent.parent
 
 # Long prompts with no page in common (no prefix-cache hit), so the load balancer's choice of rank cannot change
 # what a request computes; each rank gets two, and at least one it compresses.
@@ -80,3 +84,51 @@ def test_data_parallel_ranks_compress_like_one_engine(tiny_llama_dir, tmp_path):
     text = log.read_text()
     ranks_compressing = set(re.findall(r"EngineCore_DP(\d) pid=\d+\) DEBUG .* infokv: request \S+ compressed", text))
     assert ranks_compressing == {"0", "1"}
+
+
+@pytest.fixture
+def two_ray_nodes(monkeypatch):
+    """A Ray head and a worker node on this machine, one CPU each, bound to loopback and started by the test; the
+    driver (this process, where the engine core runs) joins it. Every Ray process it started is stopped after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")
+    # Ray resolves a loopback cluster address to the host's address before connecting (a cluster is meant to be
+    # reachable from other machines), and this one listens on loopback only; its switch for machines where
+    # clusters are unsupported keeps loopback.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+    node = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "resources": {"head": 1}})
+    try:
+        cluster.add_node(**node, resources={"worker": 1})
+        ray.init(address=cluster.address, log_to_driver=False)
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        assert len(nodes) == 2 and {node["NodeManagerAddress"] for node in nodes} == {"127.0.0.1"}
+        yield
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.usefixtures("two_ray_nodes")
+def test_tensor_parallel_ranks_on_two_ray_nodes_compress_like_one_process(tiny_llama_dir, monkeypatch):
+    """Each node has one CPU, so vLLM's placement group (one CPU bundle per rank) puts one rank on each."""
+    import ray
+    from vllm.v1.executor import ray_utils
+
+    one_process, events = generate(tiny_llama_dir, SETTINGS, 1)
+    nodes_of_ranks = []
+    verify_bundles = ray_utils._verify_bundles
+
+    def recording_nodes(placement_group, *args, **kwargs):
+        nodes_of_ranks.extend(ray.util.placement_group_table(placement_group)["bundles_to_node_id"].values())
+        return verify_bundles(placement_group, *args, **kwargs)
+
+    monkeypatch.setattr(ray_utils, "_verify_bundles", recording_nodes)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    assert generate(tiny_llama_dir, SETTINGS, 2, "ray") == (one_process, events)
+    assert len(nodes_of_ranks) == 2 and len(set(nodes_of_ranks)) == 2, nodes_of_ranks
+    assert ray.available_resources().get("CPU") == 2, "the engine's placement group was removed"
