@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,9 +48,9 @@ def _metric_samples(url: str) -> dict[tuple[str, str], float]:
             if sample.name.startswith(METRIC_PREFIX) or sample.name == "vllm:kv_cache_usage_perc"}
 
 
-def _complete(url: str, model: Path, name: str) -> list[int]:
+def _complete(url: str, model: Path, name: str, vllm_xargs: dict | None = None) -> list[int]:
     body = {"model": str(model), "prompt": DP_PROMPTS[name], "max_tokens": PARAMS.max_tokens, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True, "vllm_xargs": DP_XARGS.get(name, {})}
+            "ignore_eos": True, "return_token_ids": True, "vllm_xargs": vllm_xargs or DP_XARGS.get(name, {})}
     request = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -58,8 +59,8 @@ def _complete(url: str, model: Path, name: str) -> list[int]:
 
 def test_data_parallel_ranks_compress_like_one_engine(tiny_llama_dir, tmp_path):
     """Two engine cores behind vLLM's default two API servers: the greedy outputs equal one engine's with the same
-    server and per-request settings, both ranks compress (their own `engine` label on /metrics), and every page
-    returns on both."""
+    server and per-request settings, both API servers refuse a setting compression cannot serve, both ranks
+    compress (their own `engine` label on /metrics), and every page returns on both."""
     params = {name: SamplingParams(temperature=0, max_tokens=PARAMS.max_tokens, ignore_eos=True,
                                    extra_args=DP_XARGS.get(name)) for name in DP_PROMPTS}
     with in_process_llm(tiny_llama_dir, SETTINGS, max_model_len=256) as llm:
@@ -71,6 +72,10 @@ def test_data_parallel_ranks_compress_like_one_engine(tiny_llama_dir, tmp_path):
                      ) as url:
         with ThreadPoolExecutor(len(DP_PROMPTS)) as pool:
             served = dict(zip(DP_PROMPTS, pool.map(lambda name: _complete(url, tiny_llama_dir, name), DP_PROMPTS)))
+        for _ in range(2):  # each API server admits: a setting compression cannot serve is refused by both
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _complete(url, tiny_llama_dir, "fox", {"kv_budget": 3})
+            assert refused.value.code == 400 and "vllm_xargs.kv_budget: 3" in refused.value.read().decode()
         deadline = time.monotonic() + 30  # the frontend may record a rank's last step after it has replied
         while True:
             metrics = _metric_samples(url)
