@@ -5,11 +5,19 @@ cross over inside vLLM's per-step `SchedulerStats`, extended by one field (`Comp
 decoder learns of it in `vllm_internals.patches.stats_decoding`), and are turned into metrics by
 `CompressionStatLogger`, which `vllm_internals.patches.stat_loggers` adds to vLLM's stat loggers for engines that
 compress (an entry point would load it for every engine).
+
+With several API servers (`vllm serve --api-server-count N`, which data parallelism defaults to its size), vLLM
+serves `/metrics` from every API-server process through prometheus_client's multiprocess mode, and an engine's
+stats reach whichever API server its step's first output belongs to. Each process then sees the same engine's
+cumulative totals at different times, and multiprocess counters are summed over processes: so there the totals
+are published as gauges of the same sample names, merged by their largest value, and the gauges by their most
+recent one (vLLM's choice for its own per-engine gauges).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, Counter, Gauge
@@ -65,33 +73,44 @@ class CompressionStatLogger(AggregateStatLoggerBase):
         engine_indexes = engine_indexes or [0]
         labels = {index: [vllm_config.model_config.served_model_name, str(index)] for index in engine_indexes}
 
-        def per_engine(metric_cls, name: str, documentation: str) -> dict:
-            metric = metric_cls(METRIC_PREFIX + name, documentation, labelnames=["model_name", "engine"])
+        # prometheus_client's own switch to its multiprocess mode (vLLM sets it for several API servers)
+        self._totals_as_gauges = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+
+        def total(name: str, documentation: str, labelnames: list[str]):
+            if self._totals_as_gauges:
+                return Gauge(name + "_total", documentation, labelnames=labelnames, multiprocess_mode="max")
+            return Counter(name, documentation, labelnames=labelnames)
+
+        def gauge(name: str, documentation: str, labelnames: list[str]) -> Gauge:
+            return Gauge(name, documentation, labelnames=labelnames, multiprocess_mode="mostrecent")
+
+        def per_engine(make_metric, name: str, documentation: str) -> dict:
+            metric = make_metric(METRIC_PREFIX + name, documentation, ["model_name", "engine"])
             return {index: metric.labels(*values) for index, values in labels.items()}
 
         self._counters = {
-            "events": per_engine(Counter, "compression_events", "KV compressions of a request."),
-            "tokens_evicted": per_engine(Counter, "tokens_evicted", "KV tokens evicted (per layer and KV head)."),
-            "blocks_freed": per_engine(Counter, "kv_blocks_freed", "KV cache pages freed by compression."),
-            "seconds_scoring": per_engine(Counter, "scoring_seconds",
+            "events": per_engine(total, "compression_events", "KV compressions of a request."),
+            "tokens_evicted": per_engine(total, "tokens_evicted", "KV tokens evicted (per layer and KV head)."),
+            "blocks_freed": per_engine(total, "kv_blocks_freed", "KV cache pages freed by compression."),
+            "seconds_scoring": per_engine(total, "scoring_seconds",
                                           "Time spent choosing tokens to keep and recording per-slot signals "
                                           "after the forward."),
-            "seconds_compacting": per_engine(Counter, "compaction_seconds",
+            "seconds_compacting": per_engine(total, "compaction_seconds",
                                              "Time spent moving kept KV and signals within the pages."),
-            "attention_lost": per_engine(Counter, "pool_attention_lost",
+            "attention_lost": per_engine(total, "pool_attention_lost",
                                          "Pool-wide mode: share of each compacted request's observed attention "
                                          "its compaction evicted, summed over compactions."),
         }
-        lost = Counter(METRIC_PREFIX + "pool_compactions_by_attention_lost", "Pool-wide mode: compactions that "
-                       "evicted at most the share `le` of the request's observed attention.",
-                       labelnames=["model_name", "engine", "le"])
+        lost = total(METRIC_PREFIX + "pool_compactions_by_attention_lost", "Pool-wide mode: compactions that "
+                     "evicted at most the share `le` of the request's observed attention.",
+                     ["model_name", "engine", "le"])
         self._lost_by_edge = {index: [lost.labels(*values, str(edge)) for edge in ATTENTION_LOST_EDGES]
                               for index, values in labels.items()}
-        kept = Gauge(METRIC_PREFIX + "request_kv_tokens", "KV tokens the compressed running requests hold: the "
-                     "least, the median and the most.", labelnames=["model_name", "engine", "stat"])
+        kept = gauge(METRIC_PREFIX + "request_kv_tokens", "KV tokens the compressed running requests hold: the "
+                     "least, the median and the most.", ["model_name", "engine", "stat"])
         self._kept = {index: {stat: kept.labels(*values, stat) for stat in ("min", "median", "max")}
                       for index, values in labels.items()}
-        self._ratio = per_engine(Gauge, "kv_compression_ratio",
+        self._ratio = per_engine(gauge, "kv_compression_ratio",
                                  "KV tokens held by running requests / tokens they have computed (1: none evicted).")
         self._last = {index: CompressionStats() for index in engine_indexes}
 
@@ -101,15 +120,23 @@ class CompressionStatLogger(AggregateStatLoggerBase):
             return
         last = self._last[engine_idx]
         for name, counter in self._counters.items():
-            counter[engine_idx].inc(getattr(stats, name) - getattr(last, name))
+            self._advance(counter[engine_idx], getattr(stats, name), getattr(last, name))
         for counter, now, before in zip(self._lost_by_edge[engine_idx], stats.attention_lost_counts,
                                         last.attention_lost_counts):
-            counter.inc(now - before)
+            self._advance(counter, now, before)
         kept = sorted(stats.kept_tokens_per_request) or [0]
         for stat, value in (("min", kept[0]), ("median", kept[len(kept) // 2]), ("max", kept[-1])):
             self._kept[engine_idx][stat].set(value)
         self._ratio[engine_idx].set(stats.kept_tokens / stats.logical_tokens if stats.logical_tokens else 1.0)
         self._last[engine_idx] = stats
+
+    def _advance(self, metric, total: float, last_total: float) -> None:
+        """Bring a total's metric to the engine's cumulative `total`, `last_total` being what this process saw
+        before."""
+        if self._totals_as_gauges:
+            metric.set(total)
+        else:
+            metric.inc(total - last_total)
 
     def log_engine_initialized(self) -> None:
         pass

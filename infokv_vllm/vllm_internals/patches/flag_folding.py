@@ -1,7 +1,10 @@
 """The `--kv-*` flags given on a command line are folded into `additional_config` (`EngineArgs.from_cli_args`).
 
 `from_cli_args` copies only `EngineArgs`' own fields, and `additional_config` is the one channel vLLM carries to
-the engine core and the workers.
+the engine core and the workers. The folded settings are also written back into the namespace: `vllm serve` with
+several API servers (`--api-server-count`, which data parallelism defaults to its size) hands that namespace to
+each API-server process, whose first `from_cli_args` runs before vLLM has loaded the plugin there; without them
+its frontend would not know compression is on (no admission, no metrics).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ def apply() -> None:
         def wrapper(cls, args):
             engine_args = original(cls, args)
             engine_args.additional_config = fold_cli_args(args, engine_args.additional_config)
+            args.additional_config = engine_args.additional_config
             return engine_args
         return wrapper
 
