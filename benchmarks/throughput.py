@@ -32,6 +32,7 @@ workload is sized for 80 GB; docs/platforms.md says which runs have completed on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -286,8 +287,9 @@ def main() -> None:
         from infokv_testing.models import cache_dir
         from infokv_testing.tiny_models import write_tiny_model
 
-        model_name = f"random {args.family} " + ",".join(f"{key}={value}" for key, value in args.shapes.items())
-        model = cache_dir() / "random" / model_name.replace(" ", "-").replace(",", "-")
+        shapes = json.dumps(args.shapes, sort_keys=True)
+        model_name = f"random {args.family} {shapes}"
+        model = cache_dir() / "random" / f"{args.family}-{hashlib.sha256(shapes.encode()).hexdigest()[:12]}"
         if not (model / "config.json").exists():
             write_tiny_model(args.family, ensure_model(), model, **args.shapes)
     # The CPU defaults of `in_process_llm` (float32, a fixed KV size, 32-token blocks) become a GPU's.

@@ -185,3 +185,28 @@ def test_fp8_cache_compresses_and_matches_vanilla_fp8_above_the_budget(gpu_model
         outputs = run_within_budget_pages(llm)
         assert all(len(tokens) == 200 for tokens in outputs.values())
         assert scheduler_of(llm).totals.events >= 2 * len(PROMPTS)
+
+
+def test_gpt_oss_shape_compresses_its_full_attention_group(gpu_model_dir, tmp_path: Path):
+    """gpt-oss's shape (a sliding-window layer, then a full-attention one with sinks, routed experts; written here
+    with the model directory's tokenizer): the full-attention group is compressed and returns every page, the
+    sliding-window group stays vLLM's, and a budget above the length gives vanilla outputs."""
+    from infokv_testing.tiny_models import write_tiny_model
+
+    model = write_tiny_model("gpt-oss", gpu_model_dir, tmp_path / "gpt-oss")
+    with in_process_llm(model, **GPU_ENGINE) as llm:
+        vanilla = run_to_completion(llm, PROMPTS, GREEDY)
+    with in_process_llm(model, {"method": "infokv", "budget": 500}, **GPU_ENGINE) as llm:
+        assert run_to_completion(llm, PROMPTS, GREEDY) == vanilla
+    settings = {"method": "infokv", "budget": BUDGET, "decode_interval": INTERVAL}
+    with in_process_llm(model, settings, **GPU_ENGINE) as llm:
+        scheduler = scheduler_of(llm)
+        managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+        assert sorted(type(manager).__name__ for manager in managers) == ["CompactingAttentionManager",
+                                                                           "SlidingWindowManager"]
+        pool = scheduler.kv_cache_manager.block_pool
+        idle_free = pool.get_num_free_blocks()
+        outputs = run_to_completion(llm, PROMPTS, GREEDY)
+        assert all(len(tokens) == 200 for tokens in outputs.values()) and outputs != vanilla
+        assert scheduler.totals.blocks_freed > 0
+        assert pool.get_num_free_blocks() == idle_free
