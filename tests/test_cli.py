@@ -212,3 +212,15 @@ def test_models_windowed_in_every_layer_are_refused_with_the_reason(tiny_mixtral
                                                      "supported with --kv-compression streaming: vLLM already drops"):
         engine_config(windowed, additional_config=settings)
     assert engine_config(windowed).model_config.get_sliding_window() == 64  # without compression vLLM serves it
+
+
+def test_models_with_sliding_window_layers_need_the_hybrid_kv_cache_manager(tiny_gemma3_dir):
+    """Gemma 3's sliding-window layers beside full-attention ones: compressed with vLLM's hybrid KV cache manager
+    (their own KV cache groups), refused with the reason without it."""
+    settings = {ADDITIONAL_CONFIG_KEY: {"method": "streaming", "budget": 128}}
+    compressing = engine_config(tiny_gemma3_dir, additional_config=settings)
+    assert not compressing.scheduler_config.disable_hybrid_kv_cache_manager
+    with pytest.raises(CompressionConfigError, match="--disable-hybrid-kv-cache-manager for models with "
+                                                     "sliding-window or linear-attention layers is not supported"):
+        engine_config(tiny_gemma3_dir, additional_config=settings, disable_hybrid_kv_cache_manager=True)
+    assert engine_config(tiny_gemma3_dir, disable_hybrid_kv_cache_manager=True)  # vLLM serves it without compression
