@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from vllm.utils.math_utils import cdiv
 from vllm.model_executor.layers.attention.attention import Attention
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
 from infokv_testing.local_engine import BLOCK_SIZE, in_process_llm, model_runner_of, scheduler_of
+from infokv_vllm.metrics import METRIC_PREFIX
 from infokv_vllm.signals import ATTENTION
 from tests.test_model_families_e2e import BATCH, BUDGET, INTERVAL, LONG, MAX_TOKENS, PARAMS, PROMPTS, SETTINGS, \
     FamilyRun, by_variant, watch_compactions
@@ -252,3 +253,32 @@ def test_the_prompt_signals_equal_transformers(hybrid_run, request):
                                    atol=atol)
         if FAMILIES[family].dtype == "float32":
             check_token_entropy(signals, (model.config, outputs))
+
+
+def test_vllm_serve_compresses_a_sliding_window_model_with_sinks(tiny_gpt_oss_dir, tmp_path):
+    """`vllm serve MODEL --kv-compression infokv` on gpt-oss's shape: a completion is compressed (the metrics count
+    it, pages freed), a completion opted out answers as before, and a bad per-request budget is refused (HTTP 400)
+    while the server goes on."""
+    import httpx
+
+    from infokv_testing.local_server import EAGER, vllm_server
+    from tests.test_serve_e2e import settled_metrics
+
+    flags = ["--kv-compression", "infokv", "--kv-budget", str(BUDGET), "--kv-decode-interval", str(INTERVAL),
+             "--max-model-len", "256", "--block-size", str(BLOCK_SIZE), *EAGER]
+    base = ["--dtype", "float32", "--kv-cache-memory-bytes", "1G"]
+    with vllm_server(tiny_gpt_oss_dir, flags, tmp_path / "serve.log", base_flags=base) as url:
+        def complete(**extra) -> httpx.Response:
+            return httpx.post(url + "/v1/completions", timeout=120, json={
+                "model": str(tiny_gpt_oss_dir), "prompt": PROMPTS["fox"], "max_tokens": MAX_TOKENS,
+                "temperature": 0, "ignore_eos": True, **extra})
+
+        compressed = complete()
+        opted_out = complete(vllm_xargs={"kv_compression": "none"})
+        assert compressed.status_code == opted_out.status_code == 200
+        assert compressed.json()["choices"][0]["text"] != opted_out.json()["choices"][0]["text"]
+        refused = complete(vllm_xargs={"kv_budget": 3})
+        assert refused.status_code == 400 and "kv_budget" in refused.text
+        metrics = settled_metrics(url)
+        assert metrics[f"{METRIC_PREFIX}compression_events_total"] >= 2
+        assert metrics[f"{METRIC_PREFIX}kv_blocks_freed_total"] >= 1
