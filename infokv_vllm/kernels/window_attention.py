@@ -216,7 +216,8 @@ def accumulate_window_attention_triton(queries: torch.Tensor, keys: torch.Tensor
     )
     grid = (num_tokens, kv_heads, num_splits)
     arguments = (queries, keys, block_table, accumulator, row_max, row_sum,
-                 row_max if sinks is None else sinks.float().contiguous(), query_requests, query_positions, seq_lens, num_tokens,
+                 row_max if sinks is None else sinks.float().contiguous(),  # no sinks: a pointer never read
+                 query_requests, query_positions, seq_lens, num_tokens,
                  queries.stride(0), queries.stride(1), queries.stride(2),
                  keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), block_table.stride(0),
                  accumulator.stride(0), accumulator.stride(1), accumulator.stride(2), scale, split)

@@ -153,8 +153,8 @@ class InfoKVPolicy(PooledAttention, EntropySignal, Seeded, ScoringPolicy):
     sample_temperature: float = setting(
         0.0, "InfoKV: draw each layer and KV head's kept candidates without replacement, with probability "
              "proportional to exp(q / temperature), q the fused score's quantile among the candidates (0 = the "
-             "deterministic top k; at 1 the top candidate is e times as likely as the last). Seeded by --kv-seed, the request id and its "
-             "length.", minimum=0)
+             "deterministic top k; at 1 the top candidate is e times as likely as the last). Seeded by --kv-seed, "
+             "the request id and its length.", minimum=0)
     sample_top_share: float = setting(
         0.0, "InfoKV: with a sample temperature, the share of the candidates' budget kept by score first; the rest "
              "is drawn (0 = all drawn).", minimum=0, maximum=1)
