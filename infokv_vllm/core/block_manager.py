@@ -3,7 +3,7 @@
 vLLM's `FullAttentionManager` sizes a request's block list from its logical token count. A compressed request
 keeps `logical - evicted` tokens in its leading slots, so every count here subtracts `evicted`, and `compact`
 returns the tail blocks to the pool for other requests. The manager is chosen through vLLM's KV-cache-spec
-registry: the model runner reports its attention layers as `CompressedAttentionSpec` (grouped with full
+registry: the model runner reports its full-attention layers as `CompressedAttentionSpec` (grouped with full
 attention), and the registry maps that spec to this manager.
 
 With vLLM's prefix caching, a compaction must never rewrite a block another request may read: one that is
