@@ -92,12 +92,11 @@ def check_engine_config(vllm_config: Any) -> None:
         refuse("MLA attention models", "their latent KV has no per-head layout to select from")
     if model_config.is_attention_free:
         refuse("attention-free models", "they keep no KV cache to compress")
-    layer_types = getattr(model_config.hf_text_config, "layer_types", None)
-    if model_config.get_sliding_window() is not None and "full_attention" not in (layer_types or ()):
+    windowed = model_config.get_sliding_window() is not None
+    if windowed and "full_attention" not in (getattr(model_config.hf_text_config, "layer_types", None) or ()):
         refuse("models whose every layer has sliding-window attention",
                "vLLM already drops their old KV pages; compression serves the full-attention layers of a model")
-    mixed = model_config.is_hybrid or model_config.get_sliding_window() is not None
-    if mixed and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+    if (windowed or model_config.is_hybrid) and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         refuse("--disable-hybrid-kv-cache-manager for models with sliding-window or linear-attention layers",
                "compression keeps the full-attention layers' KV in a KV cache group of their own, which vLLM's "
                "hybrid KV cache manager gives them, apart from the layers whose KV vLLM already bounds")

@@ -21,7 +21,7 @@ from infokv_testing.local_engine import BLOCK_SIZE, in_process_llm, model_runner
 from infokv_vllm.metrics import METRIC_PREFIX
 from infokv_vllm.signals import ATTENTION
 from tests.test_model_families_e2e import BATCH, BUDGET, INTERVAL, LONG, MAX_TOKENS, PARAMS, PROMPTS, SETTINGS, \
-    FamilyRun, by_variant, watch_compactions
+    FamilyRun, by_variant, check_nothing_held_once_idle, compressed_run
 from tests.test_signals_reference import WINDOW, check_token_entropy, window_attention_per_kv_head
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ ENGINE = dict(max_model_len=256, num_gpu_blocks_override=160)
 
 @dataclass
 class HybridRun:
-    compressed: FamilyRun
+    compressed: FamilyRun | None = None
     # per request, the pages it held in the groups left to vLLM after each step, with and without compression
     left_to_vllm: dict[str, list[int]] = field(default_factory=dict)
     vanilla_left_to_vllm: dict[str, list[int]] = field(default_factory=dict)
@@ -139,29 +139,19 @@ def hybrid_run(request) -> HybridRun:
     model_dir = request.getfixturevalue(f"tiny_{family}_dir")
     engine = dict(ENGINE, dtype=FAMILIES[family].dtype)
     with in_process_llm(model_dir, SETTINGS, **engine) as llm:
-        scheduler, runner = scheduler_of(llm), model_runner_of(llm)
-        pool = scheduler.kv_cache_manager.block_pool
-        compressed = FamilyRun(family, type(runner.get_model()).__name__)
-        run = HybridRun(compressed, block_size=scheduler.manager.block_size,
+        scheduler = scheduler_of(llm)
+        run = HybridRun(block_size=scheduler.manager.block_size,
                         group_kinds=[type(manager).__name__ for manager in
                                      scheduler.kv_cache_manager.coordinator.single_type_managers])
-        watch_compactions(llm, compressed)
         watch_cache_hits(scheduler, run.cache_hits)
-        watch_attention_lengths(runner, run.lengths)
-        idle_free = pool.get_num_free_blocks()
+        watch_attention_lengths(model_runner_of(llm), run.lengths)
         left = pages_left_to_vllm(scheduler, run.left_to_vllm)
 
         def after_step() -> None:
             run.lengths.append([])
             left()
-            for request_id, blocks in scheduler.manager.req_to_blocks.items():
-                compressed.held.setdefault(request_id.split("-")[0], []).append(len(blocks))
 
-        compressed.outputs = run_in_two_waves(llm, after_step)
-        compressed.events, compressed.blocks_freed = scheduler.totals.events, scheduler.totals.blocks_freed
-        llm.llm_engine.step()
-        compressed.free_blocks = (idle_free, pool.get_num_free_blocks())
-        compressed.held_idle = {"scheduler": scheduler.requests_held(), "worker": runner.requests_held()}
+        run.compressed = compressed_run(llm, family, run_in_two_waves, after_step)
     with in_process_llm(model_dir, **engine) as llm:
         run.vanilla = run_in_two_waves(llm, pages_left_to_vllm(scheduler_of(llm), run.vanilla_left_to_vllm))
     return run
@@ -185,11 +175,7 @@ def test_the_full_attention_group_is_compressed_and_the_other_left_to_vllm(hybri
                                    for name in LONG) > 0
     for name in PROMPTS:
         assert max(run.held[f"{name}.small"][1:]) <= cdiv(BUDGET + INTERVAL, block_size) + 1
-    # Every page returns, and no per-request state is left.
-    idle_free, after_free = run.free_blocks
-    assert after_free == idle_free
-    assert run.held_idle["scheduler"] == dict.fromkeys(run.held_idle["scheduler"], 0), run.held_idle
-    assert run.held_idle["worker"] == dict.fromkeys(run.held_idle["worker"], 0), run.held_idle
+    check_nothing_held_once_idle(run)
 
 
 def test_only_the_compressed_group_reads_kept_lengths(hybrid_run):

@@ -8,6 +8,7 @@ off serves the same batch, the vanilla reference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -102,27 +103,48 @@ def watch_compactions(llm, run: FamilyRun) -> None:
     compactor.compact = compacting
 
 
+def serve_batch(llm, after_step: Callable[[], None]) -> dict[str, dict[str, list[int]]]:
+    """The batch at once; the outputs by variant."""
+    return by_variant(run_to_completion(llm, BATCH, PARAMS, after_step=after_step))
+
+
+def compressed_run(llm, family: str, serve=serve_batch, after_step: Callable[[], None] = lambda: None) -> FamilyRun:
+    """What a compressing engine does with the batch, served by `serve(llm, after_step)`: each compaction (watched),
+    the compressed group's pages each request holds after every step (then `after_step`), and, once idle, the free
+    pages and the per-request state left."""
+    scheduler, runner = scheduler_of(llm), model_runner_of(llm)
+    pool = scheduler.kv_cache_manager.block_pool
+    run = FamilyRun(family, type(runner.get_model()).__name__)
+    watch_compactions(llm, run)
+    idle_free = pool.get_num_free_blocks()
+
+    def watch_pages() -> None:
+        for request_id, blocks in scheduler.manager.req_to_blocks.items():
+            run.held.setdefault(request_id.split("-")[0], []).append(len(blocks))
+        after_step()
+
+    run.outputs = serve(llm, watch_pages)
+    run.events, run.blocks_freed = scheduler.totals.events, scheduler.totals.blocks_freed
+    # The workers hear that the last requests finished with the next step, which runs no model.
+    llm.llm_engine.step()
+    run.free_blocks = (idle_free, pool.get_num_free_blocks())
+    run.held_idle = {"scheduler": scheduler.requests_held(), "worker": runner.requests_held()}
+    return run
+
+
+def check_nothing_held_once_idle(run: FamilyRun) -> None:
+    """Every page returns, and no per-request state is left on the scheduler or the worker."""
+    idle_free, after_free = run.free_blocks
+    assert after_free == idle_free
+    assert run.held_idle["scheduler"] == dict.fromkeys(run.held_idle["scheduler"], 0), run.held_idle
+    assert run.held_idle["worker"] == dict.fromkeys(run.held_idle["worker"], 0), run.held_idle
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_run(request) -> FamilyRun:
     family = request.param
     with in_process_llm(request.getfixturevalue(f"tiny_{family}_dir"), SETTINGS, **ENGINE) as llm:
-        scheduler, runner = scheduler_of(llm), model_runner_of(llm)
-        pool = scheduler.kv_cache_manager.block_pool
-        run = FamilyRun(family, type(runner.get_model()).__name__)
-        watch_compactions(llm, run)
-        idle_free = pool.get_num_free_blocks()
-
-        def watch_pages() -> None:
-            for request_id, blocks in scheduler.manager.req_to_blocks.items():
-                run.held.setdefault(request_id.split("-")[0], []).append(len(blocks))
-
-        run.outputs = by_variant(run_to_completion(llm, BATCH, PARAMS, after_step=watch_pages))
-        run.events, run.blocks_freed = scheduler.totals.events, scheduler.totals.blocks_freed
-        # The workers hear that the last requests finished with the next step, which runs no model.
-        llm.llm_engine.step()
-        run.free_blocks = (idle_free, pool.get_num_free_blocks())
-        run.held_idle = {"scheduler": scheduler.requests_held(), "worker": runner.requests_held()}
-    return run  # the engine is shut down: the vanilla test starts its own
+        return compressed_run(llm, family)  # the engine is shut down after: the vanilla test starts its own
 
 
 def test_vllm_builds_the_family(family_run):
@@ -142,10 +164,7 @@ def test_a_small_budget_compacts_every_layer_and_every_page_returns(family_run):
         assert run.held[f"{name}.none"][0] == run.held[f"{name}.small"][0] == 4  # the prompt's step
     for name in PROMPTS:  # decoding, as every step after a long prompt's
         assert max(run.held[f"{name}.small"][1:]) <= cdiv(BUDGET + INTERVAL, BLOCK_SIZE) + 1
-    idle_free, after_free = run.free_blocks
-    assert after_free == idle_free
-    assert run.held_idle["scheduler"] == dict.fromkeys(run.held_idle["scheduler"], 0), run.held_idle
-    assert run.held_idle["worker"] == dict.fromkeys(run.held_idle["worker"], 0), run.held_idle
+    check_nothing_held_once_idle(run)
 
 
 def test_the_attention_signal_records_on_every_attention_layer(family_run):
